@@ -1,0 +1,355 @@
+"""Incremental, sans-IO parser of the memcached text protocol.
+
+One reader contract, as in h11: ``feed(data)`` appends bytes;
+``next_command()`` returns a :mod:`~mproxy.protocol.commands` record, or
+:data:`NEED_DATA` when the buffer holds no complete command, or raises a
+:class:`~mproxy.protocol.errors.ProtocolError` whose ``reply`` is the exact
+wire answer (the parser has already consumed the offending input, so the
+caller writes the reply and carries on, or closes when ``err.fatal``).
+
+Replies match memcached 1.6 (``proto_text.c``) byte for byte, including its
+quirks: tokens are split on spaces only; at most 24 tokens; numbers are
+parsed like C's ``strtoul``/``strtol`` (leading white space, a sign, and any
+white space after the digits accepted; flags and exptime truncated to 32
+bits); ``noreply`` also silences error lines; a data block is exactly
+``<bytes>`` + 2 bytes, and the next command starts right after it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Final
+
+from mproxy.backends.base import StoreMode
+from mproxy.protocol import commands as c
+from mproxy.protocol.errors import ClientError, CommandError, ConnectionClosed, ProtocolError
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = _NeedData()
+
+_SPACE = frozenset(b" \t\n\v\f\r")  # C isspace()
+_FIRST_LETTER_FAMILIES = frozenset(b"gsacidt")
+_BAD_FORMAT = "bad command line format"
+_BAD_EXPTIME = "invalid exptime argument"
+_U64 = 2**64
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+
+
+def _strto(token: bytes, unsigned: bool) -> int | None:
+    """C ``strtoull``/``strtoll`` (base 10) as memcached's ``safe_strto*`` use them.
+
+    Returns None where memcached's helper returns false: no digits, range
+    error, or a character after the digits that is not white space."""
+    n = len(token)
+    i = 0
+    while i < n and token[i] in _SPACE:
+        i += 1
+    negative = False
+    if i < n and token[i] in b"+-":
+        negative = token[i] == 45
+        i += 1
+    j = i
+    while j < n and 48 <= token[j] <= 57:
+        j += 1
+    if j == i:
+        return None
+    if j < n and token[j] not in _SPACE:
+        return None
+    value = int(token[i:j])
+    if unsigned:
+        if value >= _U64:
+            return None
+        if negative:
+            value = (-value) % _U64
+            # safe_strtoull refuses a '-' only when the result looks negative
+            if value >= 2**63:
+                return None
+        return value
+    value = -value if negative else value
+    if not _I64_MIN <= value <= _I64_MAX:
+        return None
+    return value
+
+
+def parse_u64(token: bytes) -> int | None:
+    """memcached ``safe_strtoull``: delta, cas unique."""
+    return _strto(token, unsigned=True)
+
+
+def parse_u32(token: bytes) -> int | None:
+    """memcached ``safe_strtoul`` into a ``uint32_t``: flags (truncated to 32 bits)."""
+    value = _strto(token, unsigned=True)
+    return None if value is None else value & 0xFFFFFFFF
+
+
+def parse_i32(token: bytes) -> int | None:
+    """memcached ``safe_strtol`` into an ``int32_t``: exptime, byte count (wraps)."""
+    value = _strto(token, unsigned=False)
+    if value is None:
+        return None
+    value &= 0xFFFFFFFF
+    return value - 2**32 if value >= 2**31 else value
+
+
+def _noreply(tokens: list[bytes], ntokens: int) -> bool:
+    """memcached ``set_noreply_maybe``: the last token (within the first 23) is noreply."""
+    return tokens[ntokens - 2] == b"noreply" if ntokens >= 2 else False
+
+
+class Parser:
+    """Parser state for one connection."""
+
+    __slots__ = ("_buf", "_pos", "_pending", "_swallow", "max_item_size")
+
+    def __init__(self, max_item_size: int = c.DEFAULT_MAX_ITEM_SIZE) -> None:
+        self.max_item_size = max_item_size
+        self._buf = bytearray()
+        self._pos = 0
+        #: a storage command waiting for its data block: (header, total bytes)
+        self._pending: tuple[Callable[[bytes], c.Command], int] | None = None
+        #: bytes of an oversized data block still to discard, and its command
+        self._swallow: tuple[c.TooLarge, int] | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self._pos and self._pos >= len(self._buf) // 2:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet consumed."""
+        return len(self._buf) - self._pos
+
+    def next_command(self) -> c.Command | _NeedData:
+        buf = self._buf
+        if self._swallow is not None:
+            cmd, left = self._swallow
+            take = min(left, len(buf) - self._pos)
+            self._pos += take
+            if take < left:
+                self._swallow = (cmd, left - take)
+                return NEED_DATA
+            self._swallow = None
+            return cmd
+        if self._pending is not None:
+            build, need = self._pending
+            end = self._pos + need
+            if len(buf) < end:
+                return NEED_DATA
+            self._pending = None
+            start = self._pos
+            self._pos = end
+            if buf[end - 2 : end] != b"\r\n":
+                cmd = build(b"")
+                raise ClientError("bad data chunk", cmd.noreply)
+            return build(bytes(buf[start : end - 2]))
+        nl = buf.find(b"\n", self._pos)
+        if nl < 0:
+            self._check_unterminated()
+            return NEED_DATA
+        end = nl
+        if nl - self._pos > 1 and buf[nl - 1] == 13:
+            end -= 1
+        line = bytes(buf[self._pos : end])
+        self._pos = nl + 1
+        nul = line.find(b"\0")
+        if nul >= 0:  # memcached works on a C string: a NUL ends the line
+            line = line[:nul]
+        result = self._parse_line(line)
+        if result is None:  # a storage header: its data block follows
+            return self.next_command()
+        return result
+
+    def _check_unterminated(self) -> None:
+        held = len(self._buf) - self._pos
+        if held <= c.MAX_LINE_LENGTH:
+            return
+        head = bytes(self._buf[self._pos : self._pos + 110])
+        stripped = head.lstrip(b" ")
+        if len(head) - len(stripped) > 100 or not (
+            stripped.startswith(b"get ") or stripped.startswith(b"gets ")
+        ):
+            raise ConnectionClosed(f"line of over {c.MAX_LINE_LENGTH} bytes without a newline")
+        if held > c.MAX_GET_LINE_LENGTH:
+            raise ConnectionClosed(f"get line of over {c.MAX_GET_LINE_LENGTH} bytes")
+
+    # -- one command line -------------------------------------------------
+
+    def _parse_line(self, line: bytes) -> c.Command | None:
+        tokens = [t for t in line.split(b" ") if t]
+        if not tokens or len(tokens[0]) < 2:
+            raise CommandError()
+        word = tokens[0]
+        handler = _HANDLERS.get(word)
+        if handler is None:
+            # memcached dispatches on the first letter first: only words
+            # outside those families get its "HTTP request -> close" check.
+            if word[0] in _FIRST_LETTER_FAMILIES or (word[0] == 109 and len(word) == 2):
+                raise CommandError()
+            last = tokens[min(len(tokens), c.MAX_TOKENS - 1) - 1]
+            if last.startswith(b"HTTP/"):
+                raise ConnectionClosed("HTTP request on the memcached port")
+            raise CommandError()
+        # memcached's token count: up to 23 tokens plus a terminal token
+        ntokens = min(len(tokens), c.MAX_TOKENS - 1) + 1
+        return handler(self, tokens, ntokens)
+
+    def _get(self, tokens: list[bytes], ntokens: int, cas: bool) -> c.Command:
+        if ntokens < 3:
+            raise CommandError()
+        keys = tuple(tokens[1:])
+        _check_keys(keys)
+        return c.Get(keys, cas)
+
+    def _gat(self, tokens: list[bytes], ntokens: int, cas: bool) -> c.Command:
+        if ntokens < 3:
+            raise CommandError()
+        exptime = parse_i32(tokens[1])
+        if exptime is None:
+            raise ClientError(_BAD_EXPTIME)
+        keys = tuple(tokens[2:])
+        _check_keys(keys)
+        return c.Gat(exptime, keys, cas)
+
+    def _store(self, tokens: list[bytes], ntokens: int, mode: StoreMode) -> None:
+        with_cas = mode is StoreMode.CAS
+        if ntokens not in ((7, 8) if with_cas else (6, 7)):
+            raise CommandError()
+        noreply = _noreply(tokens, ntokens)
+        key = tokens[1]
+        if len(key) > c.KEY_MAX_LENGTH:
+            raise ClientError(_BAD_FORMAT, noreply)
+        flags = parse_u32(tokens[2])
+        exptime = parse_i32(tokens[3])
+        nbytes = parse_i32(tokens[4])
+        if flags is None or exptime is None or nbytes is None:
+            raise ClientError(_BAD_FORMAT, noreply)
+        cas_unique = 0
+        if with_cas:
+            parsed = parse_u64(tokens[5])
+            if parsed is None:
+                raise ClientError(_BAD_FORMAT, noreply)
+            cas_unique = parsed
+        if nbytes < 0 or nbytes > 2**31 - 3:
+            raise ClientError(_BAD_FORMAT, noreply)
+        if nbytes > self.max_item_size:
+            self._swallow = (c.TooLarge(mode, key, flags, exptime, nbytes, noreply), nbytes + 2)
+            return None
+
+        def build(value: bytes) -> c.Command:
+            return c.Store(mode, key, flags, exptime, value, cas_unique, noreply)
+
+        self._pending = (build, nbytes + 2)
+        return None
+
+    def _arith(self, tokens: list[bytes], ntokens: int, incr: bool) -> c.Command:
+        if ntokens not in (4, 5):
+            raise CommandError()
+        noreply = _noreply(tokens, ntokens)
+        if len(tokens[1]) > c.KEY_MAX_LENGTH:
+            raise ClientError(_BAD_FORMAT, noreply)
+        delta = parse_u64(tokens[2])
+        if delta is None:
+            raise ClientError("invalid numeric delta argument", noreply)
+        return c.Arith(tokens[1], delta, incr, noreply)
+
+    def _delete(self, tokens: list[bytes], ntokens: int) -> c.Command:
+        if not 3 <= ntokens <= 5:
+            raise CommandError()
+        noreply = False
+        if ntokens > 3:
+            hold_is_zero = tokens[2] == b"0"
+            noreply = _noreply(tokens, ntokens)
+            if not ((ntokens == 4 and (hold_is_zero or noreply)) or (ntokens == 5 and hold_is_zero and noreply)):
+                raise ClientError(_BAD_FORMAT + ".  Usage: delete <key> [noreply]", noreply)
+        if len(tokens[1]) > c.KEY_MAX_LENGTH:
+            raise ClientError(_BAD_FORMAT, noreply)
+        return c.Delete(tokens[1], noreply)
+
+    def _touch(self, tokens: list[bytes], ntokens: int) -> c.Command:
+        if ntokens not in (4, 5):
+            raise CommandError()
+        noreply = _noreply(tokens, ntokens)
+        if len(tokens[1]) > c.KEY_MAX_LENGTH:
+            raise ClientError(_BAD_FORMAT, noreply)
+        exptime = parse_i32(tokens[2])
+        if exptime is None:
+            raise ClientError(_BAD_EXPTIME, noreply)
+        return c.Touch(tokens[1], exptime, noreply)
+
+    def _flush_all(self, tokens: list[bytes], ntokens: int) -> c.Command:
+        if not 2 <= ntokens <= 4:
+            raise CommandError()
+        noreply = _noreply(tokens, ntokens)
+        delay = 0
+        if ntokens != (3 if noreply else 2):
+            parsed = parse_i32(tokens[1])
+            if parsed is None:
+                raise ClientError(_BAD_EXPTIME, noreply)
+            delay = parsed
+        return c.FlushAll(delay, noreply)
+
+    def _verbosity(self, tokens: list[bytes], ntokens: int) -> c.Command:
+        if ntokens not in (3, 4):
+            raise CommandError()
+        noreply = _noreply(tokens, ntokens)
+        level = parse_u32(tokens[1])
+        if level is None:
+            raise ClientError(_BAD_FORMAT, noreply)
+        return c.Verbosity(level, noreply)
+
+    def _stats(self, tokens: list[bytes], ntokens: int) -> c.Command:
+        return c.Stats(tuple(tokens[1:]))
+
+    def _meta(self, tokens: list[bytes], ntokens: int) -> c.Command:
+        if tokens[0] == b"mn":
+            return c.MetaNoop()
+        raise CommandError()
+
+
+def _check_keys(keys: tuple[bytes, ...]) -> None:
+    for key in keys:
+        if len(key) > c.KEY_MAX_LENGTH:
+            raise ClientError(_BAD_FORMAT)
+
+
+def _refuse(reply: bytes) -> c.Command:
+    raise ProtocolError(reply)
+
+
+_Handler = Callable[[Parser, list[bytes], int], "c.Command | None"]
+
+#: dispatch table: command word -> handler (no if-chains)
+_HANDLERS: dict[bytes, _Handler] = {
+    b"get": lambda p, t, n: p._get(t, n, False),
+    b"gets": lambda p, t, n: p._get(t, n, True),
+    b"bget": lambda p, t, n: p._get(t, n, False),
+    b"gat": lambda p, t, n: p._gat(t, n, False),
+    b"gats": lambda p, t, n: p._gat(t, n, True),
+    b"set": lambda p, t, n: p._store(t, n, StoreMode.SET),
+    b"add": lambda p, t, n: p._store(t, n, StoreMode.ADD),
+    b"replace": lambda p, t, n: p._store(t, n, StoreMode.REPLACE),
+    b"append": lambda p, t, n: p._store(t, n, StoreMode.APPEND),
+    b"prepend": lambda p, t, n: p._store(t, n, StoreMode.PREPEND),
+    b"cas": lambda p, t, n: p._store(t, n, StoreMode.CAS),
+    b"incr": lambda p, t, n: p._arith(t, n, True),
+    b"decr": lambda p, t, n: p._arith(t, n, False),
+    b"delete": Parser._delete,
+    b"touch": Parser._touch,
+    b"flush_all": Parser._flush_all,
+    b"verbosity": Parser._verbosity,
+    b"stats": Parser._stats,
+    b"version": lambda p, t, n: c.Version(),
+    b"quit": lambda p, t, n: c.Quit(),
+    b"mn": Parser._meta,
+    b"shutdown": lambda p, t, n: _refuse(b"ERROR: shutdown not enabled\r\n"),
+}
+
+__all__ = ["NEED_DATA", "Parser", "ProtocolError", "parse_u64", "parse_u32", "parse_i32"]

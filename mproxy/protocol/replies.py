@@ -1,0 +1,46 @@
+"""Wire replies of the memcached text protocol (memcached 1.6, byte for byte)."""
+
+from __future__ import annotations
+
+STORED = b"STORED\r\n"
+NOT_STORED = b"NOT_STORED\r\n"
+EXISTS = b"EXISTS\r\n"
+NOT_FOUND = b"NOT_FOUND\r\n"
+DELETED = b"DELETED\r\n"
+TOUCHED = b"TOUCHED\r\n"
+END = b"END\r\n"
+OK = b"OK\r\n"
+RESET = b"RESET\r\n"
+ERROR = b"ERROR\r\n"
+MN = b"MN\r\n"
+TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
+NON_NUMERIC = b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
+FLUSH_NOT_ALLOWED = b"CLIENT_ERROR flush_all not allowed\r\n"
+TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
+
+
+def value(key: bytes, flags: int, data: bytes, cas: int | None = None) -> bytes:
+    """One ``VALUE`` block of a get/gets/gat/gats answer."""
+    if cas is None:
+        return b"VALUE %b %d %d\r\n%b\r\n" % (key, flags, len(data), data)
+    return b"VALUE %b %d %d %d\r\n%b\r\n" % (key, flags, len(data), cas, data)
+
+
+def number(n: int) -> bytes:
+    """incr/decr answer."""
+    return b"%d\r\n" % n
+
+
+def server_error(reason: str) -> bytes:
+    """``SERVER_ERROR <reason>`` on one line."""
+    line = " ".join(reason.split())  # never let a reason break the framing
+    return b"SERVER_ERROR " + line.encode("utf-8", "replace") + b"\r\n"
+
+
+def stats(pairs: dict[str, object]) -> bytes:
+    """``STAT name value`` lines then ``END``."""
+    return b"".join(b"STAT %b %b\r\n" % (k.encode(), str(v).encode()) for k, v in pairs.items()) + END
+
+
+def version(text: str) -> bytes:
+    return b"VERSION " + text.encode() + b"\r\n"
