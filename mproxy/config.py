@@ -1,0 +1,884 @@
+"""TOML configuration -> frozen dataclasses.
+
+Every option is declared exactly once, as a dataclass field made by
+:func:`_option` (default, kind, help text, choices / bounds). The
+declaration table :data:`OPTIONS`, validation in :func:`loads`,
+:func:`render` and :func:`docs_markdown` are all derived from those
+declarations: there is no second list of keys.
+
+The file format is a superset of the Rust Momento Proxy's
+(``momento-proxy``, built on pelikan) so its configs load unchanged: ports
+may be strings, and its tuning keys that mean nothing here are accepted and
+ignored (see ``legacy`` in each section). Unknown keys and sections are not
+errors: they are returned as one-line strings in :attr:`Config.warnings`.
+Errors raise :class:`ConfigError`, whose message is one line naming the
+file, the dotted key, the offending value and what was expected.
+
+Stdlib only, no I/O except reading the file in :func:`load`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+__all__ = [
+    "AdminConfig",
+    "CacheConfig",
+    "Config",
+    "ConfigError",
+    "DebugConfig",
+    "KlogConfig",
+    "LOCAL_EMBEDDED",
+    "MEMORY_BACKEND_DEFAULT_BYTES",
+    "MomentoConfig",
+    "OPTIONS",
+    "Option",
+    "SECTIONS",
+    "Section",
+    "docs_markdown",
+    "load",
+    "loads",
+    "render",
+]
+
+#: Byte budget of a ``backend = "memory"`` cache whose ``memory_cache_bytes`` is 0.
+MEMORY_BACKEND_DEFAULT_BYTES = 64 * 1024 * 1024
+
+#: Longest rendering of an offending value inside an error message.
+_MAX_SHOWN_VALUE = 60
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used.
+
+    ``str(err)`` is one line: ``<source>: <key> = <value>: expected <what>``
+    (or ``<source>: <problem>`` when no single key is at fault). ``source``
+    is the file name (or the ``source`` given to :func:`loads`), ``key`` the
+    dotted key such as ``cache[1].port``, or ``None``.
+    """
+
+    def __init__(self, source: str, message: str, key: str | None = None) -> None:
+        self.source = source
+        self.key = key
+        super().__init__(f"{source}: {message}")
+
+
+class _Invalid(Exception):
+    """Raised by a kind's coercion; the loader turns it into a ConfigError."""
+
+
+# --------------------------------------------------------------------------
+# Kinds: how a TOML value becomes a Python value, and how it is described.
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """A value kind: its coercion (raising :class:`_Invalid`), what a valid value
+    looks like (error messages) and its type column in the reference."""
+
+    coerce: Callable[[object, Option], object]
+    expected: Callable[[Option], str]
+    type_doc: Callable[[Option], str]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_range(number: float, option: Option) -> None:
+    if option.min is not None and number < option.min:
+        raise _Invalid
+    if option.max is not None and number > option.max:
+        raise _Invalid
+
+
+def _coerce_str(value: object, option: Option) -> str:
+    if not isinstance(value, str) or (option.min is not None and len(value) < option.min):
+        raise _Invalid
+    return value
+
+
+def _coerce_int(value: object, option: Option) -> int:
+    if not _is_int(value):
+        raise _Invalid
+    assert isinstance(value, int)
+    _check_range(value, option)
+    return value
+
+
+def _coerce_seconds(value: object, option: Option) -> float:
+    if not (_is_int(value) or isinstance(value, float)):
+        raise _Invalid
+    assert isinstance(value, (int, float))
+    seconds = float(value)
+    if not math.isfinite(seconds):
+        raise _Invalid
+    _check_range(seconds, option)
+    return seconds
+
+
+def _coerce_bool(value: object, option: Option) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid
+    return value
+
+
+def _coerce_port(value: object, option: Option) -> int:
+    # momento-proxy (pelikan) declares ports as strings: accept "11211" too.
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if not _is_int(value):
+        raise _Invalid
+    assert isinstance(value, int)
+    if not 0 <= value <= 65535:
+        raise _Invalid
+    return value
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?$")
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return bool(_HOSTNAME.match(host))
+    return True
+
+
+def _coerce_host(value: object, option: Option) -> str:
+    if not isinstance(value, str) or not _valid_host(value):
+        raise _Invalid
+    return value
+
+
+def _coerce_choice(value: object, option: Option) -> str:
+    if not isinstance(value, str):
+        raise _Invalid
+    word = value.lower()
+    word = option.aliases.get(word, word)
+    if word not in option.choices:
+        raise _Invalid
+    return word
+
+
+def _split_host_port(text: str) -> tuple[str, int] | None:
+    """``"HOST:PORT"`` (``"[v6]:PORT"`` for IPv6) -> (host, port), or None."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()):
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return None
+    elif ":" in host or not _valid_host(host):
+        return None
+    number = int(port)
+    if not 1 <= number <= 65535:
+        return None
+    return host, number
+
+
+def _coerce_local(value: object, option: Option) -> str:
+    if not isinstance(value, str):
+        raise _Invalid
+    if value in ("", LOCAL_EMBEDDED) or _split_host_port(value) is not None:
+        return value
+    raise _Invalid
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _coerce_env_name(value: object, option: Option) -> str:
+    if not isinstance(value, str) or not _ENV_NAME.match(value):
+        raise _Invalid
+    return value
+
+
+def _bounds(option: Option) -> str:
+    """`` 1-10``, `` >= 1``, `` <= 10`` or ``""``: the option's range."""
+    lo, hi = option.min, option.max
+    fmt = (lambda n: f"{n:g}") if option.kind is _SECONDS else (lambda n: f"{int(n)}")
+    if lo is not None and hi is not None:
+        return f" {fmt(lo)}-{fmt(hi)}"
+    if lo is not None:
+        return f" >= {fmt(lo)}"
+    if hi is not None:
+        return f" <= {fmt(hi)}"
+    return ""
+
+
+def _fixed(text: str) -> Callable[[Option], str]:
+    return lambda option: text
+
+
+_STRING = _Kind(
+    _coerce_str,
+    lambda o: "a non-empty string" if o.min else "a string",
+    lambda o: "non-empty string" if o.min else "string",
+)
+_INT = _Kind(_coerce_int, lambda o: "an integer" + _bounds(o), lambda o: "integer" + _bounds(o))
+_SECONDS = _Kind(
+    _coerce_seconds,
+    lambda o: "a number of seconds" + _bounds(o),
+    lambda o: "seconds (number)" + _bounds(o),
+)
+_BOOL = _Kind(_coerce_bool, _fixed("true or false"), _fixed("boolean"))
+_PORT = _Kind(
+    _coerce_port, _fixed("an integer port 0-65535"), _fixed("port 0-65535 (integer or string)")
+)
+_HOST = _Kind(_coerce_host, _fixed("a host name or IP address"), _fixed("host name or IP address"))
+_CHOICE = _Kind(
+    _coerce_choice,
+    lambda o: "one of " + ", ".join(f'"{c}"' for c in o.choices),
+    lambda o: " \\| ".join(f'`"{c}"`' for c in o.choices),
+)
+_LOCAL = _Kind(
+    _coerce_local,
+    _fixed('"" (the Momento service), "embedded" or "HOST:PORT"'),
+    _fixed('`""` \\| `"embedded"` \\| `"HOST:PORT"`'),
+)
+_ENV = _Kind(
+    _coerce_env_name,
+    _fixed("an environment variable name (letters, digits, _)"),
+    _fixed("environment variable name"),
+)
+
+#: ``[momento] local`` value that starts the bundled local server.
+LOCAL_EMBEDDED = "embedded"
+
+
+# --------------------------------------------------------------------------
+# The declaration: Option records carried by dataclass fields.
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One configuration key, as declared on its dataclass field.
+
+    ``section`` and ``key`` are filled in when :data:`OPTIONS` is built;
+    ``default`` is ``dataclasses.MISSING`` for a required key.
+    """
+
+    kind: _Kind
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    min: float | None = None
+    max: float | None = None
+    #: never echo the value in errors (it may be a secret typed in the wrong place)
+    redact: bool = False
+    section: str = ""
+    key: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is dataclasses.MISSING
+
+    def expected(self) -> str:
+        """What a valid value looks like, for error messages."""
+        return self.kind.expected(self)
+
+    def type_doc(self) -> str:
+        """The type column of the reference (Markdown)."""
+        return self.kind.type_doc(self)
+
+
+_OPTION_KEY = "mproxy.option"
+_SECTION_KEY = "mproxy.section"
+
+
+def _option(
+    default: Any,
+    kind: _Kind,
+    help: str,
+    *,
+    choices: tuple[str, ...] = (),
+    aliases: Mapping[str, str] | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    redact: bool = False,
+) -> Any:
+    """Declare one option: a dataclass field carrying its :class:`Option`."""
+    spec = Option(kind, default, help, choices, dict(aliases or {}), min, max, redact)
+    if default is dataclasses.MISSING:
+        return field(metadata={_OPTION_KEY: spec})
+    return field(default=default, metadata={_OPTION_KEY: spec})
+
+
+# --------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """``[admin]``: the admin port (memcached-style ``stats``, ``version``)."""
+
+    host: str = _option("127.0.0.1", _HOST, "Interface the admin port listens on.")
+    port: int = _option(9999, _PORT, "Admin TCP port; 0 picks a free port (tests).")
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """``[proxy]``: process-wide limits."""
+
+    threads: int = _option(
+        1,
+        _INT,
+        "Accepted for momento-proxy compatibility. mproxy is one process serving "
+        "connections with greenlets, so the value is currently informative only.",
+        min=1,
+    )
+    max_connections: int = _option(
+        1024,
+        _INT,
+        "Client connections served at once, all listeners together; further "
+        "connections wait in the listen backlog.",
+        min=1,
+    )
+    idle_timeout: float = _option(
+        0.0, _SECONDS, "Close a client connection idle this long; 0 = never.", min=0
+    )
+    max_item_size: int = _option(
+        1048576,
+        _INT,
+        "Largest value accepted by a storage command, in bytes (memcached `-I`).",
+        min=1024,
+        max=1024**3,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """``[[cache]]``: one memcached listener and the cache behind it."""
+
+    cache_name: str = _option(
+        dataclasses.MISSING,
+        _STRING,
+        "Name of the Momento cache requests go to (for `backend = \"memory\"`, a label only).",
+        min=1,
+    )
+    host: str = _option("127.0.0.1", _HOST, "Interface the memcached listener binds.")
+    port: int = _option(11211, _PORT, "memcached TCP port; 0 picks a free port (tests).")
+    backend: str = _option(
+        "momento",
+        _CHOICE,
+        "`momento`: Momento Cache (the service, or the local server of `[momento] local`); "
+        "`memory`: an in-process store, no gRPC at all.",
+        choices=("momento", "memory"),
+    )
+    name: str = _option(
+        "", _STRING, "Label of this listener in stats and logs; empty means `cache_name`."
+    )
+    protocol: str = _option(
+        "memcache",
+        _CHOICE,
+        "Wire protocol (momento-proxy key). Only the memcached text protocol is served.",
+        choices=("memcache",),
+    )
+    default_ttl: int = _option(
+        900,
+        _INT,
+        "TTL in seconds of items stored with exptime 0 (Momento has no 'never expires').",
+        min=1,
+        max=4294967,
+    )
+    max_ttl: int = _option(
+        86400,
+        _INT,
+        "Longest TTL in seconds (Momento's cap); longer exptimes are clamped to it.",
+        min=1,
+    )
+    connection_count: int = _option(
+        1, _INT, "gRPC connections to Momento for this cache.", min=1, max=256
+    )
+    request_timeout: float = _option(
+        5.0,
+        _SECONDS,
+        "Deadline of one backend call; a call past it answers `SERVER_ERROR`.",
+        min=0.001,
+        max=3600,
+    )
+    max_in_flight: int = _option(
+        256,
+        _INT,
+        "Backend calls in progress at once for this listener; more wait their turn.",
+        min=1,
+    )
+    flags: bool = _option(
+        True,
+        _BOOL,
+        "Store the memcached flags with the value. `false` stores raw values that other "
+        "Momento clients can read, and flags read back as 0. All proxies sharing a cache "
+        "must agree.",
+    )
+    allow_flush: bool = _option(
+        True, _BOOL, "`false` refuses `flush_all`, like memcached `-F`."
+    )
+    memory_cache_bytes: int = _option(
+        0,
+        _INT,
+        "With `backend = \"momento\"`: bytes of a local in-memory tier in front of "
+        "Momento, 0 = none. With `backend = \"memory\"`: the store's byte budget, "
+        f"0 = {MEMORY_BACKEND_DEFAULT_BYTES // (1024 * 1024)} MiB.",
+        min=0,
+    )
+    memory_cache_ttl_seconds: int = _option(
+        0,
+        _INT,
+        "Longest time in seconds an item stays in the local tier; 0 = only the item's own TTL.",
+        min=0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DebugConfig:
+    """``[debug]``: the process log."""
+
+    log_level: str = _option(
+        "info",
+        _CHOICE,
+        "Least severe level logged (case-insensitive; momento-proxy's `warn` and "
+        "`trace` mean `warning` and `debug`).",
+        choices=("debug", "info", "warning", "error"),
+        aliases={"warn": "warning", "trace": "debug"},
+    )
+    log_file: str = _option("", _STRING, "Log file; empty = standard error.")
+    log_format: str = _option(
+        "text", _CHOICE, "`text` lines, or `json` (one object per line).", choices=("text", "json")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class KlogConfig:
+    """``[klog]``: the command (audit) log, on when ``file`` is set.
+
+    One JSON line per logged command; keys are logged, values never.
+    """
+
+    file: str = _option("", _STRING, "Audit log file; empty = no audit log.")
+    backup: str = _option(
+        "",
+        _STRING,
+        "File name of the newest rotated log (momento-proxy meaning); empty = `<file>.old`. "
+        "Rotated files are `<backup>`, `<backup>.1`, ... (`backup_count` in all).",
+    )
+    backup_count: int = _option(3, _INT, "Rotated files kept.", min=1)
+    max_size: int = _option(
+        1073741824, _INT, "Rotate when the file grows past this many bytes; 0 = never.", min=0
+    )
+    sample: int = _option(
+        1,
+        _INT,
+        "Log 1 command in N: 1 = every command, 0 = none (momento-proxy meaning).",
+        min=0,
+    )
+    queue_size: int = _option(
+        10000,
+        _INT,
+        "Audit records waiting to be written; past it, records are dropped rather than "
+        "slowing requests down.",
+        min=1,
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """True when commands are logged: a ``file`` is set and ``sample`` >= 1."""
+        return bool(self.file) and self.sample >= 1
+
+    @property
+    def backup_path(self) -> str:
+        """The newest rotated file: ``backup``, or ``<file>.old``; ``""`` without a file."""
+        if not self.file:
+            return ""
+        return self.backup or f"{self.file}.old"
+
+
+@dataclass(frozen=True, slots=True)
+class MomentoConfig:
+    """``[momento]``: where caches with ``backend = "momento"`` connect."""
+
+    local: str = _option(
+        "",
+        _LOCAL,
+        "Empty: the Momento service, with the API key from the environment. `\"embedded\"`: "
+        "start the bundled Momento-compatible local server (no account needed). "
+        "`\"HOST:PORT\"`: a plaintext Momento-compatible server already running there.",
+    )
+    api_key_env: str = _option(
+        "MOMENTO_API_KEY",
+        _ENV,
+        "Environment variable holding the API key (the legacy `MOMENTO_AUTHENTICATION` is "
+        "also read). Never put the key itself in the file.",
+        redact=True,
+    )
+    endpoint: str = _option(
+        "", _STRING, "Momento endpoint, needed by v2 API keys; empty for v1 keys."
+    )
+
+    @property
+    def local_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` when ``local`` is ``"HOST:PORT"``, else ``None``."""
+        if self.local in ("", LOCAL_EMBEDDED):
+            return None
+        return _split_host_port(self.local)
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    """One TOML section: its name, dataclass, and the momento-proxy keys it ignores."""
+
+    name: str
+    cls: type
+    help: str
+    array: bool
+    #: momento-proxy (pelikan) keys accepted without a warning and without effect
+    legacy: tuple[str, ...]
+
+
+def _section(
+    name: str, cls: type, help: str, *, array: bool = False, legacy: tuple[str, ...] = ()
+) -> Any:
+    """Declare one section: a ``Config`` field carrying its :class:`Section`."""
+    return field(metadata={_SECTION_KEY: Section(name, cls, help, array, legacy)})
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration. ``source`` and ``warnings`` do not take part
+    in equality: two configs are equal when they configure the same thing."""
+
+    admin: AdminConfig = _section(
+        "admin",
+        AdminConfig,
+        "The admin port: memcached-style `stats`, `stats reset`, `version`, `quit`.",
+        legacy=("timeout", "nevent", "tw_tick", "tw_cap", "tw_ntick"),
+    )
+    proxy: ProxyConfig = _section("proxy", ProxyConfig, "Process-wide settings.")
+    caches: tuple[CacheConfig, ...] = _section(
+        "cache",
+        CacheConfig,
+        "One or more `[[cache]]` tables, each a memcached listener in front of one cache. "
+        "Listeners must not share a host:port.",
+        array=True,
+    )
+    debug: DebugConfig = _section(
+        "debug",
+        DebugConfig,
+        "The process log.",
+        legacy=("log_backup", "log_max_size", "log_queue_depth", "log_single_message_size"),
+    )
+    klog: KlogConfig = _section(
+        "klog",
+        KlogConfig,
+        "The command (audit) log: one JSON line per sampled command, keys but never values. "
+        "On when `file` is set and `sample` >= 1.",
+        legacy=("interval", "nbuf", "queue_depth", "single_message_size"),
+    )
+    momento: MomentoConfig = _section(
+        "momento",
+        MomentoConfig,
+        "Where `backend = \"momento\"` caches connect.",
+    )
+    source: str = field(default="<string>", compare=False)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+
+def _build_tables() -> tuple[tuple[tuple[str, Section], ...], tuple[Option, ...]]:
+    sections: list[tuple[str, Section]] = []
+    options: list[Option] = []
+    for f in dataclasses.fields(Config):
+        if _SECTION_KEY not in f.metadata:
+            continue
+        sec: Section = f.metadata[_SECTION_KEY]
+        sections.append((f.name, sec))
+        for opt_field in dataclasses.fields(sec.cls):
+            spec: Option = opt_field.metadata[_OPTION_KEY]
+            options.append(dataclasses.replace(spec, section=sec.name, key=opt_field.name))
+    return tuple(sections), tuple(options)
+
+
+#: The sections in file order, as (``Config`` field name, :class:`Section`), and
+#: every option in file order: the declaration table validation, render and docs read.
+SECTIONS, OPTIONS = _build_tables()
+
+
+def _options_of(section: Section) -> dict[str, Option]:
+    return {o.key: o for o in OPTIONS if o.section == section.name}
+
+
+# --------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------
+
+
+def _toml_value(value: object) -> str:
+    """A scalar as a TOML literal."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        out = ['"']
+        for ch in value:
+            if ch == '"' or ch == "\\":
+                out.append("\\" + ch)
+            elif ch == "\t":
+                out.append(ch)
+            elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+                out.append(f"\\u{ord(ch):04X}")
+            else:
+                out.append(ch)
+        out.append('"')
+        return "".join(out)
+    raise TypeError(f"not a TOML scalar: {type(value).__name__}")
+
+
+def _show(value: object, option: Option | None = None) -> str:
+    """An offending value for an error message: TOML-like, one line, bounded."""
+    if option is not None and option.redact:
+        size = len(value) if isinstance(value, str) else 0
+        return f"<{size} characters, not shown>"
+    if isinstance(value, dict):
+        text = "{...}"
+    elif isinstance(value, list):
+        text = "[...]"
+    elif isinstance(value, (bool, int, float, str)):
+        text = _toml_value(value)
+    else:  # dates and times
+        text = str(value)
+    if len(text) > _MAX_SHOWN_VALUE:
+        text = text[: _MAX_SHOWN_VALUE - 3] + "..."
+    return text
+
+
+class _Loader:
+    """One pass over a parsed document; collects warnings, raises on errors."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.warnings: list[str] = []
+
+    def error(
+        self, path: str, value: object, expected: str, option: Option | None = None
+    ) -> ConfigError:
+        shown = _show(value, option)
+        return ConfigError(self.source, f"{path} = {shown}: expected {expected}", path)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(f"{self.source}: {message}")
+
+    def table(self, section: Section, raw: dict[str, Any], path: str) -> Any:
+        options = _options_of(section)
+        values: dict[str, object] = {}
+        for key, value in raw.items():
+            option = options.get(key)
+            if option is None:
+                if key not in section.legacy:
+                    self.warn(f"unknown key {path}.{key} (ignored)")
+                continue
+            try:
+                values[key] = option.kind.coerce(value, option)
+            except _Invalid:
+                raise self.error(f"{path}.{key}", value, option.expected(), option) from None
+        for option in options.values():
+            if option.required and option.key not in values:
+                raise ConfigError(
+                    self.source,
+                    f"{path}.{option.key} is missing: expected {option.expected()}",
+                    f"{path}.{option.key}",
+                )
+        return section.cls(**values)
+
+    def section(self, section: Section, raw: object) -> Any:
+        if section.array:
+            if raw is None:
+                raise ConfigError(
+                    self.source, f"no [[{section.name}]] table: expected at least one", section.name
+                )
+            if not isinstance(raw, list) or not raw or not all(isinstance(t, dict) for t in raw):
+                raise self.error(
+                    section.name, raw, f"at least one [[{section.name}]] table"
+                )
+            return tuple(
+                self.table(section, t, f"{section.name}[{i}]") for i, t in enumerate(raw)
+            )
+        if raw is None:
+            return section.cls()
+        if not isinstance(raw, dict):
+            raise self.error(section.name, raw, f"a [{section.name}] table")
+        return self.table(section, raw, section.name)
+
+    def document(self, doc: dict[str, Any]) -> Config:
+        known = {sec.name for _, sec in SECTIONS}
+        for key, value in doc.items():
+            if key in known:
+                continue
+            if isinstance(value, dict):
+                self.warn(f"unknown section [{key}] (ignored)")
+            elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+                self.warn(f"unknown section [[{key}]] (ignored)")
+            else:
+                self.warn(f"unknown key {key} (ignored)")
+        parts = {attr: self.section(sec, doc.get(sec.name)) for attr, sec in SECTIONS}
+        parts["caches"] = tuple(self.resolve_cache(c) for c in parts["caches"])
+        config = Config(**parts, source=self.source)
+        self.check_listeners(config)
+        self.check_caches(config.caches)
+        return dataclasses.replace(config, warnings=tuple(self.warnings))
+
+    @staticmethod
+    def resolve_cache(cache: CacheConfig) -> CacheConfig:
+        """Fill the defaults that depend on other keys."""
+        changes: dict[str, object] = {}
+        if not cache.name:
+            changes["name"] = cache.cache_name
+        if cache.backend == "memory" and cache.memory_cache_bytes == 0:
+            changes["memory_cache_bytes"] = MEMORY_BACKEND_DEFAULT_BYTES
+        return dataclasses.replace(cache, **changes) if changes else cache
+
+    def check_listeners(self, config: Config) -> None:
+        """No two listeners may bind the same address (port 0 is always free)."""
+        wildcards = {"0.0.0.0", "::"}
+        seen: list[tuple[str, str, int]] = []
+        listeners = [("admin", config.admin.host, config.admin.port)]
+        listeners += [(f"cache[{i}]", c.host, c.port) for i, c in enumerate(config.caches)]
+        for path, host, port in listeners:
+            if port == 0:
+                continue
+            for other_path, other_host, other_port in seen:
+                if port == other_port and (
+                    host == other_host or host in wildcards or other_host in wildcards
+                ):
+                    raise ConfigError(
+                        self.source,
+                        f"{path}.port = {port}: expected a host:port no other listener uses, "
+                        f"but {other_path} listens on {other_host}:{other_port}",
+                        f"{path}.port",
+                    )
+            seen.append((path, host, port))
+
+    def check_caches(self, caches: tuple[CacheConfig, ...]) -> None:
+        names: dict[str, int] = {}
+        for i, cache in enumerate(caches):
+            if cache.default_ttl > cache.max_ttl:
+                self.warn(
+                    f"cache[{i}].default_ttl = {cache.default_ttl} is above "
+                    f"max_ttl = {cache.max_ttl}: items get max_ttl"
+                )
+            if cache.name in names:
+                self.warn(
+                    f"cache[{i}].name = {_toml_value(cache.name)} is also the name of "
+                    f"cache[{names[cache.name]}]: their stats are hard to tell apart "
+                    "(set name)"
+                )
+            names.setdefault(cache.name, i)
+
+
+def loads(text: str, source: str = "<string>") -> Config:
+    """Parse and validate TOML ``text``; ``source`` names it in messages.
+
+    Raises :class:`ConfigError`; unknown keys end up in ``Config.warnings``.
+    """
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, f"invalid TOML: {exc}") from None
+    return _Loader(source).document(doc)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read, parse and validate the TOML file at ``path``."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise ConfigError(source, "no such file") from None
+    except OSError as exc:
+        raise ConfigError(source, f"cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, f"not UTF-8 text (byte {exc.start})") from None
+    return loads(text, source)
+
+
+# --------------------------------------------------------------------------
+# Rendering and docs
+# --------------------------------------------------------------------------
+
+
+def render(config: Config) -> str:
+    """The effective configuration as TOML; ``loads(render(c)) == c``."""
+    source = " ".join(config.source.splitlines())
+    lines = [f"# mproxy effective configuration (from {source})"]
+    for attr, section in SECTIONS:
+        value = getattr(config, attr)
+        tables = value if section.array else (value,)
+        for table in tables:
+            lines.append("")
+            lines.append(f"[[{section.name}]]" if section.array else f"[{section.name}]")
+            for f in dataclasses.fields(table):
+                lines.append(f"{f.name} = {_toml_value(getattr(table, f.name))}")
+    return "\n".join(lines) + "\n"
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def docs_markdown() -> str:
+    """The configuration reference (``docs/configuration.md``), from :data:`OPTIONS`."""
+    out = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated from mproxy/config.py by `python scripts/gen_config_docs.py`; "
+        "do not edit. -->",
+        "",
+        "mproxy reads one TOML file. Its format is a superset of "
+        "the Rust Momento Proxy's (`momento-proxy`): those files load unchanged, ports may "
+        "be integers or strings, and momento-proxy tuning keys that mean nothing here are "
+        "accepted and ignored (listed under each section).",
+        "",
+        "- An invalid value stops the start with one line naming the file, the key, the "
+        "value and what was expected, e.g. "
+        '`proxy.toml: cache[0].port = "abc": expected an integer port 0-65535`.',
+        "- Unknown sections and keys are not errors: each is logged as a warning naming "
+        "the file and the key.",
+        "- `config/proxy.toml` is a commented template with every key; `config/local.toml` "
+        "runs on the bundled local Momento-compatible server, `config/memory.toml` on an "
+        "in-process store.",
+        "",
+    ]
+    for _, section in SECTIONS:
+        header = f"[[{section.name}]]" if section.array else f"[{section.name}]"
+        out += [f"## `{header}`", "", section.help, ""]
+        out += ["| Key | Type | Default | Description |", "| --- | --- | --- | --- |"]
+        for option in OPTIONS:
+            if option.section != section.name:
+                continue
+            default = "required" if option.required else f"`{_toml_value(option.default)}`"
+            out.append(
+                f"| `{option.key}` | {option.type_doc()} | {default} | {_md_cell(option.help)} |"
+            )
+        if section.legacy:
+            keys = ", ".join(f"`{k}`" for k in section.legacy)
+            out += ["", f"Accepted from momento-proxy configs and ignored: {keys}."]
+        out.append("")
+    return "\n".join(out)
