@@ -1,0 +1,110 @@
+"""Console script ``mproxy-momento-local``: run the local Momento server until SIGTERM/SIGINT.
+
+On start it prints exactly one line to stdout, then flushes::
+
+    mproxy-momento-local listening on HOST:PORT control HOST:CPORT
+
+(IPv6 hosts in brackets) so a parent process can read both ports. It exits 0
+after a graceful stop on SIGTERM or SIGINT, 1 when a port cannot be bound, 2 on
+bad arguments (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+#: Seconds in-flight RPCs get to finish when the server stops.
+STOP_GRACE_SECONDS = 2.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    from mproxy.momento_local.server import DEFAULT_MAX_TTL_SECONDS, DEFAULT_MAX_WORKERS
+
+    parser = argparse.ArgumentParser(
+        prog="mproxy-momento-local",
+        description="In-memory Momento-compatible gRPC server for trials and tests (plaintext).",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument(
+        "--control-port",
+        type=int,
+        default=0,
+        help="fault/stats control port; 0 picks a free one (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cache", action="append", default=[], metavar="NAME", help="create this cache at start (repeatable)"
+    )
+    parser.add_argument(
+        "--auth-token",
+        default=None,
+        metavar="TOKEN",
+        help="require 'authorization: TOKEN' metadata on every call (default: accept any)",
+    )
+    parser.add_argument(
+        "--max-ttl-seconds",
+        type=int,
+        default=DEFAULT_MAX_TTL_SECONDS,
+        help="larger TTLs are rejected with INVALID_ARGUMENT (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="fault rule RPC[:delay=S][:error=STATUS][:count=N][:message=TEXT] (repeatable)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=DEFAULT_MAX_WORKERS, help="RPCs served at once (default: %(default)s)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; return the process exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from mproxy.momento_local.server import FaultSpecError, parse_fault, serve
+
+    try:
+        faults = [parse_fault(spec) for spec in args.fault]
+    except FaultSpecError as exc:
+        print(f"mproxy-momento-local: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def request_stop(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        server = serve(
+            host=args.host,
+            port=args.port,
+            caches=args.cache,
+            auth_token=args.auth_token,
+            max_ttl_seconds=args.max_ttl_seconds,
+            faults=faults,
+            control_port=args.control_port,
+            max_workers=args.workers,
+        )
+    except (OSError, ValueError) as exc:
+        print(f"mproxy-momento-local: {exc}", file=sys.stderr)
+        return 1
+    control = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"mproxy-momento-local listening on {server.address} control {control}:{server.control_port}", flush=True)
+    stop.wait()
+    server.stop(STOP_GRACE_SECONDS)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
