@@ -1,0 +1,396 @@
+"""In-process store with memcached 1.6 semantics.
+
+Used as the embedded default backend, as a local tier in front of Momento and
+as the test double for everything above the backend layer. Behaviour was
+checked against a real memcached 1.6.18 (see ``tests/test_backend_memory.py``):
+
+* expiry follows :func:`base.ttl_seconds`; an exptime already in the past
+  makes the write invisible but still removes the previous value;
+* every modification (set/add/replace/cas/append/prepend/incr/decr) takes a
+  new CAS unique from a per-store counter; touch and gat keep it;
+* incr/decr parse the value as memcached's ``safe_strtoull`` does and, when
+  the new number is not longer than the old value, rewrite it in place padded
+  with trailing spaces (``"100"`` decr 1 -> ``"99 "``);
+* a too-large ``set`` raises :class:`base.ValueTooLarge` *and* drops the old
+  value; an append/prepend whose result would be too large is NOT_STORED;
+* ``flush_all N`` invalidates, N seconds from now, every item written before
+  that moment (including items written after the command was issued);
+* items are sized as memcached sizes them (:data:`ITEM_OVERHEAD`) and the
+  least recently used are evicted to stay within ``max_bytes``.
+
+Concurrency: mproxy runs this under gevent, and no method yields (no I/O,
+no locks, no greenlet switches), so each call is atomic with respect to other
+greenlets. It is not safe to share between OS threads.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import OrderedDict
+from typing import Callable, Protocol, Sequence
+
+from mproxy.backends.base import (
+    COUNTER_MAX,
+    FlushDisabled,
+    Item,
+    NonNumericValue,
+    StoreMode,
+    StoreResult,
+    ValueTooLarge,
+    ttl_seconds,
+)
+
+#: Bytes memcached 1.6 (64-bit build) spends on an item besides its key and
+#: value: 48-byte header, 8-byte CAS, the NUL after the key and the CRLF after
+#: the value. With a 1 MiB item size and a 1-byte key, memcached 1.6.18 stores
+#: at most a 1,048,516-byte value; ``1 + 1048516 + 59 == 2**20``.
+ITEM_OVERHEAD = 59
+
+#: memcached keeps non-zero client flags in 4 more bytes (its largest value
+#: for a 1-byte key with flags 5 is 1,048,512 bytes).
+FLAGS_OVERHEAD = 4
+
+#: memcached's default ``-m 64``.
+DEFAULT_MAX_BYTES = 64 * 2**20
+
+#: memcached's default ``-I 1m``.
+DEFAULT_MAX_ITEM_SIZE = 2**20
+
+#: Largest signed 64-bit integer: ``safe_strtoull`` rejects a value with a
+#: minus sign whose (wrapped) result would be negative as an int64.
+_INT64_MAX = 2**63 - 1
+
+#: What C ``strtoull`` accepts, as memcached calls it on the stored value
+#: (which is always followed by CRLF in memory, so the end of the value counts
+#: as whitespace): C-locale whitespace, an optional sign, decimal digits, then
+#: whitespace, a NUL byte or the end of the value.
+#: Leading zeros are matched apart (without overlapping the digits, so that
+#: matching stays linear) to bound the significant digits before ``int()``.
+_COUNTER = re.compile(rb"[ \t\n\v\f\r]*([+-]?)0*([1-9][0-9]*|0)(?:[ \t\n\v\f\r\x00]|\Z)")
+
+#: ``expires_at`` of an item that never expires, and ``_flush_at`` when no
+#: delayed flush is pending.
+_NEVER = math.inf
+
+#: A stored entry: the item handed to callers, its absolute expiry time
+#: (:data:`_NEVER` if none) and its size as counted against ``max_bytes``.
+_Entry = tuple[Item, float, int]
+
+
+def parse_counter(value: bytes) -> int | None:
+    """The u64 memcached's incr/decr read from ``value``, or None if non-numeric.
+
+    Mirrors memcached's ``safe_strtoull``: leading whitespace and a sign are
+    allowed; anything after the digits must start with whitespace or NUL
+    (``"12 3"`` is 12, ``"12abc"`` is not a number); more than 20 significant
+    digits or above 2**64-1 is not a number; ``"-N"`` wraps as ``strtoull``
+    does and is refused when the result is above 2**63-1 (``"-5"`` is refused,
+    ``"-0"`` is 0, ``"-18446744073709551615"`` is 1).
+    """
+    match = _COUNTER.match(value)
+    if match is None:
+        return None
+    sign, digits = match.groups()
+    if len(digits) > 20:
+        return None
+    number = int(digits)
+    if number > COUNTER_MAX:
+        return None
+    if sign == b"-":
+        number = -number & COUNTER_MAX
+        if number > _INT64_MAX:
+            return None
+    return number
+
+
+def item_size(key: bytes, value_length: int, flags: int) -> int:
+    """Bytes an item occupies, as memcached counts them."""
+    return len(key) + value_length + ITEM_OVERHEAD + (FLAGS_OVERHEAD if flags else 0)
+
+
+class MemoryBackend:
+    """A bounded LRU store implementing :class:`base.Backend`.
+
+    ``max_bytes`` bounds the sum of :func:`item_size` over stored items;
+    ``max_item_size`` bounds one item (memcached ``-I``). ``clock`` returns
+    Unix time in seconds (injected by tests). ``default_ttl`` is the lifetime
+    in seconds given to items stored or touched with exptime 0 (None: they
+    never expire, as in memcached). ``allow_flush=False`` makes ``flush_all``
+    raise :class:`base.FlushDisabled` (memcached ``-F``).
+
+    Expired items are dropped when next accessed or when evicted as least
+    recently used; gets, touches, stores and counter updates make an item the
+    most recently used.
+    """
+
+    kind = "memory"
+
+    def __init__(
+        self,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_item_size: int = DEFAULT_MAX_ITEM_SIZE,
+        clock: Callable[[], float] = time.time,
+        allow_flush: bool = True,
+        default_ttl: float | None = None,
+    ) -> None:
+        if max_item_size <= ITEM_OVERHEAD:
+            raise ValueError(f"max_item_size must be above {ITEM_OVERHEAD}, got {max_item_size}")
+        if max_bytes < max_item_size:
+            raise ValueError(
+                f"max_bytes ({max_bytes}) must be at least max_item_size ({max_item_size})"
+            )
+        if default_ttl is not None and default_ttl <= 0:
+            raise ValueError(f"default_ttl must be positive or None, got {default_ttl}")
+        self._max_bytes = max_bytes
+        self._max_item_size = max_item_size
+        self._clock = clock
+        self._allow_flush = allow_flush
+        self._default_ttl = default_ttl
+        self._data: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._bytes = 0
+        self._cas = 0
+        self._flush_at = _NEVER
+        #: items removed to make room (memcached's ``evictions`` stat)
+        self.evictions = 0
+
+    @property
+    def curr_items(self) -> int:
+        """Items held, including expired ones not yet reclaimed."""
+        return len(self._data)
+
+    @property
+    def bytes_used(self) -> int:
+        """Sum of :func:`item_size` over the items held."""
+        return self._bytes
+
+    # -- Backend ---------------------------------------------------------
+
+    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, Item]:
+        now = self._now()
+        data = self._data
+        found: dict[bytes, Item] = {}
+        for key in keys:
+            entry = data.get(key)
+            if entry is None:
+                continue
+            if entry[1] <= now:
+                self._unlink(key, entry)
+                continue
+            data.move_to_end(key)
+            found[key] = entry[0]
+        return found
+
+    def touch_many(self, keys: Sequence[bytes], exptime: int) -> dict[bytes, Item]:
+        """gat/gats. With an exptime in the past the item is still returned
+        once, then gone (as memcached does)."""
+        now = self._now()
+        expires_at = self._expires_at(exptime, now)
+        found: dict[bytes, Item] = {}
+        for key in keys:
+            entry = self._live(key, now)
+            if entry is not None:
+                self._retime(key, entry, expires_at, now)
+                found[key] = entry[0]
+        return found
+
+    def store(
+        self,
+        mode: StoreMode,
+        key: bytes,
+        value: bytes,
+        flags: int,
+        exptime: int,
+        cas_unique: int = 0,
+    ) -> StoreResult:
+        now = self._now()
+        size = item_size(key, len(value), flags)
+        if size > self._max_item_size:
+            if mode is StoreMode.SET:
+                # memcached: "Avoid stale data persisting in cache because we failed alloc."
+                self.delete(key)
+            raise ValueTooLarge(
+                f"item of {size} bytes exceeds the {self._max_item_size}-byte item size"
+            )
+        data = self._data
+        old = self._live(key, now)
+        if mode is StoreMode.SET:
+            expires_at = self._expires_at(exptime, now)
+        elif mode is StoreMode.ADD:
+            if old is not None:
+                data.move_to_end(key)
+                return StoreResult.NOT_STORED
+            expires_at = self._expires_at(exptime, now)
+        elif mode is StoreMode.REPLACE:
+            if old is None:
+                return StoreResult.NOT_STORED
+            expires_at = self._expires_at(exptime, now)
+        elif mode is StoreMode.CAS:
+            if old is None:
+                return StoreResult.NOT_FOUND
+            if old[0].cas != cas_unique:
+                return StoreResult.EXISTS
+            expires_at = self._expires_at(exptime, now)
+        else:  # APPEND / PREPEND keep the old flags and expiry
+            if old is None:
+                return StoreResult.NOT_STORED
+            item = old[0]
+            value = item.value + value if mode is StoreMode.APPEND else value + item.value
+            flags = item.flags
+            expires_at = old[1]
+            size = item_size(key, len(value), flags)
+            if size > self._max_item_size:
+                return StoreResult.NOT_STORED
+        if expires_at <= now:
+            # Stored already expired: nothing visible, but the old value is gone.
+            if old is not None:
+                self._unlink(key, old)
+            return StoreResult.STORED
+        self._cas += 1
+        self._link(key, (Item(value, flags, self._cas), expires_at, size), old)
+        return StoreResult.STORED
+
+    def delete(self, key: bytes) -> bool:
+        entry = self._live(key, self._now())
+        if entry is None:
+            return False
+        self._unlink(key, entry)
+        return True
+
+    def incr_decr(self, key: bytes, delta: int, incr: bool) -> int | None:
+        if not 0 <= delta <= COUNTER_MAX:
+            raise ValueError(f"delta must be a u64, got {delta}")
+        entry = self._live(key, self._now())
+        if entry is None:
+            return None
+        item = entry[0]
+        current = parse_counter(item.value)
+        if current is None:
+            raise NonNumericValue("cannot increment or decrement non-numeric value")
+        if incr:
+            number = (current + delta) & COUNTER_MAX
+        else:
+            number = current - delta if current > delta else 0
+        # memcached rewrites in place, space-padded, when the digits fit.
+        value = (b"%d" % number).ljust(len(item.value))
+        self._cas += 1
+        new = Item(value, item.flags, self._cas)
+        self._link(key, (new, entry[1], item_size(key, len(value), item.flags)), entry)
+        return number
+
+    def touch(self, key: bytes, exptime: int) -> bool:
+        now = self._now()
+        entry = self._live(key, now)
+        if entry is None:
+            return False
+        self._retime(key, entry, self._expires_at(exptime, now), now)
+        return True
+
+    def flush_all(self, delay: int = 0) -> None:
+        """Invalidate everything now, or at ``delay`` seconds from now (an
+        absolute Unix time above 30 days). A later flush_all replaces a
+        pending delayed one, as in memcached."""
+        if not self._allow_flush:
+            raise FlushDisabled("flush_all is disabled for this cache")
+        now = self._now()
+        seconds = ttl_seconds(delay, now)
+        if seconds is None or seconds <= 0:
+            self._clear()
+        else:
+            self._flush_at = now + seconds
+
+    def close(self) -> None:
+        """Drop every item. Idempotent."""
+        self._clear()
+
+    # -- internals -------------------------------------------------------
+
+    def _now(self) -> float:
+        """The clock, after applying a delayed flush that has come due.
+
+        Every operation calls this first, so when the flush time passes the
+        first operation after it finds only items written before that time:
+        all of them are invalid, and clearing the store is exact.
+        """
+        now = self._clock()
+        if now >= self._flush_at:
+            self._clear()
+        return now
+
+    def _expires_at(self, exptime: int, now: float) -> float:
+        seconds = ttl_seconds(exptime, now)
+        if seconds is None:
+            seconds = self._default_ttl
+            if seconds is None:
+                return _NEVER
+        return now + seconds
+
+    def _live(self, key: bytes, now: float) -> _Entry | None:
+        """The key's entry if present and unexpired (an expired one is dropped)."""
+        entry = self._data.get(key)
+        if entry is not None and entry[1] <= now:
+            self._unlink(key, entry)
+            return None
+        return entry
+
+    def _retime(self, key: bytes, entry: _Entry, expires_at: float, now: float) -> None:
+        """Give a live entry a new expiry (touch/gat: CAS unchanged)."""
+        if expires_at <= now:
+            self._unlink(key, entry)
+        else:
+            self._data[key] = (entry[0], expires_at, entry[2])
+            self._data.move_to_end(key)
+
+    def _link(self, key: bytes, entry: _Entry, old: _Entry | None) -> None:
+        """Store ``entry`` as most recently used, replacing ``old`` (the
+        key's current live entry, or None), then evict to fit the budget."""
+        data = self._data
+        data[key] = entry
+        if old is not None:
+            self._bytes -= old[2]
+            data.move_to_end(key)
+        self._bytes += entry[2]
+        # The new entry is last and at most max_item_size <= max_bytes, so it
+        # survives (a counter may outgrow it by a few bytes, never in practice).
+        while self._bytes > self._max_bytes:
+            _, evicted = data.popitem(last=False)
+            self._bytes -= evicted[2]
+            self.evictions += 1
+
+    def _unlink(self, key: bytes, entry: _Entry) -> None:
+        del self._data[key]
+        self._bytes -= entry[2]
+
+    def _clear(self) -> None:
+        self._data.clear()
+        self._bytes = 0
+        self._flush_at = _NEVER
+
+
+class _CacheSettings(Protocol):
+    """What :func:`from_config` reads from a ``[[cache]]`` section."""
+
+    memory_cache_bytes: int
+    allow_flush: bool
+
+
+class _ProxySettings(Protocol):
+    max_item_size: int
+
+
+class _Settings(Protocol):
+    """What :func:`from_config` reads from the whole configuration."""
+
+    @property
+    def proxy(self) -> _ProxySettings: ...
+
+
+def from_config(cache: _CacheSettings, config: _Settings) -> MemoryBackend:
+    """The memory backend of a ``[[cache]]``: ``memory_cache_bytes`` (0 means
+    memcached's 64 MiB), ``allow_flush``, and the proxy's ``max_item_size``."""
+    return MemoryBackend(
+        max_bytes=cache.memory_cache_bytes or DEFAULT_MAX_BYTES,
+        max_item_size=config.proxy.max_item_size,
+        allow_flush=cache.allow_flush,
+    )
