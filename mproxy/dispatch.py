@@ -1,0 +1,249 @@
+"""The one place memcached semantics meet a Backend. No sockets here.
+
+``Dispatcher.execute(cmd, client)`` runs one parsed command against the
+backend and returns the exact reply bytes (``b""`` under ``noreply``). Backend
+failures become ``SERVER_ERROR <reason>`` replies, never exceptions that kill
+a connection. Counters are bumped here (O(1) each); one audit record per
+command when the audit log is on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from mproxy import __version__
+from mproxy.backends.base import (
+    Backend,
+    BackendError,
+    FlushDisabled,
+    Item,
+    NonNumericValue,
+    StoreMode,
+    StoreResult,
+    ValueTooLarge,
+)
+from mproxy.protocol import commands as c
+from mproxy.protocol import replies as r
+from mproxy.stats import CacheStats, Stats
+
+log = logging.getLogger(__name__)
+
+#: What ``version`` answers: the memcached protocol level we speak, then us.
+#: Clients such as libmemcached parse the leading ``major.minor.micro``.
+VERSION_TEXT = f"1.6.18-mproxy-{__version__}"
+
+_STORE_REPLY = {
+    StoreResult.STORED: (r.STORED, "stored"),
+    StoreResult.NOT_STORED: (r.NOT_STORED, "not_stored"),
+    StoreResult.EXISTS: (r.EXISTS, "exists"),
+    StoreResult.NOT_FOUND: (r.NOT_FOUND, "not_found"),
+}
+
+
+class _NullAudit:
+    enabled = False
+
+    def record(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - never called
+        pass
+
+
+NULL_AUDIT = _NullAudit()
+
+
+class Dispatcher:
+    """Executes commands of one ``[[cache]]`` listener."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        stats: CacheStats,
+        root_stats: Stats | None = None,
+        audit: Any = NULL_AUDIT,
+        cache_name: str = "",
+    ) -> None:
+        self.backend = backend
+        self.stats = stats
+        self.root_stats = root_stats
+        self.audit = audit
+        self.cache_name = cache_name or stats.name
+        self._handlers: dict[type, Callable[[Any], tuple[bytes, str]]] = {
+            c.Get: self._get,
+            c.Gat: self._gat,
+            c.Store: self._store,
+            c.TooLarge: self._too_large,
+            c.Delete: self._delete,
+            c.Arith: self._arith,
+            c.Touch: self._touch,
+            c.FlushAll: self._flush_all,
+            c.Version: lambda cmd: (r.version(VERSION_TEXT), "ok"),
+            c.Verbosity: lambda cmd: (r.OK, "ok"),
+            c.Stats: self._stats,
+            c.MetaNoop: lambda cmd: (r.MN, "ok"),
+        }
+
+    def execute(self, cmd: c.Command, client: str = "") -> bytes:
+        audit = self.audit
+        start = time.perf_counter() if audit.enabled else 0.0
+        try:
+            reply, outcome = self._handlers[type(cmd)](cmd)
+        except BackendError as err:
+            reply, outcome = r.server_error(str(err)), err.code
+        except Exception:  # a bug must cost one reply, not the connection
+            log.exception("internal error executing %s on cache %s", cmd.name, self.cache_name)
+            reply, outcome = r.server_error("internal error"), "internal"
+        if audit.enabled:
+            self._audit(cmd, client, outcome, time.perf_counter() - start)
+        return b"" if cmd.noreply else reply
+
+    # -- backend calls, timed and counted ----------------------------------
+
+    def _call(self, op: str, fn: Callable[..., Any], *args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            result = fn(*args)
+        except BackendError as err:
+            self.stats.observe(op, time.perf_counter() - start, err.code)
+            raise
+        self.stats.observe(op, time.perf_counter() - start)
+        return result
+
+    # -- commands ------------------------------------------------------------
+
+    def _values(self, keys: tuple[bytes, ...], found: dict[bytes, Item], with_cas: bool) -> bytes:
+        parts = []
+        for key in keys:
+            item = found.get(key)
+            if item is not None:
+                parts.append(r.value(key, item.flags, item.value, item.cas if with_cas else None))
+        parts.append(r.END)
+        return b"".join(parts)
+
+    def _get(self, cmd: c.Get) -> tuple[bytes, str]:
+        found = self._call("get", self.backend.get_many, cmd.keys)
+        st = self.stats
+        hits = sum(1 for key in cmd.keys if key in found)
+        st.cmd_get += len(cmd.keys)
+        st.get_hits += hits
+        st.get_misses += len(cmd.keys) - hits
+        return self._values(cmd.keys, found, cmd.cas), _hit_outcome(hits, len(cmd.keys))
+
+    def _gat(self, cmd: c.Gat) -> tuple[bytes, str]:
+        found = self._call("touch", self.backend.touch_many, cmd.keys, cmd.exptime) if cmd.keys else {}
+        st = self.stats
+        hits = sum(1 for key in cmd.keys if key in found)
+        st.cmd_touch += len(cmd.keys)
+        st.touch_hits += hits
+        st.touch_misses += len(cmd.keys) - hits
+        return self._values(cmd.keys, found, cmd.cas), _hit_outcome(hits, len(cmd.keys))
+
+    def _store(self, cmd: c.Store) -> tuple[bytes, str]:
+        st = self.stats
+        st.cmd_set += 1
+        try:
+            result = self._call(
+                cmd.mode.value, self.backend.store, cmd.mode, cmd.key, cmd.value, cmd.flags, cmd.exptime, cmd.cas_unique
+            )
+        except ValueTooLarge:
+            return r.TOO_LARGE, "too_large"
+        if cmd.mode is StoreMode.CAS:
+            if result is StoreResult.STORED:
+                st.cas_hits += 1
+            elif result is StoreResult.EXISTS:
+                st.cas_badval += 1
+            elif result is StoreResult.NOT_FOUND:
+                st.cas_misses += 1
+        return _STORE_REPLY[result]
+
+    def _too_large(self, cmd: c.TooLarge) -> tuple[bytes, str]:
+        # memcached: a failed set must not leave the old value readable
+        if cmd.mode is StoreMode.SET:
+            self._call("delete", self.backend.delete, cmd.key)
+        return r.TOO_LARGE, "too_large"
+
+    def _delete(self, cmd: c.Delete) -> tuple[bytes, str]:
+        if self._call("delete", self.backend.delete, cmd.key):
+            self.stats.delete_hits += 1
+            return r.DELETED, "deleted"
+        self.stats.delete_misses += 1
+        return r.NOT_FOUND, "not_found"
+
+    def _arith(self, cmd: c.Arith) -> tuple[bytes, str]:
+        st = self.stats
+        try:
+            value = self._call(cmd.name, self.backend.incr_decr, cmd.key, cmd.delta, cmd.incr)
+        except NonNumericValue:
+            return r.NON_NUMERIC, "non_numeric"
+        if value is None:
+            if cmd.incr:
+                st.incr_misses += 1
+            else:
+                st.decr_misses += 1
+            return r.NOT_FOUND, "not_found"
+        if cmd.incr:
+            st.incr_hits += 1
+        else:
+            st.decr_hits += 1
+        return r.number(value), "ok"
+
+    def _touch(self, cmd: c.Touch) -> tuple[bytes, str]:
+        st = self.stats
+        st.cmd_touch += 1
+        if self._call("touch", self.backend.touch, cmd.key, cmd.exptime):
+            st.touch_hits += 1
+            return r.TOUCHED, "touched"
+        st.touch_misses += 1
+        return r.NOT_FOUND, "not_found"
+
+    def _flush_all(self, cmd: c.FlushAll) -> tuple[bytes, str]:
+        self.stats.cmd_flush += 1
+        try:
+            self._call("flush", self.backend.flush_all, cmd.delay)
+        except FlushDisabled:
+            return r.FLUSH_NOT_ALLOWED, "refused"
+        return r.OK, "ok"
+
+    def _stats(self, cmd: c.Stats) -> tuple[bytes, str]:
+        if not cmd.args:
+            source = self.root_stats.snapshot() if self.root_stats is not None else self.stats.snapshot()
+            return r.stats(source), "ok"
+        if cmd.args == (b"reset",):
+            if self.root_stats is not None:
+                self.root_stats.reset()
+            else:
+                self.stats.reset()
+            return r.RESET, "ok"
+        return r.ERROR, "error"
+
+    # -- audit ----------------------------------------------------------------
+
+    def _audit(self, cmd: c.Command, client: str, outcome: str, seconds: float) -> None:
+        keys: tuple[bytes, ...]
+        flags = exptime = nbytes = None
+        if isinstance(cmd, (c.Get, c.Gat)):
+            keys = cmd.keys
+        elif isinstance(cmd, c.Store):
+            keys, flags, exptime, nbytes = (cmd.key,), cmd.flags, cmd.exptime, len(cmd.value)
+        elif isinstance(cmd, c.TooLarge):
+            keys, flags, exptime, nbytes = (cmd.key,), cmd.flags, cmd.exptime, cmd.nbytes
+        else:
+            key = getattr(cmd, "key", None)
+            keys = (key,) if key is not None else ()
+        self.audit.record(
+            client=client,
+            cache=self.cache_name,
+            command=cmd.name,
+            keys=keys,
+            outcome=outcome,
+            latency_us=int(seconds * 1e6),
+            flags=flags,
+            exptime=exptime,
+            nbytes=nbytes,
+        )
+
+
+def _hit_outcome(hits: int, total: int) -> str:
+    if total == 1:
+        return "hit" if hits else "miss"
+    return f"hits={hits}/{total}"

@@ -1,0 +1,189 @@
+"""gevent TCP server: one StreamServer per ``[[cache]]`` listener, one
+greenlet per connection. The only place that calls ``recv``/``sendall``.
+
+A connection handles everything one read delivered before it writes: every
+complete command in the buffer is parsed and executed in order, and the
+replies go out in one ``sendall`` (flushed early past ``FLUSH_BYTES`` so a
+pipeline of large gets cannot pile up memory).
+
+Graceful stop (``CacheServer.stop``): stop accepting, let every connection
+finish the command in hand and send its reply, close idle connections, and
+kill whatever is still running after the timeout. memcached clients keep
+pooled connections open for ever, so waiting for them to go idle would
+never end.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+from gevent.server import StreamServer
+
+from mproxy.dispatch import Dispatcher
+from mproxy.protocol import commands as c
+from mproxy.protocol import replies as r
+from mproxy.protocol.errors import ProtocolError
+from mproxy.protocol.parser import NEED_DATA, Parser
+from mproxy.stats import CacheStats
+
+log = logging.getLogger(__name__)
+
+#: bytes asked of each recv
+READ_SIZE = 64 * 1024
+#: replies of one batch are sent once they reach this size
+FLUSH_BYTES = 1024 * 1024
+
+
+class _Connection:
+    __slots__ = ("sock", "busy")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.busy = False
+
+
+class ConnectionLimit:
+    """The connection cap shared by every listener of the process."""
+
+    __slots__ = ("maximum", "active")
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
+        self.active = 0
+
+
+class CacheServer:
+    """The data listener of one ``[[cache]]``."""
+
+    def __init__(
+        self,
+        listener: tuple[str, int] | socket.socket,
+        dispatcher: Dispatcher,
+        stats: CacheStats,
+        limit: ConnectionLimit | None = None,
+        idle_timeout: float = 0.0,
+        max_item_size: int = c.DEFAULT_MAX_ITEM_SIZE,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.stats = stats
+        self.limit = limit or ConnectionLimit(1024)
+        self.idle_timeout = idle_timeout or None
+        self.max_item_size = max_item_size
+        self.stopping = False
+        self._conns: set[_Connection] = set()
+        self._server = StreamServer(listener, self._handle)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._server.address[:2]
+
+    def start(self) -> None:
+        self._server.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Graceful stop: see the module docstring."""
+        self.stopping = True
+        self._server.close()  # stop accepting
+        for conn in list(self._conns):
+            if not conn.busy:
+                _shutdown(conn.sock)
+        self._server.stop(timeout=timeout)
+
+    # -- one connection -------------------------------------------------------
+
+    def _handle(self, sock: socket.socket, address: Any) -> None:
+        st = self.stats
+        limit = self.limit
+        if limit.active >= limit.maximum or self.stopping:
+            st.rejected_connections += 1
+            try:
+                sock.sendall(r.TOO_MANY_CONNECTIONS)
+            except OSError:
+                pass
+            sock.close()
+            return
+        conn = _Connection(sock)
+        self._conns.add(conn)
+        limit.active += 1
+        st.curr_connections += 1
+        st.total_connections += 1
+        client = _client_name(address)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(self.idle_timeout)
+            self._serve(conn, client)
+        except socket.timeout:
+            log.debug("closing idle connection from %s", client)
+        except OSError as err:  # reset by peer and the like
+            log.debug("connection from %s ended: %s", client, err)
+        finally:
+            st.curr_connections -= 1
+            limit.active -= 1
+            self._conns.discard(conn)
+            sock.close()
+
+    def _serve(self, conn: _Connection, client: str) -> None:
+        sock = conn.sock
+        st = self.stats
+        parser = Parser(self.max_item_size)
+        execute = self.dispatcher.execute
+        while not self.stopping:
+            data = sock.recv(READ_SIZE)
+            if not data:
+                return
+            conn.busy = True
+            st.bytes_read += len(data)
+            parser.feed(data)
+            out: list[bytes] = []
+            size = 0
+            close = False
+            while True:
+                try:
+                    cmd = parser.next_command()
+                except ProtocolError as err:
+                    st.protocol_errors += 1
+                    if err.fatal:
+                        # memcached drops the connection and what it had not sent yet
+                        log.debug("closing connection from %s: %s", client, err)
+                        return
+                    out.append(err.reply)
+                    size += len(err.reply)
+                    continue
+                if cmd is NEED_DATA:
+                    break
+                if type(cmd) is c.Quit:
+                    close = True
+                    break
+                reply = execute(cmd, client)
+                if reply:
+                    out.append(reply)
+                    size += len(reply)
+                    if size >= FLUSH_BYTES:
+                        self._send(sock, out)
+                        out, size = [], 0
+            if out:
+                self._send(sock, out)
+            conn.busy = False
+            if close:
+                return
+
+    def _send(self, sock: socket.socket, out: list[bytes]) -> None:
+        payload = b"".join(out)
+        sock.sendall(payload)
+        self.stats.bytes_written += len(payload)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass
+
+
+def _client_name(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)
+

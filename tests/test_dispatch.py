@@ -1,0 +1,96 @@
+"""Dispatch without sockets: commands in, exact reply bytes and counters out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mproxy.backends.base import BackendError, StoreMode
+from mproxy.backends.memory import MemoryBackend
+from mproxy.dispatch import Dispatcher
+from mproxy.protocol import commands as c
+from mproxy.protocol.parser import NEED_DATA, Parser
+from mproxy.stats import Stats
+
+
+def run(d: Dispatcher, data: bytes) -> bytes:
+    p = Parser()
+    p.feed(data)
+    out = []
+    while (cmd := p.next_command()) is not NEED_DATA:
+        out.append(d.execute(cmd, "test:1"))
+    return b"".join(out)
+
+
+def make(backend: Any = None) -> tuple[Dispatcher, Stats]:
+    stats = Stats()
+    return Dispatcher(backend or MemoryBackend(), stats.cache("c"), stats), stats
+
+
+def test_exact_counters_after_a_scripted_workload() -> None:
+    d, stats = make()
+    run(d, b"set a 0 0 1\r\n1\r\nget a b\r\ngets a\r\nincr a 1\r\nincr zz 1\r\ndecr a 1\r\n"
+           b"delete a\r\ndelete a\r\ntouch a 1\r\nadd b 0 0 1\r\nx\r\ngat 0 b c\r\nflush_all\r\n"
+           b"cas b 0 0 1 1\r\ny\r\n")
+    st = stats.cache("c")
+    assert (st.cmd_get, st.get_hits, st.get_misses) == (3, 2, 1)
+    assert st.cmd_set == 3
+    assert (st.incr_hits, st.incr_misses, st.decr_hits, st.decr_misses) == (1, 1, 1, 0)
+    assert (st.delete_hits, st.delete_misses) == (1, 1)
+    assert (st.cmd_touch, st.touch_hits, st.touch_misses) == (3, 1, 2)
+    assert st.cmd_flush == 1
+    assert st.cas_misses == 1
+
+
+def test_noreply_suppresses_every_reply() -> None:
+    d, _ = make()
+    assert run(d, b"set a 0 0 1 noreply\r\n1\r\nincr a 1 noreply\r\ndelete a noreply\r\nflush_all noreply\r\n") == b""
+
+
+def test_multiget_keeps_order_and_duplicates() -> None:
+    d, _ = make()
+    run(d, b"set a 1 0 1\r\nA\r\nset b 2 0 1\r\nB\r\n")
+    assert run(d, b"get b x a b\r\n") == b"VALUE b 2 1\r\nB\r\nVALUE a 1 1\r\nA\r\nVALUE b 2 1\r\nB\r\nEND\r\n"
+
+
+def test_too_large_set_removes_old_value() -> None:
+    d, _ = make()
+    run(d, b"set a 0 0 1\r\n1\r\n")
+    assert d.execute(c.TooLarge(StoreMode.SET, b"a", 0, 0, 10**7)) == b"SERVER_ERROR object too large for cache\r\n"
+    assert run(d, b"get a\r\n") == b"END\r\n"
+
+
+class Failing:
+    kind = "failing"
+
+    def __getattr__(self, name: str) -> Any:
+        def fail(*args: Any) -> Any:
+            raise BackendError("timeout", "momento timeout after 5.0s on " + name)
+        return fail
+
+
+def test_backend_errors_become_server_error_and_are_counted() -> None:
+    d, stats = make(Failing())
+    assert run(d, b"get a\r\n") == b"SERVER_ERROR momento timeout after 5.0s on get_many\r\n"
+    assert run(d, b"set a 0 0 1 noreply\r\n1\r\n") == b""
+    snap = stats.cache("c").snapshot()
+    assert snap["backend_errors"] == 2 and snap["backend_errors_timeout"] == 2
+
+
+class Buggy:
+    kind = "buggy"
+
+    def get_many(self, keys: Any) -> Any:
+        raise ZeroDivisionError("bug")
+
+
+def test_a_bug_costs_one_reply_not_the_connection() -> None:
+    d, _ = make(Buggy())
+    assert run(d, b"get a\r\nversion\r\n").startswith(b"SERVER_ERROR internal error\r\nVERSION ")
+
+
+def test_stats_on_data_port() -> None:
+    d, _ = make()
+    out = run(d, b"stats\r\n")
+    assert out.startswith(b"STAT pid ") and out.endswith(b"END\r\n")
+    assert run(d, b"stats reset\r\n") == b"RESET\r\n"
+    assert run(d, b"stats nonsense\r\n") == b"ERROR\r\n"
