@@ -1,0 +1,223 @@
+"""Start and stop real servers for integration tests, and talk raw bytes to them.
+
+* :func:`start_memcached` runs the real ``memcached`` binary (the reference).
+* :func:`start_mproxy` runs ``python -m mproxy -c CONFIG`` as a subprocess.
+* :class:`RawSession` is a blocking socket wrapper that sends bytes and reads
+  replies until a caller-given condition, the peer closing, or a deadline.
+
+Every server is a :class:`Server`; ``stop()`` is idempotent, terminates with
+SIGTERM and kills after a bound, so a test never leaves a process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+HOST = "127.0.0.1"
+#: How long a server may take to accept its first connection.
+START_TIMEOUT = 20.0
+#: How long a server may take to exit after SIGTERM before it is killed.
+STOP_TIMEOUT = 5.0
+#: Default bound for one read in :class:`RawSession`.
+READ_TIMEOUT = 10.0
+
+
+class ServerStartError(RuntimeError):
+    """A server process exited or did not accept connections in time."""
+
+
+def free_port() -> int:
+    """Return a TCP port on the loopback interface that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def memcached_binary() -> str | None:
+    """Path of the ``memcached`` executable, or ``None`` when it is not installed."""
+    return shutil.which("memcached")
+
+
+@dataclass
+class Server:
+    """A server subprocess listening on ``HOST:port``."""
+
+    name: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    _log: IO[bytes] = field(repr=False)
+
+    def stop(self) -> None:
+        """Terminate the process (SIGTERM, then SIGKILL after ``STOP_TIMEOUT``)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=STOP_TIMEOUT)
+        self._log.close()
+
+    def output(self) -> str:
+        """The process's combined stdout/stderr so far (for error messages)."""
+        return self.log_path.read_text(errors="replace")
+
+
+def _spawn(name: str, argv: list[str], port: int, log_path: Path) -> Server:
+    """Start ``argv`` with output to ``log_path``; return once ``port`` accepts."""
+    log = log_path.open("wb")
+    try:
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        )
+    except BaseException:
+        log.close()
+        raise
+    server = Server(name=name, port=port, process=process, log_path=log_path, _log=log)
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if process.poll() is not None:
+            server.stop()
+            raise ServerStartError(
+                f"{name} exited with status {process.returncode} before accepting "
+                f"connections; command {argv!r}; output:\n{server.output()}"
+            )
+        try:
+            socket.create_connection((HOST, port), timeout=1.0).close()
+            return server
+        except OSError:
+            if time.monotonic() > deadline:
+                server.stop()
+                raise ServerStartError(
+                    f"{name} did not accept connections on port {port} within "
+                    f"{START_TIMEOUT} s; command {argv!r}; output:\n{server.output()}"
+                ) from None
+            time.sleep(0.02)  # polling interval while the server starts
+
+
+def start_memcached(log_dir: Path, extra_args: tuple[str, ...] = ()) -> Server:
+    """Run the real memcached on a free loopback port (TCP only, one thread).
+
+    Raises :class:`FileNotFoundError` when the binary is missing: the caller
+    decides whether that is a skip or a failure (see ``conftest.py``).
+    """
+    binary = memcached_binary()
+    if binary is None:
+        raise FileNotFoundError("memcached binary not found on PATH")
+    port = free_port()
+    argv = [binary, "-l", HOST, "-p", str(port), "-U", "0", "-t", "1", *extra_args]
+    if os.geteuid() == 0:
+        argv += ["-u", "root"]  # memcached refuses to run as root without -u
+    return _spawn("memcached", argv, port, log_dir / f"memcached-{port}.log")
+
+
+def start_mproxy(config_text: str, tmp_path: Path, port: int) -> Server:
+    """Run ``python -m mproxy -c CONFIG`` with ``config_text`` as the TOML config.
+
+    ``port`` is the data port the config declares (pick it with
+    :func:`free_port`); the function returns once it accepts connections.
+    """
+    config_path = tmp_path / f"mproxy-{port}.toml"
+    config_path.write_text(config_text)
+    argv = [sys.executable, "-m", "mproxy", "-c", str(config_path)]
+    return _spawn("mproxy", argv, port, tmp_path / f"mproxy-{port}.log")
+
+
+class RawSession:
+    """A blocking TCP connection for byte-exact protocol conversations."""
+
+    def __init__(self, port: int, host: str = HOST) -> None:
+        self.sock = socket.create_connection((host, port), timeout=READ_TIMEOUT)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        #: True once the peer closed (EOF or reset) the connection.
+        self.closed_by_peer = False
+
+    def __enter__(self) -> RawSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close our end (idempotent)."""
+        self.sock.close()
+
+    def send(self, data: bytes) -> bool:
+        """Send all of ``data``; return False if the peer has closed the connection."""
+        try:
+            self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.closed_by_peer = True
+            return False
+        return True
+
+    def _recv_some(self, deadline: float) -> bytes | None:
+        """One ``recv`` bounded by ``deadline``: data, ``b""`` on EOF, None on timeout."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        self.sock.settimeout(remaining)
+        try:
+            chunk = self.sock.recv(65536)
+        except TimeoutError:
+            return None
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            self.closed_by_peer = True
+        return chunk
+
+    def recv_until(
+        self, done: Callable[[bytes], bool], timeout: float = READ_TIMEOUT
+    ) -> tuple[bytes, bool]:
+        """Read until ``done(buffer)`` holds, the peer closes, or ``timeout`` passes.
+
+        Returns ``(buffer, complete)``; ``complete`` is True only if ``done`` held.
+        """
+        deadline = time.monotonic() + timeout
+        buffer = b""
+        while not done(buffer):
+            chunk = self._recv_some(deadline)
+            if not chunk:
+                return buffer, False
+            buffer += chunk
+        return buffer, True
+
+    def recv_until_terminator(
+        self, terminator: bytes, timeout: float = READ_TIMEOUT
+    ) -> tuple[bytes, bool]:
+        """Read until the buffer ends with ``terminator`` (see :meth:`recv_until`)."""
+        return self.recv_until(lambda buf: buf.endswith(terminator), timeout)
+
+    def recv_until_closed(self, timeout: float = READ_TIMEOUT) -> tuple[bytes, bool]:
+        """Read until the peer closes; ``complete`` is False if it stayed open."""
+        deadline = time.monotonic() + timeout
+        buffer = b""
+        while True:
+            chunk = self._recv_some(deadline)
+            if chunk is None:
+                return buffer, False
+            if not chunk:
+                return buffer, True
+            buffer += chunk
+
+    def recv_until_quiet(self, quiet: float = 0.2, timeout: float = READ_TIMEOUT) -> bytes:
+        """Read until nothing arrives for ``quiet`` seconds, the peer closes, or ``timeout``."""
+        deadline = time.monotonic() + timeout
+        buffer = b""
+        while True:
+            chunk = self._recv_some(min(deadline, time.monotonic() + quiet))
+            if not chunk:
+                return buffer
+            buffer += chunk
