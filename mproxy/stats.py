@@ -2,13 +2,24 @@
 
 Per-command bookkeeping is O(1): plain integer attributes bumped by
 ``dispatch`` and ``server`` (``st.cmd_get += 1``), and one histogram
-observation per backend call.
+observation per backend call (:meth:`CacheStats.observe`).
+
+Three views of the same numbers:
+
+* :meth:`Stats.snapshot`: the admin port's ``stats`` (memcached names first,
+  then mproxy's own, summed over every ``[[cache]]``);
+* :meth:`Stats.cache_snapshot`: ``stats cache``, one ``<cache>:<stat>`` per line;
+* :func:`prometheus_text`: ``GET /metrics`` (text exposition format 0.0.4).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import resource
+import struct
 import time
+from typing import Iterable, Protocol
 
 from mproxy import __version__
 
@@ -43,38 +54,177 @@ COUNTERS = (
     "backend_errors",
 )
 
+#: Counters that go up and down (Prometheus gauges); every other one only grows.
+GAUGES = frozenset({"curr_connections"})
+
+#: One line of help per counter: the Prometheus HELP text and the operations guide's table.
+HELP = {
+    "curr_connections": "Client connections open now.",
+    "total_connections": "Client connections accepted since start.",
+    "rejected_connections": "Client connections refused because the listener was at its connection cap.",
+    "cmd_get": "Keys requested by get, gets, gat and gats (a multi-get of N keys counts N).",
+    "cmd_set": "Storage commands: set, add, replace, append, prepend, cas.",
+    "cmd_flush": "flush_all commands.",
+    "cmd_touch": "Keys touched by touch, gat and gats.",
+    "get_hits": "Requested keys that were found.",
+    "get_misses": "Requested keys that were not found.",
+    "get_expired": "Requested keys found already expired (local tiers only).",
+    "get_flushed": "Requested keys found invalidated by flush_all (local tiers only).",
+    "delete_misses": "delete of a missing key.",
+    "delete_hits": "delete that removed an item.",
+    "incr_misses": "incr of a missing key.",
+    "incr_hits": "Successful incr.",
+    "decr_misses": "decr of a missing key.",
+    "decr_hits": "Successful decr.",
+    "cas_misses": "cas on a missing key.",
+    "cas_hits": "Successful cas.",
+    "cas_badval": "cas refused because the item changed since gets.",
+    "touch_hits": "touch that found its key.",
+    "touch_misses": "touch of a missing key.",
+    "bytes_read": "Bytes read from clients.",
+    "bytes_written": "Bytes sent to clients.",
+    "protocol_errors": "Malformed commands answered with ERROR or CLIENT_ERROR.",
+    "backend_errors": "Backend calls that failed (SERVER_ERROR to the client); by code in backend_errors_<code>.",
+}
+
+#: Percentiles reported by ``stats``, as (suffix, quantile).
+PERCENTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("p999", 0.999))
+
+#: Latency buckets per power of two: each bucket is 2**(1/8) = 9.05 % wider than the last.
+BUCKETS_PER_OCTAVE = 8
+#: Upper bound of the first bucket, in seconds (1 µs: everything faster lands there).
+LOWEST_SECONDS = 1e-6
+#: Number of finite buckets: the last upper bound, 2**(207/8) µs = 61.5 s, covers 60 s.
+FINITE_BUCKETS = 208
+#: Every this many fine buckets make one Prometheus ``le`` bound (powers of two µs).
+PROMETHEUS_STRIDE = BUCKETS_PER_OCTAVE
+
+_SCALE = BUCKETS_PER_OCTAVE / math.log(2.0)
+#: Finite upper bounds in seconds; bucket ``len(UPPER_BOUNDS)`` is the +Inf overflow.
+UPPER_BOUNDS: tuple[float, ...] = tuple(
+    LOWEST_SECONDS * 2.0 ** (i / BUCKETS_PER_OCTAVE) for i in range(FINITE_BUCKETS)
+)
+
+
+class Histogram:
+    """Log-spaced latency histogram, 1 µs .. 61.5 s, ~9 % per bucket; O(1) :meth:`observe`.
+
+    Bucket ``i`` counts observations in ``(UPPER_BOUNDS[i-1], UPPER_BOUNDS[i]]``;
+    bucket 0 everything up to 1 µs, the last one everything above 61.5 s.
+    """
+
+    __slots__ = ("counts", "count", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (FINITE_BUCKETS + 1)
+        self.count = 0
+        #: Sum of all observations, in seconds.
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Count one observation of ``seconds``."""
+        self.count += 1
+        self.sum += seconds
+        if seconds <= LOWEST_SECONDS:
+            self.counts[0] += 1
+            return
+        i = math.ceil(math.log(seconds / LOWEST_SECONDS) * _SCALE - 1e-9)
+        self.counts[i if i < FINITE_BUCKETS else FINITE_BUCKETS] += 1
+
+    def merge(self, other: Histogram) -> None:
+        """Add ``other``'s observations to this histogram."""
+        self.count += other.count
+        self.sum += other.sum
+        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
+
+    def quantile(self, q: float) -> float:
+        """The ``q`` quantile (0 < q <= 1) in seconds, 0.0 when empty.
+
+        Interpolated linearly inside the bucket that holds the rank, so the
+        error is below one bucket's width (9 %); a rank in the overflow
+        bucket answers its lower bound, 61.5 s.
+        """
+        if self.count == 0:
+            return 0.0
+        rank = q * self.count
+        seen = 0
+        for i in range(FINITE_BUCKETS):
+            n = self.counts[i]
+            if n and seen + n >= rank:
+                low = UPPER_BOUNDS[i - 1] if i else 0.0
+                return low + (UPPER_BOUNDS[i] - low) * (rank - seen) / n
+            seen += n
+        return UPPER_BOUNDS[-1]  # the rank lies in the overflow bucket
+
+    def cumulative(self, stride: int) -> list[tuple[float, int]]:
+        """``(le, count <= le)`` at every ``stride``-th finite bound, then ``(inf, count)``."""
+        out: list[tuple[float, int]] = []
+        seen = 0
+        for i, n in enumerate(self.counts[:FINITE_BUCKETS]):
+            seen += n
+            if i % stride == 0:
+                out.append((UPPER_BOUNDS[i], seen))
+        out.append((math.inf, self.count))
+        return out
+
 
 class CacheStats:
     """The counters of one ``[[cache]]`` listener."""
 
-    __slots__ = COUNTERS + ("name", "backend_requests", "backend_error_codes")
+    __slots__ = COUNTERS + ("name", "latency", "backend_error_codes")
 
     def __init__(self, name: str) -> None:
         self.name = name
         for counter in COUNTERS:
             setattr(self, counter, 0)
-        self.backend_requests: dict[str, int] = {}
+        #: Backend call latencies by operation name (``get_many``, ``set``, ...).
+        self.latency: dict[str, Histogram] = {}
+        #: Failed backend calls by :class:`~mproxy.backends.base.BackendError` code.
         self.backend_error_codes: dict[str, int] = {}
 
     def observe(self, op: str, seconds: float, error_code: str | None = None) -> None:
-        """One backend call of operation ``op`` took ``seconds``."""
-        self.backend_requests[op] = self.backend_requests.get(op, 0) + 1
+        """One backend call of operation ``op`` took ``seconds``; ``error_code`` if it failed."""
+        hist = self.latency.get(op)
+        if hist is None:
+            hist = self.latency[op] = Histogram()
+        hist.observe(seconds)
         if error_code is not None:
             self.backend_errors += 1
             self.backend_error_codes[error_code] = self.backend_error_codes.get(error_code, 0) + 1
 
     def reset(self) -> None:
+        """Zero everything but ``curr_connections`` (memcached's ``stats reset``)."""
         curr = self.curr_connections
         self.__init__(self.name)  # type: ignore[misc]
         self.curr_connections = curr
 
     def snapshot(self) -> dict[str, int]:
+        """Counters in :data:`COUNTERS` order, then the backend ones (see :func:`backend_stats`)."""
         out = {c: getattr(self, c) for c in COUNTERS}
-        for op, n in sorted(self.backend_requests.items()):
-            out[f"backend_{op}_requests"] = n
-        for code, n in sorted(self.backend_error_codes.items()):
-            out[f"backend_errors_{code}"] = n
+        out.update(backend_stats(self.latency, self.backend_error_codes))
         return out
+
+
+def backend_stats(latency: dict[str, Histogram], error_codes: dict[str, int]) -> dict[str, int]:
+    """``backend_<op>_requests``, ``backend_<op>_<pNN>_us`` per op, then ``backend_errors_<code>``."""
+    out: dict[str, int] = {}
+    for op, hist in sorted(latency.items()):
+        out[f"backend_{op}_requests"] = hist.count
+        for suffix, q in PERCENTILES:
+            out[f"backend_{op}_{suffix}_us"] = round(hist.quantile(q) * 1e6)
+    for code, n in sorted(error_codes.items()):
+        out[f"backend_errors_{code}"] = n
+    return out
+
+
+class AuditCounters(Protocol):
+    """What :class:`Stats` reads from the audit log (:class:`mproxy.audit.AuditLog`)."""
+
+    @property
+    def lines_written(self) -> int: ...
+
+    @property
+    def lines_dropped(self) -> int: ...
 
 
 class Stats:
@@ -83,30 +233,144 @@ class Stats:
     def __init__(self) -> None:
         self.started = time.time()
         self.caches: dict[str, CacheStats] = {}
+        #: ``momentosdk`` WARNING records seen (counted by :mod:`mproxy.logs`).
+        self.sdk_warnings = 0
+        self._audit: AuditCounters | None = None
+        # The audit log owns its counters; ``stats reset`` moves these baselines.
+        self._audit_written_base = 0
+        self._audit_dropped_base = 0
 
     def cache(self, name: str) -> CacheStats:
+        """The stats of ``[[cache]]`` ``name``, created on first use."""
         st = self.caches.get(name)
         if st is None:
             st = self.caches[name] = CacheStats(name)
         return st
 
+    def attach_audit(self, audit: AuditCounters) -> None:
+        """Report ``audit``'s ``lines_written`` / ``lines_dropped`` from now on."""
+        self._audit = audit
+        self._audit_written_base = self._audit_dropped_base = 0
+
+    @property
+    def audit_lines_written(self) -> int:
+        """Audit lines written since start (or the last ``stats reset``)."""
+        return self._audit.lines_written - self._audit_written_base if self._audit else 0
+
+    @property
+    def audit_lines_dropped(self) -> int:
+        """Audit lines lost (queue full or write error) since start (or the last reset)."""
+        return self._audit.lines_dropped - self._audit_dropped_base if self._audit else 0
+
     def reset(self) -> None:
+        """``stats reset``: zero every counter except gauges and process facts."""
         for st in self.caches.values():
             st.reset()
+        self.sdk_warnings = 0
+        if self._audit is not None:
+            self._audit_written_base = self._audit.lines_written
+            self._audit_dropped_base = self._audit.lines_dropped
 
     def snapshot(self) -> dict[str, int | str | float]:
+        """``stats``: memcached's names first, then mproxy's, summed over every cache."""
         now = time.time()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         out: dict[str, int | str | float] = {
             "pid": os.getpid(),
             "uptime": int(now - self.started),
             "time": int(now),
             "version": __version__,
+            "pointer_size": struct.calcsize("P") * 8,
+            "rusage_user": usage.ru_utime,
+            "rusage_system": usage.ru_stime,
         }
-        totals: dict[str, int] = {}
+        totals = dict.fromkeys(COUNTERS, 0)
+        latency: dict[str, Histogram] = {}
+        error_codes: dict[str, int] = {}
         for st in self.caches.values():
-            for k, v in st.snapshot().items():
-                totals[k] = totals.get(k, 0) + v
-        for c in COUNTERS:
-            out[c] = totals.pop(c, 0)
-        out.update(sorted(totals.items()))
+            for c in COUNTERS:
+                totals[c] += getattr(st, c)
+            for op, hist in st.latency.items():
+                latency.setdefault(op, Histogram()).merge(hist)
+            for code, n in st.backend_error_codes.items():
+                error_codes[code] = error_codes.get(code, 0) + n
+        out.update(totals)
+        out.update(backend_stats(latency, error_codes))
+        out["sdk_warnings"] = self.sdk_warnings
+        out["audit_lines_written"] = self.audit_lines_written
+        out["audit_lines_dropped"] = self.audit_lines_dropped
         return out
+
+    def cache_snapshot(self) -> dict[str, int]:
+        """``stats cache``: every cache's own stats as ``<cache>:<stat>``, caches by name."""
+        out: dict[str, int] = {}
+        for name, st in sorted(self.caches.items()):
+            for k, v in st.snapshot().items():
+                out[f"{name}:{k}"] = v
+        return out
+
+
+# -- Prometheus text exposition format 0.0.4 ----------------------------------------------
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if value == math.inf:
+        return "+Inf"
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def _family(lines: list[str], name: str, kind: str, help_text: str, samples: Iterable[str]) -> None:
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} {kind}")
+    lines.extend(samples)
+
+
+def prometheus_text(stats: Stats) -> str:
+    """Every stat in Prometheus text format 0.0.4 (``Content-Type: text/plain; version=0.0.4``).
+
+    Per-cache counters are ``mproxy_<name>_total{cache="..."}``; backend latency
+    is the histogram ``mproxy_backend_latency_seconds{cache,op}`` whose ``le``
+    bounds are every 8th fine bucket (powers of two microseconds).
+    """
+    caches = sorted(stats.caches.items())
+    lines: list[str] = []
+    _family(lines, "mproxy_info", "gauge", "mproxy build information.", [f'mproxy_info{{version="{_label(__version__)}"}} 1'])
+    _family(lines, "mproxy_start_time_seconds", "gauge", "Unix time the process started.", [f"mproxy_start_time_seconds {_number(stats.started)}"])
+    for counter in COUNTERS:
+        if counter in GAUGES:
+            name, kind = f"mproxy_{counter}", "gauge"
+        else:
+            name, kind = f"mproxy_{counter}_total", "counter"
+        _family(lines, name, kind, HELP[counter], (f'{name}{{cache="{_label(c)}"}} {getattr(st, counter)}' for c, st in caches))
+    _family(
+        lines,
+        "mproxy_backend_errors_by_code_total",
+        "counter",
+        "Failed backend calls by error code.",
+        (
+            f'mproxy_backend_errors_by_code_total{{cache="{_label(c)}",code="{_label(code)}"}} {n}'
+            for c, st in caches
+            for code, n in sorted(st.backend_error_codes.items())
+        ),
+    )
+    hist_lines: list[str] = []
+    for c, st in caches:
+        for op, hist in sorted(st.latency.items()):
+            labels = f'cache="{_label(c)}",op="{_label(op)}"'
+            for le, n in hist.cumulative(PROMETHEUS_STRIDE):
+                hist_lines.append(f'mproxy_backend_latency_seconds_bucket{{{labels},le="{_number(le)}"}} {n}')
+            hist_lines.append(f"mproxy_backend_latency_seconds_sum{{{labels}}} {_number(hist.sum)}")
+            hist_lines.append(f"mproxy_backend_latency_seconds_count{{{labels}}} {hist.count}")
+    _family(lines, "mproxy_backend_latency_seconds", "histogram", "Latency of backend calls by operation.", hist_lines)
+    for name, help_text, value in (
+        ("sdk_warnings", "WARNING records of the momentosdk logger (one per failed SDK request).", stats.sdk_warnings),
+        ("audit_lines_written", "Audit log lines written.", stats.audit_lines_written),
+        ("audit_lines_dropped", "Audit log lines lost: queue full or write error.", stats.audit_lines_dropped),
+    ):
+        _family(lines, f"mproxy_{name}_total", "counter", help_text, [f"mproxy_{name}_total {value}"])
+    lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,168 @@
+"""The admin port: memcached-style ``stats`` for operators, ``GET /metrics`` for scrapers.
+
+Text protocol (lines end with ``\\n`` or ``\\r\\n``)::
+
+    stats          STAT <name> <value> lines, then END   (Stats.snapshot)
+    stats cache    STAT <cache>:<name> <value> lines, END (Stats.cache_snapshot)
+    stats reset    RESET
+    version        VERSION <version>
+    quit           closes the connection
+    anything else  ERROR (an empty line too, as memcached); the connection stays
+
+A line longer than :data:`MAX_LINE` bytes closes the connection. If the
+first line of a connection is an HTTP/1.x request line, the connection is
+HTTP instead: ``GET /metrics`` answers the Prometheus text format
+(:func:`mproxy.stats.prometheus_text`), other paths 404, other methods 405,
+then the connection closes. So a scraper needs no second port.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from typing import Mapping
+
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
+from mproxy.stats import Stats, prometheus_text
+
+#: Longest command or HTTP header line, in bytes, without its line end (memcached's key
+#: line limit is 2048 too).
+MAX_LINE = 2048
+#: Most header lines read from an HTTP request.
+MAX_HEADERS = 64
+#: Bytes asked of one recv.
+RECV_SIZE = 4096
+#: Admin connections served at once; more wait in the listen backlog.
+MAX_CONNECTIONS = 64
+
+HTTP_REQUEST_LINE = re.compile(rb"([A-Z]+) (\S+) HTTP/1\.[01]")
+METRICS_PATH = b"/metrics"
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _LineReader:
+    """Lines from a socket, with a bounded buffer."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def readline(self) -> bytes | None:
+        """The next line without ``\\r\\n``/``\\n``; None at EOF or when a line exceeds MAX_LINE."""
+        while True:
+            end = self.buf.find(b"\n")
+            if end >= 0:
+                line, self.buf = self.buf[:end], self.buf[end + 1 :]
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                return line if len(line) <= MAX_LINE else None
+            if len(self.buf) > MAX_LINE + 1:  # +1: a line of MAX_LINE may wait for "\n" after "\r"
+                return None
+            data = self.sock.recv(RECV_SIZE)
+            if not data:
+                return None
+            self.buf += data
+
+
+def format_stats(stats: Mapping[str, int | str | float]) -> bytes:
+    """``STAT <name> <value>\\r\\n`` lines then ``END\\r\\n``; floats as memcached's ``%.6f``."""
+    lines = [f"STAT {k} {v:.6f}\r\n" if isinstance(v, float) else f"STAT {k} {v}\r\n" for k, v in stats.items()]
+    lines.append("END\r\n")
+    return "".join(lines).encode()
+
+
+def http_response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8", extra: str = "") -> bytes:
+    """A complete HTTP/1.1 response that closes the connection."""
+    head = (
+        f"HTTP/1.1 {status}\r\n"
+        f"Content-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"{extra}"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class AdminServer:
+    """The admin listener: one greenlet per connection, at most ``max_connections`` at once."""
+
+    def __init__(
+        self,
+        listener: tuple[str, int] | socket.socket,
+        stats: Stats,
+        version: str,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self.stats = stats
+        self.version = version
+        self._server = StreamServer(listener, self._handle, spawn=Pool(max_connections))
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port): the real port once started on port 0."""
+        host, port = self._server.address[:2]
+        return host, port
+
+    def start(self) -> None:
+        """Bind (unless given a socket) and start accepting."""
+        self._server.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop accepting, then close the open admin connections after at most ``timeout`` seconds."""
+        self._server.stop(timeout)
+
+    def _handle(self, sock: socket.socket, address: object) -> None:
+        reader = _LineReader(sock)
+        try:
+            line = reader.readline()
+            request = HTTP_REQUEST_LINE.fullmatch(line) if line is not None else None
+            if request is not None:
+                self._http(sock, reader, request.group(1), request.group(2))
+                return
+            while line is not None:
+                reply = self._command(line)
+                if reply is None:
+                    return
+                sock.sendall(reply)
+                line = reader.readline()
+        except OSError:
+            return  # the client went away
+        finally:
+            sock.close()
+
+    def _command(self, line: bytes) -> bytes | None:
+        """The reply to one command line; None for ``quit``."""
+        tokens = line.split()
+        if tokens == [b"stats"]:
+            return format_stats(self.stats.snapshot())
+        if tokens == [b"stats", b"reset"]:
+            self.stats.reset()
+            return b"RESET\r\n"
+        if tokens == [b"stats", b"cache"]:
+            return format_stats(self.stats.cache_snapshot())
+        if tokens == [b"version"]:
+            return f"VERSION {self.version}\r\n".encode()
+        if tokens == [b"quit"]:
+            return None
+        return b"ERROR\r\n"
+
+    def _http(self, sock: socket.socket, reader: _LineReader, method: bytes, target: bytes) -> None:
+        """Answer one HTTP request whose request line was read; the caller closes."""
+        for _ in range(MAX_HEADERS):
+            header = reader.readline()
+            if header is None:
+                return
+            if not header:
+                break
+        else:
+            sock.sendall(http_response("431 Request Header Fields Too Large", b"too many header lines\n"))
+            return
+        if method != b"GET":
+            sock.sendall(http_response("405 Method Not Allowed", b"only GET\n", extra="Allow: GET\r\n"))
+        elif target.split(b"?", 1)[0] != METRICS_PATH:
+            sock.sendall(http_response("404 Not Found", b"only /metrics is served here\n"))
+        else:
+            body = prometheus_text(self.stats).encode()
+            sock.sendall(http_response("200 OK", body, METRICS_CONTENT_TYPE))

@@ -1,0 +1,175 @@
+"""Stats: counters, histogram percentiles, snapshots and the Prometheus rendering."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mproxy import __version__
+from mproxy.stats import COUNTERS, HELP, UPPER_BOUNDS, Histogram, Stats, prometheus_text
+
+
+class FakeAudit:
+    def __init__(self) -> None:
+        self.lines_written = 0
+        self.lines_dropped = 0
+
+
+def scripted() -> Stats:
+    stats = Stats()
+    a, b = stats.cache("a"), stats.cache("b")
+    a.cmd_get += 3
+    a.get_hits += 2
+    a.get_misses += 1
+    a.curr_connections += 2
+    b.cmd_get += 1
+    b.get_hits += 1
+    b.bytes_read += 100
+    for _ in range(4):
+        a.observe("get_many", 0.001)
+    a.observe("set", 0.002, "timeout")
+    b.observe("get_many", 0.003, "unavailable")
+    b.observe("get_many", 0.003, "timeout")
+    return stats
+
+
+def test_every_counter_has_help() -> None:
+    assert set(HELP) == set(COUNTERS)
+
+
+def test_snapshot_totals_and_order() -> None:
+    stats = scripted()
+    stats.sdk_warnings = 7
+    snap = stats.snapshot()
+    keys = list(snap)
+    assert keys[:4] == ["pid", "uptime", "time", "version"]
+    assert snap["version"] == __version__
+    # memcached's counters in COUNTERS order before any of ours.
+    assert keys[keys.index("curr_connections") : keys.index("curr_connections") + len(COUNTERS)] == list(COUNTERS)
+    assert keys.index("bytes_written") < keys.index("backend_get_many_requests")
+    assert snap["cmd_get"] == 4
+    assert snap["get_hits"] == 3
+    assert snap["get_misses"] == 1
+    assert snap["curr_connections"] == 2
+    assert snap["bytes_read"] == 100
+    assert snap["backend_get_many_requests"] == 6
+    assert snap["backend_set_requests"] == 1
+    assert snap["backend_errors"] == 3
+    assert snap["backend_errors_timeout"] == 2
+    assert snap["backend_errors_unavailable"] == 1
+    assert snap["sdk_warnings"] == 7
+    assert snap["audit_lines_written"] == 0
+    # 4 of 6 get_many calls took 1 ms, 2 took 3 ms.
+    assert snap["backend_get_many_p50_us"] == pytest.approx(1000, rel=0.1)
+    assert snap["backend_get_many_p99_us"] == pytest.approx(3000, rel=0.1)
+    assert list(snap)[-3:] == ["sdk_warnings", "audit_lines_written", "audit_lines_dropped"]
+
+
+def test_cache_snapshot_is_per_cache() -> None:
+    snap = scripted().cache_snapshot()
+    assert snap["a:cmd_get"] == 3
+    assert snap["b:cmd_get"] == 1
+    assert snap["a:backend_get_many_requests"] == 4
+    assert snap["b:backend_errors_timeout"] == 1
+    assert "b:backend_set_requests" not in snap
+    assert list(snap)[0] == "a:curr_connections"
+
+
+def test_reset_keeps_connections_and_moves_audit_baseline() -> None:
+    stats = scripted()
+    audit = FakeAudit()
+    stats.attach_audit(audit)
+    audit.lines_written, audit.lines_dropped = 10, 2
+    assert (stats.snapshot()["audit_lines_written"], stats.snapshot()["audit_lines_dropped"]) == (10, 2)
+    stats.sdk_warnings = 3
+    stats.reset()
+    snap = stats.snapshot()
+    assert snap["curr_connections"] == 2
+    assert snap["cmd_get"] == 0
+    assert snap["sdk_warnings"] == 0
+    assert "backend_get_many_requests" not in snap
+    assert (snap["audit_lines_written"], snap["audit_lines_dropped"]) == (0, 0)
+    audit.lines_written += 5
+    assert stats.snapshot()["audit_lines_written"] == 5
+
+
+def test_histogram_percentiles_of_known_latencies() -> None:
+    hist = Histogram()
+    for ms in range(1, 1001):
+        hist.observe(ms / 1000)
+    assert hist.count == 1000
+    assert hist.sum == pytest.approx(500.5)
+    width = 2 ** (1 / 8)  # one bucket's relative width
+    for q, expected in ((0.5, 0.5), (0.9, 0.9), (0.99, 0.99), (0.999, 0.999)):
+        got = hist.quantile(q)
+        assert expected / width <= got <= expected * width, (q, got)
+
+
+def test_histogram_bounds() -> None:
+    hist = Histogram()
+    assert hist.quantile(0.5) == 0.0
+    hist.observe(0.0)
+    hist.observe(5e-7)
+    hist.observe(1e-6)  # exactly the first upper bound: bucket 0 (le is inclusive)
+    hist.observe(UPPER_BOUNDS[10])
+    hist.observe(3600.0)
+    assert hist.counts[0] == 3
+    assert hist.counts[10] == 1
+    assert hist.counts[-1] == 1
+    assert hist.quantile(1.0) == UPPER_BOUNDS[-1]
+    assert UPPER_BOUNDS[-1] >= 60.0
+    cumulative = hist.cumulative(8)
+    assert cumulative[-1] == (math.inf, 5)
+    assert [le for le, _ in cumulative[:3]] == [UPPER_BOUNDS[0], UPPER_BOUNDS[8], UPPER_BOUNDS[16]]
+    assert cumulative[0][1] == 3
+    assert cumulative[2][1] == 4  # UPPER_BOUNDS[10] <= UPPER_BOUNDS[16]
+
+
+def test_histogram_merge() -> None:
+    one, two = Histogram(), Histogram()
+    one.observe(0.001)
+    two.observe(0.002)
+    two.observe(0.002)
+    one.merge(two)
+    assert one.count == 3
+    assert one.quantile(1.0) == pytest.approx(0.002, rel=0.1)
+
+
+def test_prometheus_text_parses() -> None:
+    stats = scripted()
+    stats.cache('we"ird\\').cmd_set += 1
+    stats.sdk_warnings = 2
+    families = {f.name: f for f in text_string_to_metric_families(prometheus_text(stats))}
+
+    cmd_get = families["mproxy_cmd_get"]
+    assert cmd_get.type == "counter"
+    assert {s.labels["cache"]: s.value for s in cmd_get.samples} == {"a": 3, "b": 1, 'we"ird\\': 0}
+    assert families["mproxy_curr_connections"].type == "gauge"
+    assert families["mproxy_sdk_warnings"].samples[0].value == 2
+    by_code = {(s.labels["cache"], s.labels["code"]): s.value for s in families["mproxy_backend_errors_by_code"].samples}
+    assert by_code == {("a", "timeout"): 1, ("b", "timeout"): 1, ("b", "unavailable"): 1}
+
+    latency = families["mproxy_backend_latency_seconds"]
+    assert latency.type == "histogram"
+    a_get = [s for s in latency.samples if s.labels["cache"] == "a" and s.labels["op"] == "get_many"]
+    buckets = [(float(s.labels["le"]), s.value) for s in a_get if s.name.endswith("_bucket")]
+    assert buckets == sorted(buckets)  # cumulative: never decreasing
+    assert buckets[-1] == (math.inf, 4)
+    assert max(v for le, v in buckets if le < 0.001 / 1.1) == 0
+    assert min(v for le, v in buckets if le >= 0.001 * 1.1) == 4
+    count = [s.value for s in a_get if s.name.endswith("_count")]
+    total = [s.value for s in a_get if s.name.endswith("_sum")]
+    assert count == [4] and total == [pytest.approx(0.004)]
+
+
+def test_operations_guide_documents_every_stat() -> None:
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    stats = scripted()
+    names = [k for k in stats.snapshot() if not k.startswith("backend_") or k == "backend_errors"]
+    missing = [name for name in names if f"| `{name}` |" not in guide]
+    assert missing == []
+    for pattern in ("backend_<op>_requests", "backend_<op>_p50_us", "backend_errors_<code>"):
+        assert f"`{pattern}`" in guide
