@@ -347,8 +347,9 @@ class ProxyConfig:
     max_connections: int = _option(
         1024,
         _INT,
-        "Client connections served at once, all listeners together; further "
-        "connections wait in the listen backlog.",
+        "Client connections served at once, all listeners together (memcached "
+        "`-c`); one more is answered `ERROR Too many open connections` and closed, "
+        "as memcached does.",
         min=1,
     )
     idle_timeout: float = _option(

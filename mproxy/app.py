@@ -1,0 +1,145 @@
+"""Wiring of one mproxy process: backends, listeners, admin port, audit log.
+
+``cli.py`` owns the process (patching, signals, exit) and drives an
+:class:`App`; everything here runs in an already gevent-patched process.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import gevent
+from gevent.event import Event
+
+from mproxy import __version__, backends, logs, systemd
+from mproxy import audit as audit_mod
+from mproxy.admin import AdminServer
+from mproxy.config import Config, ConfigError, load
+from mproxy.dispatch import Dispatcher
+from mproxy.server import CacheServer, ConnectionLimit
+from mproxy.stats import Stats
+
+log = logging.getLogger("mproxy")
+
+
+class StartupError(Exception):
+    """mproxy could not start (a port in use, a backend unreachable, ...)."""
+
+
+class App:
+    def __init__(self, cfg: Config, log_level: str | None = None, log_format: str | None = None) -> None:
+        self.cfg = cfg
+        self._log_level = log_level
+        self._log_format = log_format
+        self.stats = Stats()
+        self.audit: Any = None
+        self.admin: AdminServer | None = None
+        self.servers: list[CacheServer] = []
+        self.backends: list[Any] = []
+        self._stop = Event()
+        self._reload_requested = False
+        self._limit = ConnectionLimit(cfg.proxy.max_connections)
+
+    # -- start ----------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.cfg
+        logs.setup_logging(
+            self._log_level or cfg.debug.log_level,
+            self._log_format or cfg.debug.log_format,
+            cfg.debug.log_file,
+            stats=self.stats,
+        )
+        for warning in cfg.warnings:
+            log.warning("%s", warning)
+        self.audit = audit_mod.from_config(cfg.klog)
+        self.stats.attach_audit(self.audit)
+        if any(cache.backend == "momento" for cache in cfg.caches):
+            from mproxy.backends.momento import prepare_gevent
+
+            prepare_gevent()
+        for cache in cfg.caches:
+            name = cache.name or cache.cache_name
+            try:
+                backend = backends.create(cache.backend, cache, cfg)
+            except Exception as err:  # the backend says what was wrong
+                raise StartupError(f"{cfg.source}: cache {name!r}: backend {cache.backend}: {err}") from err
+            self.backends.append(backend)
+            cache_stats = self.stats.cache(name)
+            dispatcher = Dispatcher(backend, cache_stats, self.stats, self.audit, name)
+            server = CacheServer(
+                (cache.host, cache.port),
+                dispatcher,
+                cache_stats,
+                limit=self._limit,
+                idle_timeout=cfg.proxy.idle_timeout,
+                max_item_size=cfg.proxy.max_item_size,
+            )
+            try:
+                server.start()
+            except OSError as err:
+                raise StartupError(f"{cfg.source}: cache {name!r}: cannot listen on {cache.host}:{cache.port}: {err}") from err
+            self.servers.append(server)
+            host, port = server.address
+            log.info("cache %s listening on %s:%d (backend %s, cache_name %s)", name, host, port, cache.backend, cache.cache_name)
+        self.admin = AdminServer((cfg.admin.host, cfg.admin.port), self.stats, __version__)
+        try:
+            self.admin.start()
+        except OSError as err:
+            raise StartupError(f"{cfg.source}: admin: cannot listen on {cfg.admin.host}:{cfg.admin.port}: {err}") from err
+        host, port = self.admin.address
+        log.info("admin listening on %s:%d", host, port)
+        systemd.notify("READY=1")
+
+    # -- signals (handlers only set flags and wake the main greenlet) -------------
+
+    def request_stop(self, why: str = "") -> None:
+        if not self._stop.is_set():
+            log.info("stopping (%s): finishing commands in hand", why or "requested")
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload_requested = True
+        gevent.spawn(self._reload)
+
+    def reopen_logs(self) -> None:
+        if self.audit is not None:
+            gevent.spawn(self.audit.reopen)
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read the file; apply what can change without a restart."""
+        self._reload_requested = False
+        try:
+            new = load(self.cfg.source)
+        except ConfigError as err:
+            log.error("reload refused, keeping the running configuration: %s", err)
+            return
+        logs.set_level(self._log_level or new.debug.log_level)
+        self.audit.reconfigure(new.klog)
+        for section in ("admin", "proxy", "caches", "momento"):
+            if getattr(new, section) != getattr(self.cfg, section):
+                log.warning("reload: [%s] changed; it takes effect only after a restart", section)
+        self.cfg = new
+        log.info("configuration reloaded from %s", new.source)
+
+    # -- run and stop ---------------------------------------------------------------
+
+    def wait(self) -> None:
+        self._stop.wait()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Graceful stop: stop accepting, finish commands in hand, close, release."""
+        systemd.notify("STOPPING=1")
+        jobs = [gevent.spawn(server.stop, timeout) for server in self.servers]
+        if self.admin is not None:
+            jobs.append(gevent.spawn(self.admin.stop, 1.0))
+        gevent.joinall(jobs, timeout=timeout + 2.0)
+        for backend in self.backends:
+            try:
+                backend.close()
+            except Exception:
+                log.exception("closing backend %s", getattr(backend, "kind", backend))
+        if self.audit is not None:
+            self.audit.close(timeout=min(timeout, 5.0))
+        log.info("stopped")

@@ -1,0 +1,98 @@
+"""``mproxy`` command line: owns the process (patching, signals, exit).
+
+Order matters: gevent patches the standard library FIRST, then grpc is told
+about gevent (only when a Momento backend is configured), and only then are
+backends created. Signal handlers only set flags / wake the main greenlet.
+This is the only module that calls ``sys.exit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import Any, NoReturn, Sequence
+
+from mproxy import __version__
+
+#: seconds a graceful stop may take before connections are killed
+STOP_TIMEOUT = 10.0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mproxy",
+        description="A memcached-compatible proxy for Momento Cache.",
+    )
+    p.add_argument("-c", "--config", metavar="FILE", help="TOML configuration file (see docs/configuration.md)")
+    p.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration, print the effective configuration and exit (0 valid, 2 invalid)",
+    )
+    p.add_argument("--version", action="version", version=f"mproxy {__version__}")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides [debug] log_level")
+    p.add_argument("--log-format", choices=["text", "json"], help="overrides [debug] log_format")
+    return p
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    print(f"mproxy: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if not args.config:
+        _fail("no configuration file: run `mproxy -c FILE` (config/local.toml is a working start)")
+
+    from mproxy import config as config_mod
+
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as err:
+        _fail(str(err))
+    if args.check_config:
+        for warning in cfg.warnings:
+            print(f"mproxy: warning: {warning}", file=sys.stderr)
+        sys.stdout.write(config_mod.render(cfg))
+        sys.exit(0)
+
+    from gevent import monkey
+
+    monkey.patch_all()
+    from mproxy.app import App, StartupError
+
+    app = App(cfg, log_level=args.log_level, log_format=args.log_format)
+    try:
+        app.start()
+    except StartupError as err:
+        app.stop(timeout=2.0)
+        _fail(str(err), code=1)
+    _install_signals(app)
+    app.wait()
+    app.stop(timeout=STOP_TIMEOUT)
+    sys.exit(0)
+
+
+def _install_signals(app: Any) -> None:
+    import gevent
+
+    interrupts = 0
+
+    def on_interrupt() -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts > 1:
+            os._exit(1)  # second SIGINT: exit at once
+        app.request_stop("SIGINT")
+
+    gevent.signal_handler(signal.SIGTERM, app.request_stop, "SIGTERM")
+    gevent.signal_handler(signal.SIGINT, on_interrupt)
+    gevent.signal_handler(signal.SIGHUP, app.request_reload)
+    gevent.signal_handler(signal.SIGUSR1, app.reopen_logs)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

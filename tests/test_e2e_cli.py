@@ -1,0 +1,187 @@
+"""End to end: ``python -m mproxy -c FILE`` as a subprocess, real clients over TCP."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pymemcache.client.base import Client
+
+from tests.servers import HOST, RawSession, Server, free_port, start_mproxy
+
+
+def memory_toml(port: int, admin_port: int, proxy: str = "") -> str:
+    return f"""
+[admin]
+host = "{HOST}"
+port = {admin_port}
+
+[proxy]
+{proxy}
+
+[[cache]]
+host = "{HOST}"
+port = {port}
+cache_name = "e2e"
+backend = "memory"
+"""
+
+
+@pytest.fixture()
+def proxy(tmp_path: Path):
+    port = free_port()
+    server = start_mproxy(memory_toml(port, free_port()), tmp_path, port)
+    yield server
+    server.stop()
+
+
+def test_pymemcache_full_command_set(proxy: Server) -> None:
+    client = Client((HOST, proxy.port), timeout=10, connect_timeout=10)
+    try:
+        assert client.set("a", b"1", expire=0) is True
+        assert client.get("a") == b"1"
+        assert client.add("a", b"2", noreply=False) is False
+        assert client.add("b", b"2", noreply=False) is True
+        assert client.replace("a", b"10", noreply=False) is True
+        assert client.append("a", b"0", noreply=False) is True
+        assert client.prepend("a", b"9", noreply=False) is True
+        assert client.get("a") == b"9100"
+        assert client.incr("a", 5) == 9105
+        assert client.decr("a", 10_000) == 0
+        value, cas = client.gets("a")
+        assert value == b"0   "  # memcached pads a shrunk counter with spaces
+        assert client.cas("a", b"x", cas, noreply=False) is True
+        assert client.cas("a", b"y", cas, noreply=False) is False
+        assert client.touch("a", 100, noreply=False) is True
+        assert client.get_many(["a", "b", "zz"]) == {"a": b"x", "b": b"2"}
+        assert client.raw_command(b"gat 100 a", b"END\r\n") == b"VALUE a 0 1\r\nx\r\n"
+        assert client.delete("a", noreply=False) is True
+        assert client.delete("a", noreply=False) is False
+        assert client.incr("missing", 1) is None
+        client.set("quiet", b"v", noreply=True)
+        assert client.get("quiet") == b"v"
+        assert client.flush_all(noreply=False) is True
+        assert client.get("b") is None
+        assert client.version().startswith(b"1.6")
+        stats = client.stats()
+        assert stats[b"cmd_get"] > 0 and stats[b"curr_connections"] >= 1
+    finally:
+        client.close()
+
+
+def test_many_keys_and_large_values(proxy: Server) -> None:
+    client = Client((HOST, proxy.port), timeout=10, connect_timeout=10)
+    try:
+        values = {f"k{i}": f"value-{i}".encode() for i in range(1100)}
+        assert client.set_many(values, noreply=False) == []
+        assert client.get_many(list(values)) == values
+        big = b"x" * 1_000_000  # memcached's -I 1m limit counts ~60 bytes of item overhead
+        assert client.set("big", big, noreply=False) is True
+        assert client.get("big") == big
+    finally:
+        client.close()
+
+
+def test_pipeline_in_one_write_and_error_recovery(proxy: Server) -> None:
+    with RawSession(proxy.port) as s:
+        s.send(b"set a 0 0 1\r\n1\r\nbogus\r\nincr a 2\r\nget a\r\nset a x 0 1\r\n")
+        got = s.recv_until_terminator(b"CLIENT_ERROR bad command line format\r\n")[0]
+        assert got == (
+            b"STORED\r\nERROR\r\n3\r\nVALUE a 0 1\r\n3\r\nEND\r\nCLIENT_ERROR bad command line format\r\n"
+        )
+        # one command split across many writes
+        for byte in b"get a\r\n":
+            s.send(bytes([byte]))
+        assert s.recv_until_terminator(b"END\r\n")[0] == b"VALUE a 0 1\r\n3\r\nEND\r\n"
+
+
+def test_unterminated_long_line_closes_connection_and_server_keeps_serving(proxy: Server) -> None:
+    with RawSession(proxy.port) as s:
+        s.send(b"set " + b"x" * 5000)
+        _, closed = s.recv_until_closed()
+        assert closed
+    with RawSession(proxy.port) as s:
+        s.send(b"version\r\n")
+        assert s.recv_until_terminator(b"\r\n")[0].startswith(b"VERSION ")
+
+
+def test_quit_sends_pending_replies_then_closes(proxy: Server) -> None:
+    with RawSession(proxy.port) as s:
+        s.send(b"version\r\nquit\r\nversion\r\n")
+        data, closed = s.recv_until_closed()
+        assert closed and data.count(b"VERSION") == 1
+
+
+def test_sigterm_is_graceful_and_exits_zero(tmp_path: Path) -> None:
+    port = free_port()
+    server = start_mproxy(memory_toml(port, free_port()), tmp_path, port)
+    idle = socket.create_connection((HOST, port), timeout=10)
+    try:
+        client = Client((HOST, port), timeout=10)
+        assert client.set("k", b"v", noreply=False)
+        client.close()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=15) == 0
+        idle.settimeout(10)
+        assert idle.recv(100) == b""  # the idle connection was closed, not left hanging
+    finally:
+        idle.close()
+        server.stop()
+
+
+def test_connection_cap_answers_like_memcached(tmp_path: Path) -> None:
+    port = free_port()
+    server = start_mproxy(memory_toml(port, free_port(), "max_connections = 2"), tmp_path, port)
+    held = [socket.create_connection((HOST, port), timeout=10) for _ in range(2)]
+    try:
+        for sock in held:  # make sure both are being served
+            sock.sendall(b"version\r\n")
+            assert sock.recv(100).startswith(b"VERSION")
+        with RawSession(port) as s:
+            data, closed = s.recv_until_closed()
+            assert data == b"ERROR Too many open connections\r\n" and closed
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
+def test_idle_timeout_closes_idle_connections(tmp_path: Path) -> None:
+    port = free_port()
+    server = start_mproxy(memory_toml(port, free_port(), "idle_timeout = 0.5"), tmp_path, port)
+    try:
+        with RawSession(port) as s:
+            start = time.monotonic()
+            _, closed = s.recv_until_closed(timeout=20)
+            assert closed and time.monotonic() - start < 20
+    finally:
+        server.stop()
+
+
+def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[[cache]]\ncache_name = "x"\nport = "abc"\n')
+    proc = subprocess.run([sys.executable, "-m", "mproxy", "-c", str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and "port" in lines[0] and "abc" in lines[0]
+
+
+def test_check_config_prints_effective_config(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "mproxy", "-c", str(repo / "config" / "local.toml"), "--check-config"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "[[cache]]" in proc.stdout and "default-cache" in proc.stdout
+
+
+def test_version_flag() -> None:
+    proc = subprocess.run([sys.executable, "-m", "mproxy", "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("mproxy ")
