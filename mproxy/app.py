@@ -38,7 +38,6 @@ class App:
         self.servers: list[CacheServer] = []
         self.backends: list[Any] = []
         self._stop = Event()
-        self._reload_requested = False
         self._limit = ConnectionLimit(cfg.proxy.max_connections)
 
     # -- start ----------------------------------------------------------------
@@ -100,16 +99,14 @@ class App:
         self._stop.set()
 
     def request_reload(self) -> None:
-        self._reload_requested = True
         gevent.spawn(self._reload)
 
     def reopen_logs(self) -> None:
         if self.audit is not None:
-            gevent.spawn(self.audit.reopen)
+            self.audit.reopen()  # never blocks: the writer thread reopens
 
     def _reload(self) -> None:
         """SIGHUP: re-read the file; apply what can change without a restart."""
-        self._reload_requested = False
         try:
             new = load(self.cfg.source)
         except ConfigError as err:

@@ -59,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.stdout.write(config_mod.render(cfg))
         sys.exit(0)
 
+    # gRPC core's own INFO lines (fork support, GOAWAY) are noise for operators
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from gevent import monkey
 
     monkey.patch_all()

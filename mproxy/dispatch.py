@@ -244,6 +244,6 @@ class Dispatcher:
 
 
 def _hit_outcome(hits: int, total: int) -> str:
-    if total == 1:
-        return "hit" if hits else "miss"
-    return f"hits={hits}/{total}"
+    if hits == total:
+        return "hit"
+    return "miss" if hits == 0 else "partial"
