@@ -1,0 +1,36 @@
+"""libmemcached's own conformance checker (``memccapable -a``) against mproxy.
+
+``memccapable`` ships in Debian's ``libmemcached-tools``; CI installs it. It
+drives every classic ASCII command, with and without noreply, the way
+libmemcached (and so pylibmc, PHP's memcached, ...) speaks them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MPROXY_CONFIGS
+from tests.servers import HOST, free_port, start_mproxy
+
+BINARY = shutil.which("memccapable")
+
+
+@pytest.mark.parametrize("backend", sorted(MPROXY_CONFIGS))
+def test_memccapable_ascii_passes(backend: str, tmp_path: Path) -> None:
+    if BINARY is None:
+        if os.environ.get("CI"):
+            pytest.fail("memccapable missing: .ci/run installs libmemcached-tools")
+        pytest.skip("memccapable not installed (apt-get install libmemcached-tools)")
+    port = free_port()
+    server = start_mproxy(MPROXY_CONFIGS[backend](port, free_port()), tmp_path, port)
+    try:
+        proc = subprocess.run([BINARY, "-a", "-h", HOST, "-p", str(port)], capture_output=True, text=True, timeout=120)
+    finally:
+        server.stop()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "All tests passed" in proc.stdout, proc.stdout
