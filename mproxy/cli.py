@@ -67,12 +67,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     from mproxy.app import App, StartupError
 
     app = App(cfg, log_level=args.log_level, log_format=args.log_format)
+    # before start(): a SIGTERM right after READY=1 must still stop gracefully
+    _install_signals(app)
     try:
         app.start()
     except StartupError as err:
         app.stop(timeout=2.0)
         _fail(str(err), code=1)
-    _install_signals(app)
     app.wait()
     app.stop(timeout=STOP_TIMEOUT)
     sys.exit(0)

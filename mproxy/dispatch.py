@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable
 
 from mproxy import __version__
+from mproxy.audit import AuditLog, NullAudit
 from mproxy.backends.base import (
     Backend,
     BackendError,
@@ -42,16 +43,6 @@ _STORE_REPLY = {
 }
 
 
-class _NullAudit:
-    enabled = False
-
-    def record(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - never called
-        pass
-
-
-NULL_AUDIT = _NullAudit()
-
-
 class Dispatcher:
     """Executes commands of one ``[[cache]]`` listener."""
 
@@ -60,13 +51,13 @@ class Dispatcher:
         backend: Backend,
         stats: CacheStats,
         root_stats: Stats | None = None,
-        audit: Any = NULL_AUDIT,
+        audit: AuditLog | NullAudit | None = None,
         cache_name: str = "",
     ) -> None:
         self.backend = backend
         self.stats = stats
         self.root_stats = root_stats
-        self.audit = audit
+        self.audit = audit if audit is not None else NullAudit()
         self.cache_name = cache_name or stats.name
         self._handlers: dict[type, Callable[[Any], tuple[bytes, str]]] = {
             c.Get: self._get,
