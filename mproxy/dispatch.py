@@ -24,6 +24,7 @@ from mproxy.backends.base import (
     StoreMode,
     StoreResult,
     ValueTooLarge,
+    ttl_seconds,
 )
 from mproxy.protocol import commands as c
 from mproxy.protocol import replies as r
@@ -122,12 +123,17 @@ class Dispatcher:
 
     def _gat(self, cmd: c.Gat) -> tuple[bytes, str]:
         found = self._call("touch", self.backend.touch_many, cmd.keys, cmd.exptime) if cmd.keys else {}
+        keys = cmd.keys
+        seconds = ttl_seconds(cmd.exptime)
+        if seconds is not None and seconds <= 0:
+            # memcached: the first hit expires the item, so a repeated key then misses
+            keys = tuple(dict.fromkeys(keys))
         st = self.stats
-        hits = sum(1 for key in cmd.keys if key in found)
+        hits = sum(1 for key in keys if key in found)
         st.cmd_touch += len(cmd.keys)
         st.touch_hits += hits
         st.touch_misses += len(cmd.keys) - hits
-        return self._values(cmd.keys, found, cmd.cas), _hit_outcome(hits, len(cmd.keys))
+        return self._values(keys, found, cmd.cas), _hit_outcome(hits, len(cmd.keys))
 
     def _store(self, cmd: c.Store) -> tuple[bytes, str]:
         st = self.stats

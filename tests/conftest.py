@@ -4,13 +4,14 @@ Fixtures
 --------
 ``memcached_server``  (module scope) a fresh real memcached; skips when the binary
                       is missing, except under ``CI`` where that is a failure.
-``mproxy_factory``    (module scope) ``factory(backend) -> Server`` starting
-                      ``python -m mproxy -c CONFIG`` with the config built by
-                      ``MPROXY_CONFIGS[backend]``; every server is stopped at teardown.
+``mproxy_factory``    (module scope) ``factory(backend, **options) -> Server``
+                      starting ``python -m mproxy -c CONFIG`` with the config built by
+                      ``MPROXY_CONFIGS[backend](port, admin_port, **options)``; every
+                      server is stopped at teardown.
 
-To run the same integration tests against another backend, add a config builder
-to ``MPROXY_CONFIGS`` (for instance ``"momento"``) and select it with
-``MPROXY_DIFF_TARGET`` (see ``tests/test_differential.py``).
+Backends: ``memory`` and ``momento`` (the latter on the bundled local Momento
+server, ``[momento] local = "embedded"``). The differential tests run against the
+targets named by ``MPROXY_DIFF_TARGET`` (see ``tests/test_differential.py``).
 """
 
 from __future__ import annotations
@@ -45,10 +46,71 @@ backend = "memory"
 """
 
 
-#: Backend name -> builder of the mproxy TOML config from (data port, admin port).
-MPROXY_CONFIGS: dict[str, Callable[[int, int], str]] = {"memory": memory_config}
+#: Options of every reference memcached. ``no_lru_maintainer`` turns off the segmented
+#: LRU, whose background thread takes extra references on recently read items: with it,
+#: whether ``incr``/``decr`` rewrites a value in place (space-padded) or as a new item
+#: depends on thread timing (``incr_decr.txt`` differed between two runs of memcached
+#: itself, about 1 run in 3). Without it an item is only re-linked after 60 s idle, which
+#: no test reaches, so memcached answers deterministically.
+MEMCACHED_ARGS: tuple[str, ...] = ("-o", "no_lru_maintainer")
 
-MproxyFactory = Callable[[str], Server]
+#: Momento's maximum TTL on the bundled local server (its on-demand cap, 24 h). Used as
+#: both ``max_ttl`` and ``default_ttl``: exptime 0 ("never expires" in memcached) gets
+#: the longest life Momento allows, which is as close to memcached as it can be.
+MOMENTO_MAX_TTL = 86400
+#: Cache name used by the ``momento`` target.
+MOMENTO_CACHE_NAME = "differential"
+
+
+def momento_config(
+    port: int,
+    admin_port: int,
+    *,
+    local: str = "embedded",
+    default_ttl: int = MOMENTO_MAX_TTL,
+    max_ttl: int = MOMENTO_MAX_TTL,
+) -> str:
+    """TOML config: one cache on the Momento backend, against a local Momento server.
+
+    ``local = "embedded"`` (the default) makes mproxy start the bundled
+    Momento-compatible server as its child process (stopped with it);
+    ``"HOST:PORT"`` uses a server the test started (so several proxies can share
+    one cache, and the test can look at the items directly). The defaults are the
+    settings closest to memcached: memcached's item size limit, the longest TTL
+    Momento allows for exptime 0, flags stored with the value, flush_all allowed.
+    """
+    return f"""\
+[proxy]
+max_item_size = {MAX_ITEM_SIZE}
+
+[admin]
+host = "127.0.0.1"
+port = {admin_port}
+
+[[cache]]
+host = "127.0.0.1"
+port = {port}
+cache_name = "{MOMENTO_CACHE_NAME}"
+backend = "momento"
+default_ttl = {default_ttl}
+max_ttl = {max_ttl}
+flags = true
+allow_flush = true
+
+[momento]
+local = "{local}"
+"""
+
+
+#: Backend name -> builder of the mproxy TOML config from (data port, admin port,
+#: **backend-specific keyword options).
+MPROXY_CONFIGS: dict[str, Callable[..., str]] = {
+    "memory": memory_config,
+    "momento": momento_config,
+}
+
+#: ``factory(backend, **options) -> Server``; options go to the backend's config builder.
+MproxyFactory = Callable[..., Server]
 
 
 def require_memcached() -> None:
@@ -65,7 +127,7 @@ def require_memcached() -> None:
 def memcached_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A fresh real memcached 1.6 on a free loopback port, stopped after the module."""
     require_memcached()
-    server = start_memcached(tmp_path_factory.mktemp("memcached"))
+    server = start_memcached(tmp_path_factory.mktemp("memcached"), MEMCACHED_ARGS)
     try:
         yield server
     finally:
@@ -77,7 +139,7 @@ def mproxy_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MproxyF
     """Start mproxy subprocesses by backend name; all are stopped after the module."""
     started: list[Server] = []
 
-    def factory(backend: str) -> Server:
+    def factory(backend: str, **options: object) -> Server:
         if backend not in MPROXY_CONFIGS:
             known = sorted(MPROXY_CONFIGS)
             raise ValueError(f"no mproxy config for backend {backend!r}; known: {known}")
@@ -86,7 +148,8 @@ def mproxy_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MproxyF
         while admin_port == port:
             admin_port = free_port()
         tmp_path: Path = tmp_path_factory.mktemp(f"mproxy-{backend}")
-        server = start_mproxy(MPROXY_CONFIGS[backend](port, admin_port), tmp_path, port)
+        config = MPROXY_CONFIGS[backend](port, admin_port, **options)
+        server = start_mproxy(config, tmp_path, port)
         started.append(server)
         return server
 

@@ -1,7 +1,9 @@
 r"""Differential tests: replay scripted sessions against memcached and mproxy, compare bytes.
 
 Each file in ``tests/differential/*.txt`` is one session, run in lockstep on two
-connections: one to a real memcached 1.6 (the reference) and one to the target
+connections: one to a real memcached 1.6 (the reference, started with
+``tests.conftest.MEMCACHED_ARGS`` so that its answers do not depend on its
+background LRU thread) and one to the target
 (mproxy with a backend, or a second memcached to test this harness itself).
 The replies of every step must be identical byte for byte after normalisation.
 
@@ -50,8 +52,12 @@ output is compared); ``VERSION x`` becomes ``VERSION <version>``. Every session 
 with ``flush_all`` on both servers.
 
 Targets: env ``MPROXY_DIFF_TARGET`` is a comma-separated list of mproxy backends
-(keys of ``tests.conftest.MPROXY_CONFIGS``; default ``memory``) or ``memcached``
-to run the corpus against a second memcached (validates the harness and corpus).
+(keys of ``tests.conftest.MPROXY_CONFIGS``; default ``memory,momento``: both backends,
+one mproxy each for the whole module) or ``memcached`` to run the corpus against a
+second memcached (validates the harness and corpus). The ``momento`` target runs
+mproxy on the bundled local Momento server (``[momento] local = "embedded"``); its
+deliberate differences from memcached (``docs/compatibility.md``) are pinned one by
+one in ``tests/test_momento_differences.py``.
 """
 
 from __future__ import annotations
@@ -65,11 +71,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MproxyFactory
+from tests.conftest import MEMCACHED_ARGS, MproxyFactory
 from tests.servers import RawSession, Server, start_memcached
 
 CORPUS_DIR = Path(__file__).parent / "differential"
 TARGET_ENV = "MPROXY_DIFF_TARGET"
+#: Targets run when ``MPROXY_DIFF_TARGET`` is unset: every mproxy backend.
+DEFAULT_TARGETS = "memory,momento"
 #: Target name that runs a second real memcached instead of mproxy.
 SELF_TEST_TARGET = "memcached"
 
@@ -413,7 +421,7 @@ class Target:
 
 
 def _target_names() -> list[str]:
-    names = os.environ.get(TARGET_ENV, "memory").split(",")
+    names = os.environ.get(TARGET_ENV, DEFAULT_TARGETS).split(",")
     return [name.strip() for name in names if name.strip()]
 
 
@@ -428,7 +436,7 @@ def diff_target(
     if name != SELF_TEST_TARGET:
         yield Target(name, mproxy_factory(name).port)
         return
-    server: Server = start_memcached(tmp_path_factory.mktemp("memcached-target"))
+    server: Server = start_memcached(tmp_path_factory.mktemp("memcached-target"), MEMCACHED_ARGS)
     try:
         yield Target(name, server.port)
     finally:

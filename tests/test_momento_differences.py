@@ -1,0 +1,343 @@
+"""mproxy on Momento: one test per documented difference from memcached.
+
+``docs/compatibility.md`` lists where mproxy with ``backend = "momento"`` cannot
+answer as memcached 1.6 does. The differential corpus (``tests/differential``)
+skips or splits the sessions that run into those differences; each test here pins
+one of them as documented, over TCP, against mproxy on the Momento backend
+(started by ``mproxy_factory`` from ``tests/conftest.py``). Each docstring says what
+memcached answers instead.
+
+Two kinds of proxy are used:
+
+* ``embedded``: ``[momento] local = "embedded"``, the configuration of the
+  differential ``momento`` target (mproxy starts the bundled local server).
+* ``shared_a`` / ``shared_b``: two proxies on one local Momento server that this
+  module starts itself, so a test can see one cache through two proxies and read
+  the stored items' TTLs with Momento's ``ItemGetTtl`` (nothing here waits for an
+  item to expire: the TTL Momento holds is what expiry follows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from momento_wire_types import cacheclient_pb2 as pb
+from momento_wire_types import cacheclient_pb2_grpc as pb_grpc
+
+from mproxy.momento_local.server import control_request
+from tests.conftest import MAX_ITEM_SIZE, MOMENTO_CACHE_NAME, MOMENTO_MAX_TTL, MproxyFactory
+from tests.servers import HOST, RawSession, Server
+
+#: ``default_ttl`` of the shared proxies: distinct from ``max_ttl`` so a test can tell them apart.
+SHARED_DEFAULT_TTL = 600
+#: How long a local server may take to print its listening line.
+LOCAL_START_TIMEOUT = 20.0
+#: Bound on the time between a command and reading the TTL it set (ms): a loaded CI machine.
+TTL_SLACK_MS = 3000
+#: The flags header mproxy puts in front of values with non-zero flags (compatibility.md, "Flags").
+FLAGS_MAGIC = b"\xffMCF"
+
+
+def exchange(port: int, data: bytes) -> bytes:
+    """Send ``data`` (whole commands) on a fresh connection, return every reply before ``MN``."""
+    with RawSession(port) as conn:
+        conn.send(data + b"mn\r\n")
+        reply, complete = conn.recv_until_terminator(b"MN\r\n")
+    assert complete, f"no complete reply to {data[:80]!r}: {reply[:200]!r}"
+    return reply[: -len(b"MN\r\n")]
+
+
+def gets_unique(port: int, key: bytes) -> int:
+    """The CAS unique ``gets key`` shows (the key must exist)."""
+    reply = exchange(port, b"gets " + key + b"\r\n")
+    header = reply.split(b"\r\n", 1)[0].split(b" ")
+    assert header[:2] == [b"VALUE", key] and len(header) == 5, reply[:200]
+    return int(header[4])
+
+
+def content_unique(stored: bytes) -> int:
+    """compatibility.md: the low 63 bits of the stored bytes' 8-byte BLAKE2b digest, never 0."""
+    return (int.from_bytes(hashlib.blake2b(stored, digest_size=8).digest(), "big") & (2**63 - 1)) or 1
+
+
+@dataclass
+class LocalMomento:
+    """A local Momento-compatible server started by this module."""
+
+    port: int
+    control_port: int
+    process: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+def start_local_momento(log_path: Path) -> LocalMomento:
+    """``python -m mproxy.momento_local`` on free ports, with the differential cache created."""
+    argv = [sys.executable, "-m", "mproxy.momento_local", "--host", HOST, "--port", "0"]
+    argv += ["--control-port", "0", "--cache", MOMENTO_CACHE_NAME]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
+    server = LocalMomento(0, 0, process)
+    assert process.stdout is not None
+    deadline = time.monotonic() + LOCAL_START_TIMEOUT
+    line = b""
+    try:
+        while not line.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            readable, _, _ = select.select([process.stdout], [], [], max(remaining, 0))
+            if not readable:
+                raise RuntimeError(f"local Momento server printed no listening line: {log_path.read_text()}")
+            chunk = os.read(process.stdout.fileno(), 4096)
+            if not chunk:
+                raise RuntimeError(f"local Momento server exited: {log_path.read_text()}")
+            line += chunk
+        # "mproxy-momento-local listening on HOST:PORT control HOST:CPORT"
+        words = line.split()
+        server.port = int(words[3].rsplit(b":", 1)[1])
+        server.control_port = int(words[5].rsplit(b":", 1)[1])
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="module")
+def embedded(mproxy_factory: MproxyFactory) -> Server:
+    """mproxy as the differential ``momento`` target runs it (embedded local server)."""
+    return mproxy_factory("momento")
+
+
+@pytest.fixture(scope="module")
+def local_momento(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMomento]:
+    server = start_local_momento(tmp_path_factory.mktemp("momento-local") / "server.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_a(mproxy_factory: MproxyFactory, local_momento: LocalMomento) -> Server:
+    return mproxy_factory("momento", local=f"{HOST}:{local_momento.port}", default_ttl=SHARED_DEFAULT_TTL)
+
+
+@pytest.fixture(scope="module")
+def shared_b(mproxy_factory: MproxyFactory, local_momento: LocalMomento) -> Server:
+    return mproxy_factory("momento", local=f"{HOST}:{local_momento.port}", default_ttl=SHARED_DEFAULT_TTL)
+
+
+@pytest.fixture(scope="module")
+def momento_stub(local_momento: LocalMomento) -> Iterator[pb_grpc.ScsStub]:
+    """A raw Momento data client of the shared cache (another client of the same cache)."""
+    channel = grpc.insecure_channel(f"{HOST}:{local_momento.port}")
+    try:
+        yield pb_grpc.ScsStub(channel)
+    finally:
+        channel.close()
+
+
+METADATA = (("cache", MOMENTO_CACHE_NAME),)
+
+
+def remaining_ttl_ms(stub: pb_grpc.ScsStub, key: bytes) -> int:
+    """The item's remaining TTL as Momento holds it (the key must exist)."""
+    response = stub.ItemGetTtl(pb._ItemGetTtlRequest(cache_key=key), metadata=METADATA, timeout=5)
+    assert response.WhichOneof("result") == "found", f"{key!r} is missing"
+    return int(response.found.remaining_ttl_millis)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches(request: pytest.FixtureRequest) -> None:
+    """Every test starts from empty caches (flush_all through each proxy it uses)."""
+    for name in ("embedded", "shared_a"):
+        if name in request.fixturenames:
+            server: Server = request.getfixturevalue(name)
+            assert exchange(server.port, b"flush_all\r\n") == b"OK\r\n"
+
+
+# ---- CAS uniques are content hashes ---------------------------------------------
+
+
+def test_cas_unique_is_a_hash_of_the_stored_bytes(embedded: Server) -> None:
+    """Same content (value + flags) = same unique, on any key; below 2**63.
+
+    memcached: every item gets its own number from a counter.
+    """
+    exchange(embedded.port, b"set a 0 0 1\r\nx\r\nset b 0 0 1\r\nx\r\nset c 7 0 1\r\nx\r\n")
+    unique_a, unique_b, unique_c = (gets_unique(embedded.port, key) for key in (b"a", b"b", b"c"))
+    assert unique_a == unique_b == content_unique(b"x")
+    assert unique_c == content_unique(FLAGS_MAGIC + (7).to_bytes(4, "big") + b"x") != unique_a
+    assert 0 < max(unique_a, unique_c) < 2**63
+
+
+def test_identical_set_keeps_the_cas_unique(embedded: Server) -> None:
+    """Re-setting the same value and flags keeps the unique, so a cas on it still succeeds.
+
+    memcached: the second set issues a new unique and the cas answers ``EXISTS``.
+    """
+    exchange(embedded.port, b"set a 3 0 1\r\nx\r\n")
+    before = gets_unique(embedded.port, b"a")
+    assert exchange(embedded.port, b"set a 3 0 1\r\nx\r\n") == b"STORED\r\n"
+    assert gets_unique(embedded.port, b"a") == before
+    assert exchange(embedded.port, b"cas a 3 0 1 %d\r\ny\r\n" % before) == b"STORED\r\n"
+    # the cas wrote other content: a new unique, and the old one is refused
+    assert gets_unique(embedded.port, b"a") != before
+    assert exchange(embedded.port, b"cas a 3 0 1 %d\r\nz\r\n" % before) == b"EXISTS\r\n"
+
+
+def test_cas_after_a_to_b_to_a_succeeds(embedded: Server) -> None:
+    """ABA: the item changes A -> B -> A between gets and cas; the old unique is valid again.
+
+    memcached: ``EXISTS`` (the unique changed twice).
+    """
+    exchange(embedded.port, b"set a 0 0 1\r\nA\r\n")
+    unique = gets_unique(embedded.port, b"a")
+    assert exchange(embedded.port, b"set a 0 0 1\r\nB\r\n") == b"STORED\r\n"
+    assert exchange(embedded.port, b"cas a 0 0 1 %d\r\nC\r\n" % unique) == b"EXISTS\r\n"
+    assert exchange(embedded.port, b"set a 0 0 1\r\nA\r\n") == b"STORED\r\n"
+    assert exchange(embedded.port, b"cas a 0 0 1 %d\r\nC\r\n" % unique) == b"STORED\r\n"
+    assert exchange(embedded.port, b"get a\r\n") == b"VALUE a 0 1\r\nC\r\nEND\r\n"
+
+
+def test_cas_unique_is_the_same_on_every_proxy(shared_a: Server, shared_b: Server) -> None:
+    """A unique from one proxy is valid on another proxy of the same cache.
+
+    memcached: uniques are per server (there is no sharing to compare with).
+    """
+    exchange(shared_a.port, b"set k 5 0 2\r\nvv\r\n")
+    unique = gets_unique(shared_a.port, b"k")
+    assert gets_unique(shared_b.port, b"k") == unique
+    assert exchange(shared_b.port, b"cas k 5 0 1 %d\r\nw\r\n" % unique) == b"STORED\r\n"
+    assert exchange(shared_a.port, b"get k\r\n") == b"VALUE k 5 1\r\nw\r\nEND\r\n"
+
+
+# ---- expiry ------------------------------------------------------------------
+
+
+def test_exptime_zero_gets_the_default_ttl(shared_a: Server, momento_stub: pb_grpc.ScsStub) -> None:
+    """No "never expires": exptime 0 stores the item for ``default_ttl`` seconds (here 600).
+
+    memcached: exptime 0 never expires (only eviction removes the item).
+    """
+    assert exchange(shared_a.port, b"set forever 0 0 1\r\nf\r\n") == b"STORED\r\n"
+    ttl = remaining_ttl_ms(momento_stub, b"forever")
+    assert SHARED_DEFAULT_TTL * 1000 - TTL_SLACK_MS < ttl <= SHARED_DEFAULT_TTL * 1000
+    # the same for every command that takes an exptime
+    exchange(shared_a.port, b"set t 0 100 1\r\nt\r\n")
+    assert exchange(shared_a.port, b"touch t 0\r\n") == b"TOUCHED\r\n"
+    assert SHARED_DEFAULT_TTL * 1000 - TTL_SLACK_MS < remaining_ttl_ms(momento_stub, b"t")
+
+
+def test_exptime_above_max_ttl_is_clamped(shared_a: Server, momento_stub: pb_grpc.ScsStub) -> None:
+    """exptimes beyond ``max_ttl`` (Momento's cap, 86400 s) become ``max_ttl``.
+
+    memcached: honours any exptime (30 days relative, or any absolute time).
+    """
+    cap = MOMENTO_MAX_TTL * 1000
+    in_ten_days = int(time.time()) + 10 * 86400
+    commands = b"set rel 0 2592000 1\r\nr\r\nset abs 0 %d 1\r\na\r\n" % in_ten_days
+    commands += b"set t 0 10 1\r\nt\r\ntouch t 2592000\r\nset g 0 10 1\r\ng\r\n"
+    assert exchange(shared_a.port, commands) == b"STORED\r\n" * 3 + b"TOUCHED\r\nSTORED\r\n"
+    assert exchange(shared_a.port, b"gat %d g\r\n" % in_ten_days) == b"VALUE g 0 1\r\ng\r\nEND\r\n"
+    for key in (b"rel", b"abs", b"t", b"g"):
+        assert cap - TTL_SLACK_MS < remaining_ttl_ms(momento_stub, key) <= cap, key
+
+
+def test_expiry_has_millisecond_precision(shared_a: Server, momento_stub: pb_grpc.ScsStub) -> None:
+    """A relative exptime of N s is a TTL of exactly N * 1000 ms from the command; append and
+    incr keep the remaining TTL (read just before their write, so expiry moves at most about a
+    round trip later).
+
+    memcached: expiry follows its once-a-second clock (an exptime of 1 may expire in well
+    under a second, as ``tests/differential/expiry_sleep.txt`` allows for).
+    """
+    before = time.monotonic()
+    assert exchange(shared_a.port, b"set k 0 3 1\r\n1\r\n") == b"STORED\r\n"
+    ttl = remaining_ttl_ms(momento_stub, b"k")
+    elapsed_ms = (time.monotonic() - before) * 1000
+    assert 3000 - elapsed_ms - 1 <= ttl <= 3000
+    assert exchange(shared_a.port, b"append k 0 0 1\r\n0\r\nincr k 5\r\n") == b"STORED\r\n15\r\n"
+    assert 3000 - TTL_SLACK_MS < remaining_ttl_ms(momento_stub, b"k") <= ttl
+
+
+# ---- flush_all scope -----------------------------------------------------------
+
+
+def test_flush_all_empties_the_whole_momento_cache(
+    shared_a: Server, shared_b: Server, momento_stub: pb_grpc.ScsStub
+) -> None:
+    """flush_all through one proxy removes every item of the cache: those written through
+    other proxies and by other Momento clients too.
+
+    memcached: flush_all invalidates the items of that one server.
+    """
+    assert exchange(shared_a.port, b"set a 0 0 1\r\na\r\n") == b"STORED\r\n"
+    momento_stub.Set(pb._SetRequest(cache_key=b"other", cache_body=b"o", ttl_milliseconds=60_000), metadata=METADATA)
+    assert exchange(shared_b.port, b"get a other\r\n") == b"VALUE a 0 1\r\na\r\nVALUE other 0 1\r\no\r\nEND\r\n"
+    assert exchange(shared_b.port, b"flush_all\r\n") == b"OK\r\n"
+    assert exchange(shared_a.port, b"get a other\r\n") == b"END\r\n"
+    response = momento_stub.Get(pb._GetRequest(cache_key=b"other"), metadata=METADATA)
+    assert response.result == pb.Miss
+
+
+# ---- item size accounting -------------------------------------------------------
+
+
+def test_item_size_limit_counts_the_value_only(embedded: Server) -> None:
+    """With ``max_item_size`` = 1 MiB (memcached ``-I 1m``) a value of exactly 1 MiB is stored;
+    one byte more is refused as memcached refuses it.
+
+    memcached: the limit covers the whole item (about 60 bytes of header, the key and the
+    value), so for key ``k`` the largest value is 1048516 bytes
+    (``tests/differential/item_size_boundary.txt``).
+    """
+    value = b"x" * MAX_ITEM_SIZE
+    assert exchange(embedded.port, b"set k 0 0 %d\r\n%s\r\n" % (len(value), value)) == b"STORED\r\n"
+    assert exchange(embedded.port, b"get k\r\n") == b"VALUE k 0 %d\r\n%s\r\nEND\r\n" % (len(value), value)
+    too_large = b"set k 0 0 %d\r\n%sx\r\n" % (len(value) + 1, value)
+    assert exchange(embedded.port, too_large) == b"SERVER_ERROR object too large for cache\r\n"
+    assert exchange(embedded.port, b"get k\r\n") == b"END\r\n"  # a too-large set drops the old value
+
+
+# ---- backend failures ----------------------------------------------------------
+
+
+def test_failed_backend_call_answers_server_error(shared_a: Server, local_momento: LocalMomento) -> None:
+    """A Momento call that fails answers one ``SERVER_ERROR momento <reason> on <command>``
+    line and the connection stays usable.
+
+    memcached: has no backend; such errors do not occur.
+    """
+    assert exchange(shared_a.port, b"set k 0 0 1\r\nv\r\n") == b"STORED\r\n"
+    # every call fails until cleared, whichever RPC the proxy uses and however often it tries
+    assert control_request(HOST, local_momento.control_port, "fault *:error=UNAVAILABLE") == "OK"
+    with RawSession(shared_a.port) as conn:
+        try:
+            conn.send(b"get k\r\n")
+            reply, _ = conn.recv_until(lambda buf: buf.endswith(b"\r\n"))
+        finally:
+            control_request(HOST, local_momento.control_port, "clear")
+        assert reply.startswith(b"SERVER_ERROR momento unavailable on get"), reply
+        assert reply.count(b"\r\n") == 1
+        conn.send(b"get k\r\n")
+        reply, _ = conn.recv_until(lambda buf: buf.endswith(b"END\r\n"))
+        assert reply == b"VALUE k 0 1\r\nv\r\nEND\r\n"
