@@ -3,6 +3,8 @@
 Semantic tests run the backend in this (un-patched) process against
 ``mproxy.momento_local.server.serve()``; the concurrency tests run it in a
 gevent-patched subprocess. Each test gets a fresh cache on a shared server.
+The backend is a hybrid: the SDK's ``CacheClient`` for the calls it has, raw
+stubs for the rest; tests below check which path each call takes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import grpc
 import pytest
 
 from mproxy.backends import momento as mb
@@ -488,15 +491,204 @@ def _established_to(port: int) -> int:
 
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc/net/tcp")
 def test_connection_count_opens_separate_connections() -> None:
+    """N CacheClients = N connections (distinct channel arguments); each raw
+    channel shares its client's connection (identical arguments); a second
+    backend in the process gets connections of its own."""
     srv = serve(host=HOST, port=0, caches=["c"])
     b = mb.MomentoBackend(mb.Endpoint.local(HOST, srv.port), "c", connection_count=3)
+    other = None
     try:
         for i in range(6):
-            b.get_many([b"k%d" % i])
+            b.get_many([b"k%d" % i])  # SDK Get
         assert _established_to(srv.port) == 3
+        for i in range(6):
+            b.get_many([b"k%d" % i, b"x"])  # raw GetBatch
+            b.touch(b"k%d" % i, 10)  # raw UpdateTtl
+            b.store(S.SET, b"k%d" % i, b"v", 0, 0)  # SDK Set
+        assert srv.stats.snapshot()["calls"] == {"Get": 6, "GetBatch": 6, "UpdateTtl": 6, "Set": 6}
+        assert _established_to(srv.port) == 3
+        other = mb.MomentoBackend(mb.Endpoint.local(HOST, srv.port), "c", connection_count=2)
+        for i in range(4):
+            other.get_many([b"k%d" % i])
+            other.delete(b"k%d" % i)  # raw KeysExist + SDK Delete
+        assert _established_to(srv.port) == 5
     finally:
         b.close()
+        if other is not None:
+            other.close()
         srv.stop(None)
+
+
+def test_channel_ids_are_unique_among_live_backends(server: LocalServer, cache: str) -> None:
+    first = make_backend(server, cache, connection_count=2)
+    second = make_backend(server, cache, connection_count=2)
+    try:
+        assert not set(first._channel_ids) & set(second._channel_ids)
+        ids = list(first._channel_ids)
+        first.close()
+        third = make_backend(server, cache, connection_count=2)
+        assert third._channel_ids == ids  # released ids are reused: the send limit stays near the SDK's
+        third.close()
+    finally:
+        first.close()
+        second.close()
+
+
+# ---- which path each call takes ---------------------------------------------------------
+
+
+SDK_METHODS = ("get", "set", "delete", "set_if_not_exists", "flush_cache", "create_cache")
+
+
+@pytest.fixture
+def sdk_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts of calls of the SDK CacheClient's methods (spies that still call them)."""
+    from momento import CacheClient
+
+    counts = dict.fromkeys(SDK_METHODS, 0)
+    for name in SDK_METHODS:
+        real = getattr(CacheClient, name)
+
+        def spy(self: object, *args: object, _real: object = real, _name: str = name) -> object:
+            counts[_name] += 1
+            return _real(self, *args)  # type: ignore[operator]
+
+        monkeypatch.setattr(CacheClient, name, spy)
+    return counts
+
+
+def test_sdk_path_is_used_for_the_calls_the_sdk_has(
+    server: LocalServer, cache: str, sdk_calls: dict[str, int]
+) -> None:
+    cache_cfg, cfg = config(f"{HOST}:{server.port}", cache_name=f"{cache}-sdk")
+    b = mb.from_config(cache_cfg, cfg)  # type: ignore[arg-type]
+    try:
+        assert sdk_calls["create_cache"] == 1
+        server.stats.reset()
+        assert b.store(S.SET, b"k", b"v", 5, 0) is R.STORED  # SDK set
+        assert b.store(S.ADD, b"k", b"w", 0, 0) is R.NOT_STORED  # SDK set_if_not_exists
+        assert b.store(S.ADD, b"n", b"1", 0, 0) is R.STORED
+        assert b.get_many([b"k"])[b"k"].flags == 5  # SDK get
+        assert b.get_many([b"missing"]) == {}
+        assert b.delete(b"k") is True  # KeysExist (raw) + SDK delete
+        assert b.store(S.SET, b"n", b"2", 0, -1) is R.STORED  # past exptime: SDK delete
+        b.flush_all()  # SDK flush_cache
+        # raw only: GetBatch, SetIf, GetWithHash + ItemGetTtl + SetIfHash, UpdateTtl
+        b.get_many([b"a", b"b"])
+        b.store(S.REPLACE, b"a", b"x", 0, 0)
+        b.store(S.SET, b"c", b"1", 0, 0)
+        b.incr_decr(b"c", 1, True)
+        b.touch(b"c", 10)
+        assert {k: v for k, v in sdk_calls.items() if v} == {
+            "create_cache": 1, "set": 2, "set_if_not_exists": 2, "get": 2, "delete": 2, "flush_cache": 1,
+        }
+        assert server.stats.snapshot()["calls"] == {
+            "Set": 2, "SetIfNotExists": 2, "Get": 2, "KeysExist": 1, "Delete": 2, "FlushCache": 1,
+            "GetBatch": 1, "SetIf": 1, "GetWithHash": 1, "ItemGetTtl": 1, "SetIfHash": 1, "UpdateTtl": 1,
+        }
+    finally:
+        b.close()
+
+
+def test_sdk_ttls_are_exact_milliseconds(backend: mb.MomentoBackend, server: LocalServer, cache: str) -> None:
+    from momento.internal._utilities import _timedelta_to_ms  # what the SDK sends
+
+    assert all(_timedelta_to_ms(mb._sdk_ttl(ms)) == ms for ms in range(1, 200_001))
+    assert _timedelta_to_ms(mb._sdk_ttl(86_400_000)) == 86_400_000
+    backend.store(S.SET, b"k", b"v", 0, 10)
+    assert 9_000 < (ttl_ms(server, cache, b"k") or 0) <= 10_000
+
+
+# ---- errors on the SDK path map as on the raw path ----------------------------------------
+
+STATUSES = [
+    ("UNAVAILABLE", "unavailable"),
+    ("INTERNAL", "internal"),
+    ("UNAUTHENTICATED", "authentication"),
+    ("PERMISSION_DENIED", "permission_denied"),
+    ("RESOURCE_EXHAUSTED", "limit_exceeded"),
+    ("NOT_FOUND", "not_found"),
+    ("INVALID_ARGUMENT", "invalid_argument"),
+    ("OUT_OF_RANGE", "invalid_argument"),
+    ("FAILED_PRECONDITION", "failed_precondition"),
+    ("UNIMPLEMENTED", "unimplemented"),
+    ("CANCELLED", "cancelled"),
+    ("DATA_LOSS", "internal"),
+    ("UNKNOWN", "internal"),
+]
+
+
+@pytest.mark.parametrize("status, code", STATUSES)
+def test_sdk_errors_map_like_raw_errors(backend: mb.MomentoBackend, server: LocalServer, status: str, code: str) -> None:
+    # forever (no count): the SDK retries UNAVAILABLE/INTERNAL of idempotent calls
+    server.faults.add(f"Get:error={status}:message=injected {status}")
+    server.faults.add(f"GetBatch:error={status}:message=injected {status}")
+    server.stats.reset()
+    with pytest.raises(BackendError) as sdk_err:
+        backend.get_many([b"k"])  # SDK get
+    with pytest.raises(BackendError) as raw_err:
+        backend.get_many([b"a", b"b"])  # raw GetBatch
+    assert (sdk_err.value.code, str(sdk_err.value)) == (code, f"momento {code.replace('_', ' ')} on get: injected {status}")
+    assert (raw_err.value.code, str(raw_err.value)) == (sdk_err.value.code, str(sdk_err.value))
+    calls = server.stats.snapshot()["calls"]
+    assert calls["GetBatch"] == 1  # no retries of our own
+    if status in ("UNAVAILABLE", "INTERNAL"):
+        assert calls["Get"] > 1, "the SDK retries these"
+    else:
+        assert calls["Get"] == 1
+
+
+def test_sdk_retries_stay_within_the_request_timeout(server: LocalServer, cache: str) -> None:
+    """The SDK retries UNAVAILABLE, but a retry gets what is left of the deadline, not a new one."""
+    b = make_backend(server, cache, request_timeout=0.5)
+    try:
+        b.store(S.SET, b"k", b"v", 0, 0)
+        server.faults.add("Get:error=UNAVAILABLE:count=2")  # transient: retried, answered
+        server.stats.reset()
+        assert b.get_many([b"k"])[b"k"].value == b"v"
+        assert server.stats.snapshot()["calls"] == {"Get": 3}
+        server.faults.add("Get:delay=0.45:error=UNAVAILABLE")  # every attempt fails slowly
+        start = time.monotonic()
+        with pytest.raises(BackendError) as err:
+            b.get_many([b"k"])
+        elapsed = time.monotonic() - start
+        assert err.value.code in ("unavailable", "timeout")
+        assert elapsed < 2 * 0.5, f"{elapsed:.2f} s: retries must share the request_timeout"
+    finally:
+        server.faults.clear()
+        b.close()
+
+
+def test_sdk_write_and_control_errors(server: LocalServer, cache: str) -> None:
+    b = make_backend(server, cache, request_timeout=0.3)
+    try:
+        server.faults.add("Set:delay=1")  # past the SDK deadline
+        start = time.monotonic()
+        with pytest.raises(BackendError) as err:
+            b.store(S.SET, b"k", b"v", 0, 0)
+        assert (err.value.code, str(err.value)) == ("timeout", "momento timeout after 0.3s on set")
+        assert time.monotonic() - start < 1.0  # one attempt: DEADLINE_EXCEEDED is not retried
+        server.faults.clear()
+        server.faults.add("SetIfNotExists:error=RESOURCE_EXHAUSTED:message=rate limited")
+        with pytest.raises(BackendError) as err:
+            b.store(S.ADD, b"k", b"v", 0, 0)
+        assert (err.value.code, str(err.value)) == ("limit_exceeded", "momento limit exceeded on add: rate limited")
+        server.faults.add("Delete:error=UNAVAILABLE:message=down")
+        b.store(S.SET, b"d", b"v", 0, 0)
+        with pytest.raises(BackendError) as err:
+            b.delete(b"d")
+        assert (err.value.code, str(err.value)) == ("unavailable", "momento unavailable on delete: down")
+        server.faults.add("FlushCache:error=PERMISSION_DENIED:message=no flush")
+        with pytest.raises(BackendError) as err:
+            b.flush_all()
+        assert (err.value.code, str(err.value)) == ("permission_denied", "momento permission denied on flush_all: no flush")
+        server.faults.add("CreateCache:error=UNAUTHENTICATED:message=bad key")
+        with pytest.raises(BackendError) as err:
+            b.create_cache(5.0)
+        assert (err.value.code, str(err.value)) == ("authentication", "momento authentication on create_cache: bad key")
+    finally:
+        server.faults.clear()
+        b.close()
 
 
 # ---- configuration, credentials, embedded server --------------------------------------
@@ -609,6 +801,107 @@ def test_sdk_contract_has_not_moved() -> None:
     assert sorted(headers) == sorted([mb.AUTHORIZATION_HEADER, mb.AGENT_HEADER, mb.RUNTIME_VERSION_HEADER]), (
         f"the SDK now sends headers {headers}: update the headers MomentoBackend sends"
     )
+
+
+def test_sdk_contract_cache_client_and_configuration() -> None:
+    """Canary: the CacheClient, Configuration and channel facts the hybrid relies on."""
+    from momento.internal._utilities._grpc_channel_options import (
+        DEFAULT_MAX_MESSAGE_SIZE,
+        grpc_data_channel_options_from_grpc_config,
+    )
+    from momento.retry import FixedCountRetryStrategy
+
+    sdk = mb.sdk_contract()
+    for name in (*SDK_METHODS, "__exit__"):
+        assert callable(getattr(sdk.cache_client, name, None)), f"CacheClient.{name} is gone"
+    assert not hasattr(sdk.cache_client, "close"), "CacheClient.close() appeared: MomentoBackend.close uses it now"
+    assert mb.SDK_MAX_MESSAGE_BYTES == DEFAULT_MAX_MESSAGE_SIZE
+    configuration = mb._sdk_configuration(sdk, 0.3, 7)
+    grpc_config = configuration.get_transport_strategy().get_grpc_configuration()
+    preset = sdk.configurations.InRegion.Default.v1().get_transport_strategy().get_grpc_configuration()
+    assert grpc_config.get_deadline().total_seconds() == 0.3
+    assert grpc_config.get_max_send_message_length() == DEFAULT_MAX_MESSAGE_SIZE + 7
+    for getter in ("get_keepalive_permit_without_calls", "get_keepalive_time", "get_keepalive_timeout",
+                   "get_max_receive_message_length", "get_root_certificates_pem"):
+        assert getattr(grpc_config, getter)() == getattr(preset, getter)(), f"{getter} differs from the preset"
+    preset_retry = sdk.configurations.InRegion.Default.v1().get_retry_strategy()
+    assert isinstance(preset_retry, FixedCountRetryStrategy) and preset_retry._max_attempts == mb.SDK_MAX_RETRIES
+    assert isinstance(configuration.get_retry_strategy(), sdk.retry_strategy)
+    # the SDK's RetryInterceptor reads these props and calls calculate_retry_deadline(overall_deadline)
+    from momento.internal.synchronous._retry_interceptor import RetryInterceptor
+    from momento.retry import RetryableProps
+
+    assert "calculate_retry_deadline" in RetryInterceptor.intercept_unary_unary.__code__.co_names
+    assert {"grpc_status", "grpc_method", "attempt_number", "overall_deadline"} <= set(RetryableProps.__dataclass_fields__)
+    # a raw channel must get exactly the arguments of its CacheClient's channel to share its connection
+    assert [*grpc_data_channel_options_from_grpc_config(grpc_config), *mb.RECONNECT_OPTIONS] == mb._channel_options(
+        grpc_config
+    ), "the SDK builds its data channels differently now: update _channel_options"
+    # the SDK's channels get the short reconnect backoff through the builder its grpc manager calls
+    import importlib
+
+    manager = importlib.import_module(mb.SDK_CHANNEL_OPTIONS_MODULE)
+    builder = getattr(manager, mb.SDK_CHANNEL_OPTIONS_FUNCTION, None)
+    assert builder is not None and f"options={mb.SDK_CHANNEL_OPTIONS_FUNCTION}(" in _source(manager), (
+        f"{mb.SDK_CHANNEL_OPTIONS_MODULE} no longer builds data channel options with {mb.SDK_CHANNEL_OPTIONS_FUNCTION}"
+    )
+    assert list(builder(grpc_config)) == mb._channel_options(grpc_config), (
+        "the SDK's data channels no longer get mproxy's reconnect backoff: update _shorten_sdk_reconnect_backoff"
+    )
+
+
+def _source(module: object) -> str:
+    import inspect
+
+    return inspect.getsource(module)  # type: ignore[arg-type]
+
+
+class _FakeRpcError(grpc.RpcError):
+    def __init__(self, status: grpc.StatusCode, trailers: tuple[tuple[str, str], ...] = ()) -> None:
+        self._status, self._trailers = status, trailers
+
+    def code(self) -> grpc.StatusCode:
+        return self._status
+
+    def details(self) -> str:
+        return "d"
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._trailers
+
+
+def test_sdk_contract_responses_and_error_codes() -> None:
+    """Canary: the response classes and attributes read, and one error table for both paths."""
+    from momento.errors import InvalidArgumentException, MomentoErrorCode, convert_error
+    from momento.internal.services import Service
+
+    sdk = mb.sdk_contract()
+    assert sdk.cache_get.Hit(b"x").value_bytes == b"x"
+    for family, names in (
+        (sdk.cache_get, ("Hit", "Miss", "Error")),
+        (sdk.cache_set, ("Success", "Error")),
+        (sdk.cache_set_if_not_exists, ("Stored", "NotStored", "Error")),
+        (sdk.cache_delete, ("Success", "Error")),
+        (sdk.cache_flush, ("Success", "Error")),
+        (sdk.create_cache, ("Success", "CacheAlreadyExists", "Error")),
+    ):
+        assert all(isinstance(getattr(family, name, None), type) for name in names), f"{family} changed"
+    assert {name for _, _, names in mb._ERROR_TABLE for name in names} <= set(MomentoErrorCode.__members__)
+    for status in grpc.StatusCode:
+        if status is grpc.StatusCode.OK:
+            continue
+        response = sdk.cache_get.Error(convert_error(_FakeRpcError(status), Service.CACHE))
+        expected = mb._STATUS_CODES.get(status, "internal")
+        err = mb._sdk_error(response, "get", 1.0)
+        assert isinstance(err, BackendError) and err.code == expected, status
+        # error_code alone (used without transport details) says the same, but for the two
+        # statuses the SDK calls BAD_REQUEST_ERROR although nothing was wrong with the request
+        by_error_code = mb._SDK_ERROR_CODES.get(response.error_code.name, "internal")
+        assert by_error_code == expected or status in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNKNOWN), status
+    too_large = _FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, (("err", "item_size_limit_exceeded"),))
+    assert isinstance(mb._sdk_error(sdk.cache_set.Error(convert_error(too_large, Service.CACHE)), "set", 1.0), ValueTooLarge)
+    client_side = mb._sdk_error(sdk.cache_set.Error(InvalidArgumentException("bad ttl", Service.CACHE)), "set", 1.0)
+    assert isinstance(client_side, BackendError) and client_side.code == "invalid_argument"
 
 
 # ---- under gevent (subprocess) -------------------------------------------------------------

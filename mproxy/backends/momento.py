@@ -1,36 +1,44 @@
 """The Momento backend: memcached semantics on Momento Cache's gRPC protocol.
 
 The only module of mproxy that imports the ``momento`` SDK (lazily: see
-:func:`_sdk`). It is imported lazily by the backend registry, after the CLI
-has monkey-patched gevent and called :func:`prepare_gevent`.
+:func:`sdk_contract`). It is imported lazily by the backend registry, after the
+CLI has monkey-patched gevent and called :func:`prepare_gevent`.
 
-What the SDK is used for, and what not
---------------------------------------
-The SDK (1.29.1) resolves credentials (:class:`momento.CredentialProvider`:
-v1/legacy keys carry their endpoints, v2 keys need ``endpoint``). Data and
-control calls go through channels of our own and the generated
-``momento_wire_types`` stubs, with the metadata the SDK sends
-(``cache``, ``authorization``, ``agent``, ``runtime-version``), because
+A hybrid of the SDK and the wire protocol
+-----------------------------------------
+* The calls the SDK's synchronous ``CacheClient`` (1.29.1) has go through it:
+  Get (single key), Set, Delete, SetIfNotExists, FlushCache, CreateCache.
+  Its response objects (``CacheGet.Hit``/``Miss``/``Error``, ...) and
+  ``Error.error_code`` map to the same :class:`BackendError` codes and
+  messages as the raw path (:data:`_ERROR_TABLE`).
+* The RPCs the SDK does not wrap (GetBatch, SetIf, SetIfHash, GetWithHash,
+  KeysExist, UpdateTtl, ItemGetTtl) go through channels of our own and the
+  generated ``momento_wire_types`` stubs, with the metadata the SDK sends
+  (``cache``, ``authorization``, ``agent``, ``runtime-version``). Per-key
+  Deletes fanned out concurrently (``gat`` with a past exptime) stay there
+  too: the synchronous SDK has no futures.
 
-* ten of the thirteen RPCs mproxy needs (SetIf*, GetWithHash, GetBatch,
-  KeysExist, UpdateTtl, ItemGetTtl, ...) are not wrapped by the SDK;
-* the SDK accepts no channel options: with it ``connection_count`` clients
-  would share one TCP connection (gRPC's global subchannel pool) and the
-  reconnect backoff could not be shortened;
-* one code path gives one error mapping and one deadline per backend call,
-  and the raw stub costs less CPU per call than the SDK wrapper.
+Connections: per ``[[cache]]``, ``connection_count`` ``CacheClient`` objects,
+used round-robin. gRPC's global subchannel pool shares one TCP connection
+between channels whose channel arguments are identical, so client ``i`` is
+configured with a gRPC message size limit ``SDK_MAX_MESSAGE_BYTES + id``
+(``id`` unique in the process: :func:`_take_channel_ids`), which makes every
+client its own HTTP/2 connection. Raw channel ``i`` uses exactly client
+``i``'s channel arguments, so on a plaintext endpoint it shares that client's
+connection (``connection_count`` = N gives N data connections); TLS channels
+never share (each has its own credentials object), so on the Momento service
+it is 2N.
+
+Deadlines: the SDK has one deadline per client (``request_timeout`` here; it
+retries INTERNAL/UNAVAILABLE of idempotent calls up to 3 times within that
+deadline), our own calls use what is left of the backend call's deadline. Both
+run inside a slot of ``max_in_flight`` (callers wait for a slot within
+``request_timeout``). Control calls (FlushCache, CreateCache) have the SDK's
+fixed 60 s deadline.
 
 The SDK facts this relies on are gathered in :func:`sdk_contract` (a test
-fails loudly when they move). Notable difference from the SDK: no automatic
-retries of failed calls (the SDK retries INTERNAL/UNAVAILABLE up to 3 times
-for idempotent calls); gRPC's own transparent retries still apply, and a
-failed call answers ``SERVER_ERROR`` so the memcached client decides.
-
-Per ``[[cache]]``: ``connection_count`` separate HTTP/2 connections
-(channels with a local subchannel pool, used round-robin), a deadline of
-``request_timeout`` per backend call (the semaphore wait and every RPC of the
-call share it), and at most ``max_in_flight`` backend calls at once (callers
-wait for a slot; no queue beyond the waiting callers).
+fails loudly when they move). The SDK logs failed requests at WARNING on the
+``momentosdk`` logger; this module leaves that logger alone.
 
 Layout of items (flags header, CAS uniques, TTLs): :mod:`momento_codec`.
 Command by command RPC mapping, atomicity and differences from memcached:
@@ -49,15 +57,14 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, Callable, Protocol
 
 import grpc
 from momento_wire_types import cacheclient_pb2 as pb
 from momento_wire_types import cacheclient_pb2_grpc as pb_grpc
 from momento_wire_types import common_pb2
-from momento_wire_types import controlclient_pb2 as control_pb
-from momento_wire_types import controlclient_pb2_grpc as control_grpc
 
 from mproxy.backends import momento_codec as codec
 from mproxy.backends import momento_embedded
@@ -80,8 +87,9 @@ log = logging.getLogger(__name__)
 #: Larger items raise :class:`ValueTooLarge` without a call; the service's own
 #: answer (RESOURCE_EXHAUSTED, item size) is mapped to the same error.
 MOMENTO_MAX_ITEM_BYTES = 5 * 1024 * 1024
-#: gRPC message size limits of our channels: an item plus protobuf framing.
-MAX_MESSAGE_BYTES = MOMENTO_MAX_ITEM_BYTES + 64 * 1024
+#: The SDK's gRPC message size limit (its ``DEFAULT_MAX_MESSAGE_SIZE``): client
+#: ``i`` sends at most this + its channel id (see :func:`_sdk_configuration`).
+SDK_MAX_MESSAGE_BYTES = 5_243_000
 #: Keys per GetBatch call; larger multi-gets send several batches concurrently.
 GET_BATCH_SIZE = 100
 #: GetBatch calls in flight at once for one multi-get.
@@ -96,42 +104,30 @@ LEGACY_API_KEY_ENV = "MOMENTO_AUTHENTICATION"
 #: How long creating the cache on a local server may wait for it to answer.
 LOCAL_CONNECT_TIMEOUT_SECONDS = 10.0
 
-#: Channel options (cf. the SDK's grpc_data_channel_options_from_grpc_config,
-#: whose keepalive defaults these mirror). A local subchannel pool makes every
-#: channel its own TCP connection; short reconnect backoff bounds recovery
-#: after an outage to about a second instead of gRPC's default 120 s cap.
-DATA_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.use_local_subchannel_pool", 1),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.service_config_disable_resolution", 1),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.keepalive_time_ms", 5000),
-    ("grpc.keepalive_timeout_ms", 1000),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
+#: One row per :class:`BackendError` code: the gRPC statuses (raw path) and the
+#: SDK's ``MomentoErrorCode`` names (SDK path, when an error carries no gRPC
+#: status) that become it. Everything else is ``internal``.
+_ERROR_TABLE: tuple[tuple[str, tuple[grpc.StatusCode, ...], tuple[str, ...]], ...] = (
+    ("timeout", (grpc.StatusCode.DEADLINE_EXCEEDED,), ("TIMEOUT_ERROR",)),
+    ("unavailable", (grpc.StatusCode.UNAVAILABLE,), ("SERVER_UNAVAILABLE", "CONNECTION_ERROR")),
+    ("limit_exceeded", (grpc.StatusCode.RESOURCE_EXHAUSTED,), ("LIMIT_EXCEEDED_ERROR", "CLIENT_RESOURCE_EXHAUSTED")),
+    ("authentication", (grpc.StatusCode.UNAUTHENTICATED,), ("AUTHENTICATION_ERROR",)),
+    ("permission_denied", (grpc.StatusCode.PERMISSION_DENIED,), ("PERMISSION_ERROR",)),
+    ("not_found", (grpc.StatusCode.NOT_FOUND,), ("NOT_FOUND_ERROR",)),
+    (
+        "invalid_argument",
+        (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE),
+        ("INVALID_ARGUMENT_ERROR", "BAD_REQUEST_ERROR"),
+    ),
+    ("failed_precondition", (grpc.StatusCode.FAILED_PRECONDITION,), ("FAILED_PRECONDITION_ERROR",)),
+    ("already_exists", (grpc.StatusCode.ALREADY_EXISTS,), ("ALREADY_EXISTS_ERROR",)),
+    ("cancelled", (grpc.StatusCode.CANCELLED,), ("CANCELLED_ERROR",)),
+    ("unimplemented", (grpc.StatusCode.UNIMPLEMENTED,), ()),
 )
-CONTROL_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.service_config_disable_resolution", 1),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-)
-
 #: gRPC status -> BackendError code (stats word; also the message's words).
-_STATUS_CODES: dict[grpc.StatusCode, str] = {
-    grpc.StatusCode.DEADLINE_EXCEEDED: "timeout",
-    grpc.StatusCode.UNAVAILABLE: "unavailable",
-    grpc.StatusCode.RESOURCE_EXHAUSTED: "limit_exceeded",
-    grpc.StatusCode.UNAUTHENTICATED: "authentication",
-    grpc.StatusCode.PERMISSION_DENIED: "permission_denied",
-    grpc.StatusCode.NOT_FOUND: "not_found",
-    grpc.StatusCode.INVALID_ARGUMENT: "invalid_argument",
-    grpc.StatusCode.FAILED_PRECONDITION: "failed_precondition",
-    grpc.StatusCode.ALREADY_EXISTS: "already_exists",
-    grpc.StatusCode.CANCELLED: "cancelled",
-    grpc.StatusCode.UNIMPLEMENTED: "unimplemented",
-    grpc.StatusCode.OUT_OF_RANGE: "invalid_argument",
-}
+_STATUS_CODES: dict[grpc.StatusCode, str] = {status: code for code, statuses, _ in _ERROR_TABLE for status in statuses}
+#: ``MomentoErrorCode`` name -> BackendError code.
+_SDK_ERROR_CODES: dict[str, str] = {name: code for code, _, names in _ERROR_TABLE for name in names}
 #: Longest part of a server's error details repeated in a message.
 _DETAILS_LIMIT = 160
 
@@ -176,8 +172,9 @@ RUNTIME_VERSION_HEADER = "runtime-version"
 class SdkContract:
     """What mproxy takes from the momento SDK at run time (all public API).
 
-    The header names above are copied from SDK internals instead;
-    ``tests/test_backend_momento.py`` checks both against the installed SDK
+    The header names above and the data channel arguments of
+    :func:`_channel_options` are copied from SDK internals instead;
+    ``tests/test_backend_momento.py`` checks them against the installed SDK
     and fails loudly when they move.
     """
 
@@ -188,8 +185,69 @@ class SdkContract:
     #: other port plaintext), built by ``from_string`` (v1/legacy keys),
     #: ``from_api_key_v2`` and ``for_momento_local``
     credential_provider: Any
-    #: ``momento.errors.SdkException``: what credential parsing raises
+    #: ``momento.errors.SdkException``: what credential parsing raises; an SDK
+    #: ``Error`` response's ``inner_exception``, with ``transport_details``
+    #: (``.grpc.code``/``.details``/``.metadata``) when the server answered
     sdk_exception: type[Exception]
+    #: ``momento.CacheClient(configuration, credential_provider, default_ttl)``:
+    #: ``get``, ``set``, ``delete``, ``set_if_not_exists``, ``flush_cache``,
+    #: ``create_cache``; no ``close()`` in 1.29 (``__exit__`` closes)
+    cache_client: Any
+    #: ``momento.Configurations`` (``InRegion.Default.v1()``) and the
+    #: ``StaticGrpcConfiguration``/``StaticTransportStrategy`` it is built of
+    configurations: Any
+    static_grpc_configuration: Any
+    static_transport_strategy: Any
+    #: response families of ``momento.responses``
+    cache_get: Any  # Hit(value_bytes) / Miss / Error
+    cache_set: Any  # Success / Error
+    cache_set_if_not_exists: Any  # Stored / NotStored / Error
+    cache_delete: Any  # Success / Error
+    cache_flush: Any  # Success / Error
+    create_cache: Any  # Success / CacheAlreadyExists / Error
+    #: ``momento.retry.RetryStrategy`` (``determine_when_to_retry(props)``,
+    #: ``calculate_retry_deadline(overall_deadline)``) and the preset's
+    #: ``DefaultEligibilityStrategy`` (INTERNAL/UNAVAILABLE of idempotent RPCs)
+    retry_strategy: Any
+    eligibility_strategy: Any
+
+
+#: gRPC reconnect backoff after an outage (gRPC's default grows to 120 s, so
+#: after a long outage a channel could refuse calls for two minutes after
+#: Momento is back). Added to every data channel, the SDK's and ours alike,
+#: so that both keep sharing one connection (identical channel arguments).
+RECONNECT_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+#: The SDK module whose ``grpc_data_channel_options_from_grpc_config`` builds
+#: a ``CacheClient``'s channel arguments (private: the canary test pins it).
+SDK_CHANNEL_OPTIONS_MODULE = "momento.internal.synchronous._scs_grpc_manager"
+SDK_CHANNEL_OPTIONS_FUNCTION = "grpc_data_channel_options_from_grpc_config"
+
+
+def _shorten_sdk_reconnect_backoff() -> None:
+    """Give the SDK's data channels :data:`RECONNECT_OPTIONS` too.
+
+    The SDK takes no channel arguments, so its option builder is wrapped in
+    the module that calls it (idempotent). This is the one use of SDK
+    internals at run time; ``tests/test_backend_momento.py`` fails loudly if
+    the function moves.
+    """
+    import importlib
+
+    module = importlib.import_module(SDK_CHANNEL_OPTIONS_MODULE)
+    original = getattr(module, SDK_CHANNEL_OPTIONS_FUNCTION)
+    if getattr(original, "mproxy_reconnect_backoff", False):
+        return
+
+    def with_reconnect_backoff(grpc_config: Any) -> list[tuple[str, Any]]:
+        return [*original(grpc_config), *RECONNECT_OPTIONS]
+
+    with_reconnect_backoff.mproxy_reconnect_backoff = True  # type: ignore[attr-defined]
+    setattr(module, SDK_CHANNEL_OPTIONS_FUNCTION, with_reconnect_backoff)
 
 
 def sdk_contract() -> SdkContract:
@@ -198,14 +256,146 @@ def sdk_contract() -> SdkContract:
     Raises ``ImportError``/``AttributeError`` naming the missing piece when
     the SDK moved.
     """
+    _shorten_sdk_reconnect_backoff()
     import momento
+    from momento.config.transport.transport_strategy import StaticGrpcConfiguration, StaticTransportStrategy
     from momento.errors import SdkException
+    from momento.responses import CacheDelete, CacheFlush, CacheGet, CacheSet, CacheSetIfNotExists, CreateCache
+    from momento.retry import DefaultEligibilityStrategy, RetryStrategy
 
     return SdkContract(
         version=momento.__version__,
         credential_provider=momento.CredentialProvider,
         sdk_exception=SdkException,
+        cache_client=momento.CacheClient,
+        configurations=momento.Configurations,
+        static_grpc_configuration=StaticGrpcConfiguration,
+        static_transport_strategy=StaticTransportStrategy,
+        cache_get=CacheGet,
+        cache_set=CacheSet,
+        cache_set_if_not_exists=CacheSetIfNotExists,
+        cache_delete=CacheDelete,
+        cache_flush=CacheFlush,
+        create_cache=CreateCache,
+        retry_strategy=RetryStrategy,
+        eligibility_strategy=DefaultEligibilityStrategy,
     )
+
+
+#: Retries of a failed SDK call (``InRegion.Default.v1()``'s ``FixedCountRetryStrategy``).
+SDK_MAX_RETRIES = 3
+#: Least time left for which a failed SDK call is still retried.
+_MIN_RETRY_SECONDS = 0.001
+
+_retry_strategy_class: Any = None
+
+
+def _deadline_retry_strategy(sdk: SdkContract) -> Any:
+    """The preset's retries (:data:`SDK_MAX_RETRIES` immediate retries of
+    INTERNAL/UNAVAILABLE for idempotent calls), but within one deadline: a
+    retry gets what is left of the first attempt's deadline, not a fresh one
+    (the preset's ``FixedCountRetryStrategy`` gives every attempt the full
+    deadline: 4 slow failures took 4x ``request_timeout``)."""
+    global _retry_strategy_class
+    if _retry_strategy_class is None:
+
+        class DeadlineRetryStrategy(sdk.retry_strategy):  # type: ignore[name-defined,misc]
+            def __init__(self) -> None:
+                self._eligibility = sdk.eligibility_strategy()
+
+            def determine_when_to_retry(self, props: Any) -> float | None:
+                if props.attempt_number > SDK_MAX_RETRIES or not self._eligibility.is_eligible_for_retry(props):
+                    return None
+                if props.overall_deadline is not None and _seconds_until(props.overall_deadline) < _MIN_RETRY_SECONDS:
+                    return None
+                return 0.0
+
+            def calculate_retry_deadline(self, overall_deadline: Any) -> float:
+                return max(_seconds_until(overall_deadline), _MIN_RETRY_SECONDS)
+
+        _retry_strategy_class = DeadlineRetryStrategy
+    return _retry_strategy_class()
+
+
+def _seconds_until(deadline: Any) -> float:
+    """Seconds from now to a naive local ``datetime`` (the SDK's retry deadlines)."""
+    return float((deadline - datetime.now()).total_seconds())
+
+
+def _sdk_configuration(sdk: SdkContract, request_timeout: float, channel_id: int) -> Any:
+    """The SDK ``Configuration`` of one ``CacheClient``.
+
+    ``InRegion.Default.v1()`` with ``request_timeout`` as its deadline and its
+    retries kept within that deadline (:func:`_deadline_retry_strategy`).
+    ``with_client_timeout`` rebuilds the gRPC settings from defaults, so they
+    are built again here, copying every setting of the preset except the
+    send limit, which is ``SDK_MAX_MESSAGE_BYTES + channel_id``: distinct
+    channel arguments make a distinct TCP connection (module docstring).
+    """
+    base = sdk.configurations.InRegion.Default.v1().with_client_timeout(timedelta(seconds=request_timeout))
+    preset = base.get_transport_strategy().get_grpc_configuration()
+    permit = preset.get_keepalive_permit_without_calls()
+    grpc_config = sdk.static_grpc_configuration(
+        deadline=preset.get_deadline(),
+        root_certificates_pem=preset.get_root_certificates_pem(),
+        max_send_message_length=(preset.get_max_send_message_length() or SDK_MAX_MESSAGE_BYTES) + channel_id,
+        max_receive_message_length=preset.get_max_receive_message_length(),
+        keepalive_permit_without_calls=None if permit is None else bool(permit),
+        keepalive_time=preset.get_keepalive_time(),
+        keepalive_timeout=preset.get_keepalive_timeout(),
+    )
+    return base.with_transport_strategy(sdk.static_transport_strategy(grpc_config)).with_retry_strategy(
+        _deadline_retry_strategy(sdk)
+    )
+
+
+def _channel_options(grpc_config: Any) -> list[tuple[str, int]]:
+    """The channel arguments the SDK gives a data channel of ``grpc_config``
+    (``momento.internal._utilities._grpc_channel_options.
+    grpc_data_channel_options_from_grpc_config``): a raw channel with exactly
+    these shares the ``CacheClient``'s connection."""
+    send = grpc_config.get_max_send_message_length()
+    receive = grpc_config.get_max_receive_message_length()
+    options = [
+        ("grpc.max_send_message_length", SDK_MAX_MESSAGE_BYTES if send is None else send),
+        ("grpc.max_receive_message_length", SDK_MAX_MESSAGE_BYTES if receive is None else receive),
+        ("grpc.service_config_disable_resolution", 1),
+    ]
+    permit = grpc_config.get_keepalive_permit_without_calls()
+    if permit is not None:
+        options.append(("grpc.keepalive_permit_without_calls", permit))
+    for name, value in (
+        ("grpc.keepalive_time_ms", grpc_config.get_keepalive_time()),
+        ("grpc.keepalive_timeout_ms", grpc_config.get_keepalive_timeout()),
+    ):
+        if value is not None:
+            options.append((name, int(value.total_seconds() * 1000)))
+    options.extend(RECONNECT_OPTIONS)
+    return options
+
+
+_channel_ids_lock = threading.Lock()
+_channel_ids: set[int] = set()
+
+
+def _take_channel_ids(count: int) -> list[int]:
+    """``count`` channel ids no live backend of this process uses (smallest first)."""
+    with _channel_ids_lock:
+        taken = list(itertools.islice((i for i in itertools.count() if i not in _channel_ids), count))
+        _channel_ids.update(taken)
+    return taken
+
+
+def _release_channel_ids(ids: Sequence[int]) -> None:
+    with _channel_ids_lock:
+        _channel_ids.difference_update(ids)
+
+
+def _sdk_ttl(ttl_ms: int) -> timedelta:
+    """A TTL in ms as the SDK wants it. The SDK truncates ``total_seconds() *
+    1000``, which loses a millisecond for about 1 % of values; half a
+    millisecond more makes it exact."""
+    return timedelta(milliseconds=ttl_ms, microseconds=500)
 
 
 # ---- where to connect ----------------------------------------------------------
@@ -219,17 +409,20 @@ class Endpoint:
     control_target: str
     secure: bool
     auth_token: str = ""
+    #: the ``momento.CredentialProvider`` it came from (what ``CacheClient`` needs)
+    credentials: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_credentials(cls, provider: Any) -> Endpoint:
         """From a ``momento.CredentialProvider`` (the SDK's transport rule: port 443 = TLS)."""
         if provider.port == 443:
-            return cls(provider.cache_endpoint, provider.control_endpoint, True, provider.auth_token)
+            return cls(provider.cache_endpoint, provider.control_endpoint, True, provider.auth_token, provider)
         return cls(
             f"{provider.cache_endpoint}:{provider.port}",
             f"{provider.control_endpoint}:{provider.port}",
             False,
             provider.auth_token,
+            provider,
         )
 
     @classmethod
@@ -345,23 +538,50 @@ class MomentoBackend:
         self._closed = False
         self._flush_timer: threading.Timer | None = None
         self._slots = _bounded_semaphore(max_in_flight)
+        if _gevent_patched():
+            prepare_gevent()  # before the first channel of this process
+        sdk = sdk_contract()
         headers = (
             (AUTHORIZATION_HEADER, endpoint.auth_token),
-            (AGENT_HEADER, f"python:cache:{sdk_contract().version}"),
+            (AGENT_HEADER, f"python:cache:{sdk.version}"),
             (RUNTIME_VERSION_HEADER, f"python {platform.python_version()}"),
         )
         self._data_metadata = ((CACHE_HEADER, cache_name), *headers)
-        self._control_metadata = headers
-        self._channels = [
-            _channel(endpoint, endpoint.data_target, DATA_CHANNEL_OPTIONS) for _ in range(connection_count)
-        ]
+        self._endpoint = endpoint
+        credentials = endpoint.credentials
+        if credentials is None:
+            raise ValueError("the endpoint carries no CredentialProvider: build it with Endpoint.from_credentials")
+        # the SDK's response classes, looked up once (hot path)
+        self._get_hit, self._get_miss = sdk.cache_get.Hit, sdk.cache_get.Miss
+        self._stored, self._not_stored = sdk.cache_set_if_not_exists.Stored, sdk.cache_set_if_not_exists.NotStored
+        self._success = (sdk.cache_set.Success, sdk.cache_delete.Success, sdk.cache_flush.Success)
+        self._created = (sdk.create_cache.Success, sdk.create_cache.CacheAlreadyExists)
+        self._sdk_errors = tuple(
+            family.Error
+            for family in (
+                sdk.cache_get, sdk.cache_set, sdk.cache_set_if_not_exists, sdk.cache_delete, sdk.cache_flush,
+                sdk.create_cache,
+            )
+        )
+        self._channel_ids = _take_channel_ids(connection_count)
+        self._clients: list[Any] = []
+        self._channels: list[grpc.Channel] = []
+        try:
+            for channel_id in self._channel_ids:
+                configuration = _sdk_configuration(sdk, request_timeout, channel_id)
+                grpc_config = configuration.get_transport_strategy().get_grpc_configuration()
+                # the constructor connects nothing (that happens on the first call)
+                self._clients.append(sdk.cache_client(configuration, credentials, timedelta(seconds=self._default_ttl)))
+                self._channels.append(_channel(endpoint, grpc_config))
+        except BaseException:
+            self._close_connections()
+            raise
+        self._next_client = itertools.cycle(self._clients).__next__
         self._stubs = [pb_grpc.ScsStub(channel) for channel in self._channels]
         self._next_stub = itertools.cycle(self._stubs).__next__
-        self._control_channel = _channel(endpoint, endpoint.control_target, CONTROL_CHANNEL_OPTIONS)
-        self._control = control_grpc.ScsControlStub(self._control_channel)
 
     def __repr__(self) -> str:
-        return f"MomentoBackend(cache={self.cache_name!r}, connections={len(self._channels)})"
+        return f"MomentoBackend(cache={self.cache_name!r}, connections={len(self._clients)})"
 
     # -- Backend ------------------------------------------------------------
 
@@ -410,7 +630,7 @@ class MomentoBackend:
             if mode is StoreMode.SET:
                 # memcached drops the old value when a set is too large (no stale data).
                 with self._call(op) as deadline:
-                    self._unary("Delete", pb._DeleteRequest(cache_key=key), deadline, op)
+                    self._sdk_delete(key, deadline, op)
             raise ValueTooLarge(f"item of {len(key) + len(stored)} bytes is above the item size limit")
         with self._call(op) as deadline:
             if mode is StoreMode.APPEND or mode is StoreMode.PREPEND:
@@ -425,11 +645,11 @@ class MomentoBackend:
             return self._cas(key, stored, ttl_ms, cas_unique, deadline, op)
 
     def delete(self, key: bytes) -> bool:
-        """KeysExist, then Delete if present (two calls: see docs/compatibility.md)."""
+        """KeysExist, then the SDK's delete if present (two calls: see docs/compatibility.md)."""
         with self._call("delete") as deadline:
             if not self._exists(key, deadline, "delete"):
                 return False
-            self._unary("Delete", pb._DeleteRequest(cache_key=key), deadline, "delete")
+            self._sdk_delete(key, deadline, "delete")
             return True
 
     def incr_decr(self, key: bytes, delta: int, incr: bool) -> int | None:
@@ -465,7 +685,7 @@ class MomentoBackend:
             if ttl_ms == 0:
                 if not self._exists(key, deadline, "touch"):
                     return False
-                self._unary("Delete", pb._DeleteRequest(cache_key=key), deadline, "touch")
+                self._sdk_delete(key, deadline, "touch")
                 return True
             request = pb._UpdateTtlRequest(cache_key=key, overwrite_to_milliseconds=ttl_ms)
             return self._unary("UpdateTtl", request, deadline, "touch").WhichOneof("result") != "missing"
@@ -486,49 +706,67 @@ class MomentoBackend:
         timer.start()
 
     def close(self) -> None:
-        """Cancel a pending flush, close the channels, release an embedded server."""
+        """Cancel a pending flush, close the clients and channels, release an embedded server."""
         if self._closed:
             return
         self._closed = True
         self._cancel_flush()
-        for channel in (*self._channels, self._control_channel):
-            channel.close()
+        self._close_connections()
         if self._on_close is not None:
             self._on_close()
+
+    def _close_connections(self) -> None:
+        for client in self._clients:
+            close = getattr(client, "close", None)  # not in momento 1.29: __exit__ closes
+            if close is not None:
+                close()
+            else:
+                client.__exit__(None, None, None)
+        for channel in self._channels:
+            channel.close()
+        _release_channel_ids(self._channel_ids)
+        self._channel_ids = []
 
     # -- setup --------------------------------------------------------------
 
     def create_cache(self, timeout: float) -> None:
-        """CreateCache (an existing cache is fine), waiting up to ``timeout``
-        seconds for the server to come up. Used with local servers only."""
-        request = control_pb._CreateCacheRequest(cache_name=self.cache_name)
-        try:
-            self._control.CreateCache(request, metadata=self._control_metadata, timeout=timeout, wait_for_ready=True)
-        except grpc.RpcError as err:
-            if err.code() is not grpc.StatusCode.ALREADY_EXISTS:
-                raise _error(err, "create_cache", timeout) from None
+        """The SDK's ``create_cache`` (an existing cache is fine), after waiting
+        up to ``timeout`` seconds for the server to come up (when control and
+        data share the endpoint: local servers). Used with local servers only."""
+        op = "create_cache"
+        if self._endpoint.control_target == self._endpoint.data_target:
+            try:
+                grpc.channel_ready_future(self._channels[0]).result(timeout=timeout)
+            except grpc.FutureTimeoutError:
+                raise BackendError("timeout", f"momento timeout after {timeout:g}s on {op}") from None
+        response = self._clients[0].create_cache(self.cache_name)
+        if not isinstance(response, self._created):
+            raise self._sdk_failure(response, op, timeout)
 
     # -- the operations of store() ------------------------------------------
 
     def _set(self, key: bytes, stored: bytes, ttl_ms: int, deadline: float, op: str) -> StoreResult:
         if ttl_ms == 0:
-            self._unary("Delete", pb._DeleteRequest(cache_key=key), deadline, op)
+            self._sdk_delete(key, deadline, op)
         else:
-            self._unary("Set", pb._SetRequest(cache_key=key, cache_body=stored, ttl_milliseconds=ttl_ms), deadline, op)
+            self._sdk_call("set", op, deadline, key, stored, _sdk_ttl(ttl_ms))
         return StoreResult.STORED
 
     def _add(self, key: bytes, stored: bytes, ttl_ms: int, deadline: float, op: str) -> StoreResult:
         if ttl_ms == 0:
             return StoreResult.NOT_STORED if self._exists(key, deadline, op) else StoreResult.STORED
-        request = pb._SetIfNotExistsRequest(cache_key=key, cache_body=stored, ttl_milliseconds=ttl_ms)
-        response = self._unary("SetIfNotExists", request, deadline, op)
-        return StoreResult.STORED if response.WhichOneof("result") == "stored" else StoreResult.NOT_STORED
+        response = self._sdk_call("set_if_not_exists", op, deadline, key, stored, _sdk_ttl(ttl_ms))
+        if isinstance(response, self._stored):
+            return StoreResult.STORED
+        if isinstance(response, self._not_stored):
+            return StoreResult.NOT_STORED
+        raise self._unexpected(response, op)
 
     def _replace(self, key: bytes, stored: bytes, ttl_ms: int, deadline: float, op: str) -> StoreResult:
         if ttl_ms == 0:
             if not self._exists(key, deadline, op):
                 return StoreResult.NOT_STORED
-            self._unary("Delete", pb._DeleteRequest(cache_key=key), deadline, op)
+            self._sdk_delete(key, deadline, op)
             return StoreResult.STORED
         request = pb._SetIfRequest(
             cache_key=key, cache_body=stored, ttl_milliseconds=ttl_ms, present=common_pb2.Present()
@@ -543,7 +781,7 @@ class MomentoBackend:
         if codec.cas_unique(found.stored) != cas_unique:
             return StoreResult.EXISTS
         if ttl_ms == 0:
-            self._unary("Delete", pb._DeleteRequest(cache_key=key), deadline, op)
+            self._sdk_delete(key, deadline, op)
             return StoreResult.STORED
         if self._set_if_hash(key, stored, ttl_ms, found.hash, deadline, op):
             return StoreResult.STORED
@@ -605,7 +843,8 @@ class MomentoBackend:
         if not keys:
             return {}
         if len(keys) == 1:
-            return _hits(keys, [self._unary("Get", pb._GetRequest(cache_key=keys[0]), deadline, op)], op)
+            value = self._sdk_get(keys[0], deadline, op)
+            return {} if value is None else {keys[0]: value}
         batches = [keys[i : i + GET_BATCH_SIZE] for i in range(0, len(keys), GET_BATCH_SIZE)]
         found: dict[bytes, bytes] = {}
         for start in range(0, len(batches), GET_BATCH_WINDOW):
@@ -632,6 +871,39 @@ class MomentoBackend:
                     )
                 found.update(_hits(batch, responses, op))
         return found
+
+    def _sdk_call(self, method: str, op: str, deadline: float, *args: Any) -> Any:
+        """One call of the next ``CacheClient``; its ``Error`` response raised as ours."""
+        self._remaining(deadline, op)  # the slot wait may have used the whole deadline
+        response = getattr(self._next_client(), method)(self.cache_name, *args)
+        if isinstance(response, self._sdk_errors):
+            raise self._sdk_failure(response, op, self._timeout)
+        return response
+
+    def _sdk_get(self, key: bytes, deadline: float, op: str) -> bytes | None:
+        response = self._sdk_call("get", op, deadline, key)
+        if isinstance(response, self._get_hit):
+            value: bytes = response.value_bytes
+            return value
+        if isinstance(response, self._get_miss):
+            return None
+        raise self._unexpected(response, op)
+
+    def _sdk_delete(self, key: bytes, deadline: float, op: str) -> None:
+        response = self._sdk_call("delete", op, deadline, key)
+        if not isinstance(response, self._success):
+            raise self._unexpected(response, op)
+
+    def _sdk_failure(self, response: Any, op: str, timeout: float) -> BackendError | ValueTooLarge:
+        if isinstance(response, self._sdk_errors):
+            return _sdk_error(response, op, timeout)
+        return self._unexpected(response, op)
+
+    @staticmethod
+    def _unexpected(response: Any, op: str) -> BackendError:
+        return BackendError(
+            "internal", f"momento internal error on {op}: unexpected SDK response {type(response).__qualname__}"
+        )
 
     def _unary(self, method: str, request: Any, deadline: float, op: str) -> Any:
         """One blocking unary call on the next connection."""
@@ -701,13 +973,10 @@ class MomentoBackend:
 
     def _flush(self, op: str) -> None:
         with self._call(op) as deadline:
-            request = control_pb._FlushCacheRequest(cache_name=self.cache_name)
-            try:
-                self._control.FlushCache(
-                    request, metadata=self._control_metadata, timeout=self._remaining(deadline, op)
-                )
-            except grpc.RpcError as err:
-                raise _error(err, op, self._timeout) from None
+            self._remaining(deadline, op)
+            response = self._clients[0].flush_cache(self.cache_name)  # deadline: the SDK's 60 s for control calls
+            if not isinstance(response, self._success):
+                raise self._sdk_failure(response, op, self._timeout)
 
     def _delayed_flush(self) -> None:
         try:
@@ -721,10 +990,14 @@ class MomentoBackend:
             timer.cancel()
 
 
-def _channel(endpoint: Endpoint, target: str, options: tuple[tuple[str, int], ...]) -> grpc.Channel:
+def _channel(endpoint: Endpoint, grpc_config: Any) -> grpc.Channel:
+    """A raw data channel built as the SDK builds a ``CacheClient``'s (same target,
+    credentials and arguments), so it can share that client's connection."""
+    options = _channel_options(grpc_config)
     if endpoint.secure:
-        return grpc.secure_channel(target, grpc.ssl_channel_credentials(), options=options)
-    return grpc.insecure_channel(target, options=options)
+        credentials = grpc.ssl_channel_credentials(root_certificates=grpc_config.get_root_certificates_pem())
+        return grpc.secure_channel(endpoint.data_target, credentials, options=options)
+    return grpc.insecure_channel(endpoint.data_target, options=options)
 
 
 def _hits(keys: Sequence[bytes], responses: Sequence[Any], op: str) -> dict[bytes, bytes]:
@@ -738,11 +1011,29 @@ def _hits(keys: Sequence[bytes], responses: Sequence[Any], op: str) -> dict[byte
 
 
 def _error(err: grpc.RpcError, op: str, timeout: float) -> BackendError | ValueTooLarge:
-    """A failed RPC as mproxy's error: one line naming the failure, never a key or value."""
-    status = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = " ".join(((err.details() if isinstance(err, grpc.Call) else None) or "").split())[:_DETAILS_LIMIT]
-    code = _STATUS_CODES.get(status, "internal")
-    if status is grpc.StatusCode.RESOURCE_EXHAUSTED and _item_too_large(err, details):
+    """A failed RPC of our own channels as mproxy's error."""
+    if isinstance(err, grpc.Call):
+        return _failure(_STATUS_CODES.get(err.code(), "internal"), err.details(), err.trailing_metadata(), op, timeout)
+    return _failure("internal", "", None, op, timeout)
+
+
+def _sdk_error(response: Any, op: str, timeout: float) -> BackendError | ValueTooLarge:
+    """An SDK ``Error`` response as mproxy's error, exactly as :func:`_error`
+    would have said it: by the gRPC status when the server answered (the
+    SDK keeps it in ``inner_exception.transport_details``), else by
+    ``error_code`` (failures on the client side)."""
+    exc = response.inner_exception
+    transport = getattr(exc, "transport_details", None)
+    if transport is not None:
+        details = transport.grpc
+        return _failure(_STATUS_CODES.get(details.code, "internal"), details.details, details.metadata, op, timeout)
+    return _failure(_SDK_ERROR_CODES.get(response.error_code.name, "internal"), exc.message, None, op, timeout)
+
+
+def _failure(code: str, details: str | None, trailers: Any, op: str, timeout: float) -> BackendError | ValueTooLarge:
+    """One line naming the failure, never a key or value."""
+    details = " ".join((details or "").split())[:_DETAILS_LIMIT]
+    if code == "limit_exceeded" and _item_too_large(trailers, details):
         return ValueTooLarge(f"Momento refused the item as too large: {details}")
     if code == "timeout":
         return BackendError(code, f"momento timeout after {timeout:g}s on {op}")
@@ -750,12 +1041,13 @@ def _error(err: grpc.RpcError, op: str, timeout: float) -> BackendError | ValueT
     return BackendError(code, f"momento {words} on {op}: {details}" if details else f"momento {words} on {op}")
 
 
-def _item_too_large(err: grpc.RpcError, details: str) -> bool:
-    """Momento marks its item size refusals with trailer ``err: item_size_limit_exceeded``."""
-    trailers = err.trailing_metadata() if isinstance(err, grpc.Call) else None
+def _item_too_large(trailers: Any, details: str) -> bool:
+    """Momento marks its item size refusals with trailer ``err: item_size_limit_exceeded``;
+    gRPC's own refusal of a too large message says "larger than max"."""
     if any(key == "err" and value == "item_size_limit_exceeded" for key, value in trailers or ()):
         return True
-    return "item size" in details.lower()
+    lowered = details.lower()
+    return "item size" in lowered or "larger than max" in lowered
 
 
 # ---- construction from the configuration --------------------------------------
