@@ -1,0 +1,475 @@
+"""End to end on the Momento path, through the real CLI and real processes.
+
+    client (raw TCP) -> ``python -m mproxy`` (gevent) -> momento SDK / gRPC
+    -> ``python -m mproxy.momento_local`` (the bundled Momento-compatible server)
+
+Both servers are subprocesses; the local server is reached with
+``[momento] local = "HOST:PORT"`` and driven at run time through its control
+port (``fault SPEC`` / ``clear`` / ``stats``). Covered:
+
+* concurrency: 100 connections each doing one ``get`` while the server delays
+  every Get by 50 ms finish in well under a second (gRPC does not block the
+  gevent hub); the same without delay for comparison;
+* faults: error statuses, delays past ``request_timeout``, and the server
+  SIGKILLed and restarted on the same port, each answered ``SERVER_ERROR``
+  promptly on a connection that stays open and works again afterwards;
+* the admin port's ``stats`` counts the backend errors by code.
+
+Measured figures are printed (``pytest -s`` shows them). Every process is
+stopped in a ``finally``; every wait is a poll with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mproxy.momento_local.server import control_request
+from tests.servers import HOST, RawSession, Server, free_port, start_mproxy
+
+CACHE = "e2e"
+#: How long the local server may take to print its listening line.
+LOCAL_START_TIMEOUT = 20.0
+#: ``request_timeout`` of the mproxy used by the fault tests.
+REQUEST_TIMEOUT = 0.5
+#: Slack on top of ``REQUEST_TIMEOUT`` for a SERVER_ERROR reply (shared 2-core CI).
+#: Smaller than the injected delay (3 s), so a proxy waiting for the server fails.
+REPLY_SLACK = 1.5
+#: Injected delay past the timeout.
+LONG_DELAY = 3.0
+#: Connections of the concurrency test, and the per-call delay injected there.
+CLIENTS = 100
+CALL_DELAY = 0.05
+#: Upper bound for the 100 delayed gets (serialized they would take 5 s).
+CONCURRENCY_BOUND = 1.0
+#: Bound for mproxy to serve again after the local server restarts.
+RECOVERY_DEADLINE = 15.0
+#: Interval between two recovery probes (a poll interval, not a synchronisation).
+POLL_INTERVAL = 0.05
+
+
+# ---- the local Momento server as a subprocess ------------------------------------
+
+
+@dataclass
+class LocalMomento:
+    """A running ``mproxy.momento_local`` child: gRPC port, control port, process."""
+
+    port: int
+    control_port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def control(self, command: str) -> str:
+        return control_request(HOST, self.control_port, command)
+
+    def kill(self) -> None:
+        """SIGKILL and reap (idempotent)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def stop(self) -> None:
+        """SIGTERM, SIGKILL after 5 s (idempotent)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+
+def start_local_momento(
+    tmp_path: Path, port: int = 0, faults: tuple[str, ...] = (), workers: int = 128
+) -> LocalMomento:
+    """Start the bundled local server (``--cache CACHE``) and wait for its listening line.
+
+    ``port`` 0 lets the server pick (it reports it); a fixed port is used to
+    restart a server where a proxy expects it. ``workers``: RPCs served at once
+    (delayed calls hold one each, so the concurrency test needs >= 100).
+    """
+    argv = [
+        sys.executable, "-m", "mproxy.momento_local", "--host", HOST, "--port", str(port),
+        "--control-port", "0", "--cache", CACHE, "--workers", str(workers),
+    ]
+    for spec in faults:
+        argv += ["--fault", spec]
+    log_path = tmp_path / f"momento-local-{port}-{time.monotonic_ns()}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
+    try:
+        line = _first_line(process, LOCAL_START_TIMEOUT)
+        words = line.decode(errors="replace").split()
+        # "mproxy-momento-local listening on HOST:PORT control HOST:CPORT"
+        if words[:3] != ["mproxy-momento-local", "listening", "on"] or len(words) != 6:
+            raise RuntimeError(f"unexpected first line {line!r}; stderr: {log_path.read_text(errors='replace')}")
+        server = LocalMomento(
+            int(words[3].rsplit(":", 1)[1]), int(words[5].rsplit(":", 1)[1]), process, log_path
+        )
+    except BaseException:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+        raise
+    assert port in (0, server.port)
+    return server
+
+
+def _first_line(process: subprocess.Popen[bytes], timeout: float) -> bytes:
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    buffer = b""
+    while b"\n" not in buffer:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RuntimeError(f"the local Momento server printed no listening line within {timeout} s")
+        readable, _, _ = select.select([fd], [], [], remaining)
+        if readable:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise RuntimeError(f"the local Momento server exited with status {process.wait(timeout=10)}")
+            buffer += chunk
+    return buffer.split(b"\n", 1)[0]
+
+
+# ---- mproxy in front of it ---------------------------------------------------------
+
+
+def mproxy_config(port: int, admin_port: int, momento_port: int, request_timeout: float) -> str:
+    return f"""\
+[admin]
+host = "{HOST}"
+port = {admin_port}
+
+[debug]
+log_level = "warning"
+
+[[cache]]
+host = "{HOST}"
+port = {port}
+cache_name = "{CACHE}"
+backend = "momento"
+request_timeout = {request_timeout}
+
+[momento]
+local = "{HOST}:{momento_port}"
+"""
+
+
+@dataclass
+class Stack:
+    momento: LocalMomento
+    mproxy: Server
+    admin_port: int
+    tmp_path: Path
+
+    @property
+    def port(self) -> int:
+        return self.mproxy.port
+
+    def admin_stats(self) -> dict[str, str]:
+        with RawSession(self.admin_port) as admin:
+            assert admin.send(b"stats\r\n")
+            raw, complete = admin.recv_until_terminator(b"END\r\n")
+        assert complete, raw
+        stats = {}
+        for line in raw.decode().splitlines():
+            if line.startswith("STAT "):
+                _, name, value = line.split(" ", 2)
+                stats[name] = value
+        return stats
+
+
+@pytest.fixture
+def stack_factory(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
+    """``factory(request_timeout, faults=()) -> Stack``; everything started is stopped."""
+    stacks: list[Stack] = []
+
+    def factory(request_timeout: float, faults: tuple[str, ...] = ()) -> Stack:
+        momento = start_local_momento(tmp_path, faults=faults)
+        try:
+            port, admin_port = free_port(), free_port()
+            while admin_port == port:
+                admin_port = free_port()
+            config = mproxy_config(port, admin_port, momento.port, request_timeout)
+            proxy = start_mproxy(config, tmp_path, port)
+        except BaseException:
+            momento.stop()
+            raise
+        stack = Stack(momento, proxy, admin_port, tmp_path)
+        stacks.append(stack)
+        return stack
+
+    try:
+        yield factory
+    finally:
+        for stack in stacks:
+            try:
+                stack.mproxy.stop()
+            finally:
+                stack.momento.stop()
+
+
+# ---- talking to mproxy -------------------------------------------------------------
+
+
+def _retrieval_done(buf: bytes) -> bool:
+    if buf.endswith(b"END\r\n"):
+        return True
+    return buf.startswith((b"SERVER_ERROR", b"CLIENT_ERROR", b"ERROR")) and buf.endswith(b"\r\n")
+
+
+def request(session: RawSession, command: bytes, timeout: float = 10.0) -> tuple[bytes, float]:
+    """Send one command; return its whole reply and how long it took.
+
+    Retrieval commands (``get``/``gets``) read up to ``END`` or an error line,
+    others one line. Fails if the reply is incomplete or the peer closed.
+    """
+    retrieval = command.split(b" ", 1)[0] in (b"get", b"gets")
+    start = time.monotonic()
+    assert session.send(command), f"connection closed before sending {command!r}"
+    if retrieval:
+        reply, complete = session.recv_until(_retrieval_done, timeout)
+    else:
+        reply, complete = session.recv_until_terminator(b"\r\n", timeout)
+    elapsed = time.monotonic() - start
+    assert complete, (
+        f"{command!r}: incomplete reply {reply!r} after {elapsed:.2f} s (closed by peer: {session.closed_by_peer})"
+    )
+    return reply, elapsed
+
+
+def assert_works(session: RawSession, key: bytes, value: bytes) -> None:
+    """set + get + multi-get round trip on ``session`` (SDK path and raw GetBatch path)."""
+    reply, _ = request(session, b"set %s 0 0 %d\r\n%s\r\n" % (key, len(value), value))
+    assert reply == b"STORED\r\n"
+    reply, _ = request(session, b"get %s\r\n" % key)
+    assert reply == b"VALUE %s 0 %d\r\n%s\r\nEND\r\n" % (key, len(value), value)
+    reply, _ = request(session, b"get %s %s-missing\r\n" % (key, key))
+    assert reply == b"VALUE %s 0 %d\r\n%s\r\nEND\r\n" % (key, len(value), value)
+
+
+#: One command per code path of the backend: SDK Get, SDK Set, raw GetBatch,
+#: raw KeysExist (delete), raw GetWithHash + ItemGetTtl (incr).
+FAULT_COMMANDS = (
+    b"get fk\r\n",
+    b"set fk 0 0 1\r\nx\r\n",
+    b"get fk fk2\r\n",
+    b"delete fk\r\n",
+    b"incr fk 1\r\n",
+)
+
+
+# ---- 1. concurrency ----------------------------------------------------------------
+
+
+def _concurrent_gets(port: int, key: bytes, expected: bytes) -> float:
+    """``CLIENTS`` connections, all connected first, released together; each does one get.
+
+    Returns the seconds from the release to the last complete reply.
+    """
+    sessions = [RawSession(port) for _ in range(CLIENTS)]
+    try:
+        # every connection is accepted and served before the race starts
+        for session in sessions:
+            reply, _ = request(session, b"version\r\n")
+            assert reply.startswith(b"VERSION "), reply
+        released: list[float] = []
+        barrier = threading.Barrier(CLIENTS, action=lambda: released.append(time.monotonic()), timeout=30)
+        finished: list[float] = []
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+
+        def client(session: RawSession) -> None:
+            try:
+                barrier.wait()
+                reply, _ = request(session, b"get %s\r\n" % key)
+                done = time.monotonic()
+                assert reply == expected, reply
+                with lock:
+                    finished.append(done)
+            except BaseException as exc:  # reported by the main thread
+                with lock:
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=client, args=(s,), daemon=True) for s in sessions]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "a client thread did not finish within 60 s"
+        assert not errors, errors[:3]
+        assert len(finished) == CLIENTS
+        return max(finished) - released[0]
+    finally:
+        for session in sessions:
+            session.close()
+
+
+def test_concurrent_gets_do_not_block_the_hub(stack_factory, capsys) -> None:
+    stack = stack_factory(5.0, faults=(f"Get:delay={CALL_DELAY}", f"GetBatch:delay={CALL_DELAY}"))
+    key, value = b"hot", b"v" * 32
+    expected = b"VALUE %s 0 %d\r\n%s\r\nEND\r\n" % (key, len(value), value)
+    with RawSession(stack.port) as session:
+        assert_works(session, key, value)  # also opens the gRPC connection
+    assert stack.momento.control("reset") == "OK"
+
+    delayed = _concurrent_gets(stack.port, key, expected)
+    calls = json.loads(stack.momento.control("stats"))["calls"]
+    assert calls.get("Get") == CLIENTS, calls  # one Get per client: each was delayed
+
+    assert stack.momento.control("clear") == "OK"
+    undelayed = _concurrent_gets(stack.port, key, expected)
+    with capsys.disabled():
+        print(
+            f"\n[e2e] {CLIENTS} concurrent gets: {delayed:.3f} s with {CALL_DELAY * 1000:.0f} ms server delay, "
+            f"{undelayed:.3f} s without (serialized: {CLIENTS * CALL_DELAY:.1f} s)"
+        )
+    assert delayed < CONCURRENCY_BOUND, f"{CLIENTS} gets with a {CALL_DELAY} s delay took {delayed:.3f} s"
+    assert undelayed < CONCURRENCY_BOUND
+
+
+# ---- 2. faults ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "word"),
+    [("UNAVAILABLE", b"unavailable"), ("INTERNAL", b"internal")],
+)
+def test_server_error_status_then_clear(stack_factory, status: str, word: bytes) -> None:
+    stack = stack_factory(REQUEST_TIMEOUT)
+    with RawSession(stack.port) as session:
+        assert_works(session, b"k1", b"before")
+        assert stack.momento.control(f"fault *:error={status}:message=injected {status}") == "OK"
+        for command in FAULT_COMMANDS:
+            reply, elapsed = request(session, command)
+            assert reply.startswith(b"SERVER_ERROR ") and reply.count(b"\r\n") == 1, (command, reply)
+            assert word in reply.lower() and b"momento" in reply.lower(), (command, reply)
+            assert elapsed < REQUEST_TIMEOUT + REPLY_SLACK, (command, elapsed)
+        assert stack.momento.control("clear") == "OK"
+        assert_works(session, b"k1", b"after")  # the same connection
+    stats = stack.admin_stats()
+    assert int(stats.get(f"backend_errors_{word.decode()}", 0)) >= len(FAULT_COMMANDS), stats
+
+
+def test_delay_past_request_timeout(stack_factory, capsys) -> None:
+    stack = stack_factory(REQUEST_TIMEOUT)
+    latencies = {}
+    with RawSession(stack.port) as session:
+        assert_works(session, b"k2", b"before")
+        assert stack.momento.control(f"fault *:delay={LONG_DELAY}") == "OK"
+        for command in FAULT_COMMANDS:
+            reply, elapsed = request(session, command)
+            latencies[command.split(b"\r\n")[0].decode()] = elapsed
+            assert reply.startswith(b"SERVER_ERROR ") and reply.count(b"\r\n") == 1, (command, reply)
+            assert b"timeout" in reply.lower(), (command, reply)
+            assert elapsed < REQUEST_TIMEOUT + REPLY_SLACK, (command, elapsed)
+            assert elapsed >= REQUEST_TIMEOUT * 0.9, (command, elapsed)  # it did wait for the deadline
+        assert stack.momento.control("clear") == "OK"
+        assert_works(session, b"k2", b"after")  # the same connection, no stale reply in between
+    with capsys.disabled():
+        figures = ", ".join(f"{c!r} {t:.3f} s" for c, t in latencies.items())
+        print(f"\n[e2e] timeout replies (request_timeout {REQUEST_TIMEOUT} s, server delay {LONG_DELAY} s): {figures}")
+    stats = stack.admin_stats()
+    assert int(stats.get("backend_errors_timeout", 0)) >= len(FAULT_COMMANDS), stats
+
+
+def test_server_killed_and_restarted_on_the_same_port(stack_factory, capsys) -> None:
+    stack = stack_factory(REQUEST_TIMEOUT)
+    momento_port = stack.momento.port
+    with RawSession(stack.port) as session:
+        assert_works(session, b"k3", b"before")
+        stack.momento.kill()
+        killed_at = time.monotonic()
+        down_latencies = []
+        for command in FAULT_COMMANDS:
+            reply, elapsed = request(session, command)
+            down_latencies.append(elapsed)
+            assert reply.startswith(b"SERVER_ERROR ") and reply.count(b"\r\n") == 1, (command, reply)
+            assert elapsed < REQUEST_TIMEOUT + REPLY_SLACK, (command, elapsed)
+        assert not session.closed_by_peer
+
+        # same port, same cache name, empty store; the fixture stops it
+        stack.momento = start_local_momento(stack.tmp_path, port=momento_port)
+        restarted_at = time.monotonic()
+        deadline = restarted_at + RECOVERY_DEADLINE
+        attempts = 0
+        while True:
+            attempts += 1
+            reply, _ = request(session, b"set k3 0 0 5\r\nafter\r\n")
+            if reply == b"STORED\r\n":
+                break
+            assert reply.startswith(b"SERVER_ERROR "), reply
+            assert time.monotonic() < deadline, (
+                f"mproxy did not serve again within {RECOVERY_DEADLINE} s of the restart; last reply {reply!r}"
+            )
+            time.sleep(POLL_INTERVAL)
+        recovered_at = time.monotonic()
+        assert_works(session, b"k3", b"again")
+    with capsys.disabled():
+        print(
+            f"\n[e2e] server killed: SERVER_ERROR in {min(down_latencies):.3f}-{max(down_latencies):.3f} s; "
+            f"served again {recovered_at - restarted_at:.3f} s after the restart "
+            f"({recovered_at - killed_at:.3f} s after the kill, {attempts} probes)"
+        )
+    stats = stack.admin_stats()
+    down = sum(int(v) for k, v in stats.items() if k.startswith("backend_errors_"))
+    assert down >= len(FAULT_COMMANDS), stats
+
+
+@pytest.mark.parametrize("command", [b"get fk\r\n", b"set fk 0 0 1\r\nx\r\n"], ids=["get", "set"])
+def test_request_timeout_covers_sdk_retries(stack_factory, command: bytes) -> None:
+    stack = stack_factory(REQUEST_TIMEOUT)
+    rpc = command.split(b" ", 1)[0].decode().capitalize()
+    with RawSession(stack.port) as session:
+        assert_works(session, b"k4", b"before")
+        # each attempt fails slowly, just inside the deadline
+        assert stack.momento.control(f"fault {rpc}:delay={REQUEST_TIMEOUT * 0.9}:error=UNAVAILABLE") == "OK"
+        reply, elapsed = request(session, command)
+        assert reply.startswith(b"SERVER_ERROR "), reply
+        calls = json.loads(stack.momento.control("stats"))["calls"]
+        assert elapsed < 2 * REQUEST_TIMEOUT, f"{command!r} answered after {elapsed:.2f} s; server calls {calls}"
+
+
+def test_auth_token_mismatch_stops_the_start(tmp_path: Path) -> None:
+    """A local server requiring a token mproxy does not send: mproxy exits 1 naming the problem."""
+    momento_port = free_port()
+    argv = [
+        sys.executable, "-m", "mproxy.momento_local", "--host", HOST, "--port", str(momento_port),
+        "--control-port", "0", "--cache", CACHE, "--auth-token", "not-the-proxy-token",
+    ]
+    server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        _first_line(server, LOCAL_START_TIMEOUT)
+        port, admin_port = free_port(), free_port()
+        config = tmp_path / "auth.toml"
+        config.write_text(mproxy_config(port, admin_port, momento_port, REQUEST_TIMEOUT))
+        result = subprocess.run(
+            [sys.executable, "-m", "mproxy", "-c", str(config)],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+        assert server.stdout is not None
+        server.stdout.close()
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert "authentication" in result.stderr and "create cache 'e2e'" in result.stderr, result.stderr
