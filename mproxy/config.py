@@ -435,7 +435,9 @@ class CacheConfig:
         0,
         _INT,
         "With `backend = \"momento\"`: bytes of a local in-memory tier in front of "
-        "Momento, 0 = none. With `backend = \"memory\"`: the store's byte budget, "
+        "Momento, 0 = none (accepted from momento-proxy files; the tier is not built yet, "
+        "so a non-zero value only draws a warning). With `backend = \"memory\"`: the "
+        "store's byte budget, "
         f"0 = {MEMORY_BACKEND_DEFAULT_BYTES // (1024 * 1024)} MiB.",
         min=0,
     )
@@ -789,6 +791,12 @@ class _Loader:
                     "(set name)"
                 )
             names.setdefault(cache.name, i)
+            if cache.backend == "momento" and (cache.memory_cache_bytes or cache.memory_cache_ttl_seconds):
+                self.warn(
+                    f"cache[{i}].memory_cache_bytes / memory_cache_ttl_seconds: the local "
+                    "memory tier in front of Momento is not built yet; every request goes to "
+                    "Momento (ignored)"
+                )
 
 
 def loads(text: str, source: str = "<string>") -> Config:

@@ -517,3 +517,10 @@ def test_docs_up_to_date() -> None:
         "docs/configuration.md is out of date with mproxy/config.py: "
         "run `python scripts/gen_config_docs.py`"
     )
+
+
+def test_local_tier_keys_on_momento_warn_that_the_tier_is_not_built() -> None:
+    cfg = loads('[[cache]]\ncache_name = "c"\nmemory_cache_bytes = 1048576\n', source="t.toml")
+    assert any("memory_cache_bytes" in w and "not built yet" in w and w.startswith("t.toml") for w in cfg.warnings)
+    quiet = loads('[[cache]]\ncache_name = "c"\nbackend = "memory"\nmemory_cache_bytes = 1048576\n')
+    assert quiet.warnings == ()
