@@ -9,7 +9,8 @@ Text protocol (lines end with ``\\n`` or ``\\r\\n``)::
     quit           closes the connection
     anything else  ERROR (an empty line too, as memcached); the connection stays
 
-A line longer than :data:`MAX_LINE` bytes closes the connection. If the
+A line longer than :data:`MAX_LINE` bytes, or :data:`IDLE_TIMEOUT` seconds
+in which nothing arrives, closes the connection. If the
 first line of a connection is an HTTP/1.x request line, the connection is
 HTTP instead: ``GET /metrics`` answers the Prometheus text format
 (:func:`mproxy.stats.prometheus_text`), other paths 404, other methods 405,
@@ -20,11 +21,11 @@ from __future__ import annotations
 
 import re
 import socket
-from typing import Mapping
 
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
+from mproxy.protocol import replies
 from mproxy.stats import Stats, prometheus_text
 
 #: Longest command or HTTP header line, in bytes, without its line end (memcached's key
@@ -36,6 +37,9 @@ MAX_HEADERS = 64
 RECV_SIZE = 4096
 #: Admin connections served at once; more wait in the listen backlog.
 MAX_CONNECTIONS = 64
+#: Seconds an admin connection may stay silent before it is closed, so that clients
+#: that connect and say nothing cannot hold the ``MAX_CONNECTIONS`` slots forever.
+IDLE_TIMEOUT = 60.0
 
 HTTP_REQUEST_LINE = re.compile(rb"([A-Z]+) (\S+) HTTP/1\.[01]")
 METRICS_PATH = b"/metrics"
@@ -66,13 +70,6 @@ class _LineReader:
             self.buf += data
 
 
-def format_stats(stats: Mapping[str, int | str | float]) -> bytes:
-    """``STAT <name> <value>\\r\\n`` lines then ``END\\r\\n``; floats as memcached's ``%.6f``."""
-    lines = [f"STAT {k} {v:.6f}\r\n" if isinstance(v, float) else f"STAT {k} {v}\r\n" for k, v in stats.items()]
-    lines.append("END\r\n")
-    return "".join(lines).encode()
-
-
 def http_response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8", extra: str = "") -> bytes:
     """A complete HTTP/1.1 response that closes the connection."""
     head = (
@@ -94,9 +91,11 @@ class AdminServer:
         stats: Stats,
         version: str,
         max_connections: int = MAX_CONNECTIONS,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self.stats = stats
         self.version = version
+        self.idle_timeout = idle_timeout
         self._server = StreamServer(listener, self._handle, spawn=Pool(max_connections))
 
     @property
@@ -116,6 +115,7 @@ class AdminServer:
     def _handle(self, sock: socket.socket, address: object) -> None:
         reader = _LineReader(sock)
         try:
+            sock.settimeout(self.idle_timeout)
             line = reader.readline()
             request = HTTP_REQUEST_LINE.fullmatch(line) if line is not None else None
             if request is not None:
@@ -128,7 +128,7 @@ class AdminServer:
                 sock.sendall(reply)
                 line = reader.readline()
         except OSError:
-            return  # the client went away
+            return  # the client went away, or stayed silent past idle_timeout
         finally:
             sock.close()
 
@@ -136,17 +136,17 @@ class AdminServer:
         """The reply to one command line; None for ``quit``."""
         tokens = line.split()
         if tokens == [b"stats"]:
-            return format_stats(self.stats.snapshot())
+            return replies.stats(self.stats.snapshot())
         if tokens == [b"stats", b"reset"]:
             self.stats.reset()
-            return b"RESET\r\n"
+            return replies.RESET
         if tokens == [b"stats", b"cache"]:
-            return format_stats(self.stats.cache_snapshot())
+            return replies.stats(self.stats.cache_snapshot())
         if tokens == [b"version"]:
-            return f"VERSION {self.version}\r\n".encode()
+            return replies.version(self.version)
         if tokens == [b"quit"]:
             return None
-        return b"ERROR\r\n"
+        return replies.ERROR
 
     def _http(self, sock: socket.socket, reader: _LineReader, method: bytes, target: bytes) -> None:
         """Answer one HTTP request whose request line was read; the caller closes."""

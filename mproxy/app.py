@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -28,12 +29,15 @@ class StartupError(Exception):
 
 
 class App:
+    """One running proxy: start() binds everything, stop() releases it; cli.py drives it."""
+
     def __init__(self, cfg: Config, log_level: str | None = None, log_format: str | None = None) -> None:
         self.cfg = cfg
         self._log_level = log_level
         self._log_format = log_format
         self.stats = Stats()
-        self.audit: Any = None
+        #: a no-op until start() opens the configured one
+        self.audit: audit_mod.AuditLog | audit_mod.NullAudit = audit_mod.NullAudit()
         self.admin: AdminServer | None = None
         self.servers: list[CacheServer] = []
         self.backends: list[Any] = []
@@ -59,7 +63,7 @@ class App:
 
             prepare_gevent()
         for cache in cfg.caches:
-            name = cache.name or cache.cache_name
+            name = cache.name  # config.loads fills it from cache_name when empty
             try:
                 backend = backends.create(cache.backend, cache, cfg)
             except Exception as err:  # the backend says what was wrong
@@ -102,8 +106,7 @@ class App:
         gevent.spawn(self._reload)
 
     def reopen_logs(self) -> None:
-        if self.audit is not None:
-            self.audit.reopen()  # never blocks: the writer thread reopens
+        self.audit.reopen()  # never blocks: the writer thread reopens
 
     def _reload(self) -> None:
         """SIGHUP: re-read the file; apply what can change without a restart."""
@@ -112,12 +115,21 @@ class App:
         except ConfigError as err:
             log.error("reload refused, keeping the running configuration: %s", err)
             return
+        for warning in new.warnings:
+            log.warning("%s", warning)
         logs.set_level(self._log_level or new.debug.log_level)
         self.audit.reconfigure(new.klog)
+        old = self.cfg
         for section in ("admin", "proxy", "caches", "momento"):
-            if getattr(new, section) != getattr(self.cfg, section):
+            if getattr(new, section) != getattr(old, section):
                 log.warning("reload: [%s] changed; it takes effect only after a restart", section)
-        self.cfg = new
+        restart_only = ("log_file",) if self._log_format else ("log_file", "log_format")
+        for key in restart_only:
+            if getattr(new.debug, key) != getattr(old.debug, key):
+                log.warning("reload: [debug] %s changed; it takes effect only after a restart", key)
+        # Keep describing what runs: the next reload must warn again about what is still pending.
+        debug = dataclasses.replace(old.debug, log_level=new.debug.log_level)
+        self.cfg = dataclasses.replace(old, debug=debug, klog=new.klog)
         log.info("configuration reloaded from %s", new.source)
 
     # -- run and stop ---------------------------------------------------------------
@@ -137,6 +149,5 @@ class App:
                 backend.close()
             except Exception:
                 log.exception("closing backend %s", getattr(backend, "kind", backend))
-        if self.audit is not None:
-            self.audit.close(timeout=min(timeout, 5.0))
+        self.audit.close(timeout=min(timeout, 5.0))
         log.info("stopped")

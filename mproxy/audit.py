@@ -66,26 +66,15 @@ class NullAudit:
     lines_written = 0
     lines_dropped = 0
 
-    def record(
-        self,
-        client: str,
-        cache: str,
-        command: str,
-        keys: Sequence[bytes],
-        outcome: str,
-        latency_us: int,
-        flags: int | None = None,
-        exptime: int | None = None,
-        nbytes: int | None = None,
-    ) -> None:
-        """Nothing to record."""
+    def record(self, *args: object, **kwargs: object) -> None:
+        """Nothing to record (same arguments as :meth:`AuditLog.record`)."""
 
     def reopen(self) -> None:
         """Nothing to reopen."""
 
     def reconfigure(self, klog: AuditConfig) -> None:
         """An audit log switched on by a reload needs a restart: say so."""
-        if klog.file and klog.sample >= 1:
+        if _wanted(klog):
             log.warning("audit log %s not opened: turning the audit log on needs a restart", klog.file)
 
     def close(self, timeout: float = 5.0) -> bool:
@@ -95,9 +84,14 @@ class NullAudit:
 
 def from_config(klog: AuditConfig) -> AuditLog | NullAudit:
     """An :class:`AuditLog` writing ``klog.file``; :class:`NullAudit` without a file or with ``sample`` 0."""
-    if not klog.file or klog.sample < 1:
+    if not _wanted(klog):
         return NullAudit()
     return AuditLog(klog.file, klog.sample, klog.max_size, klog.backup_count, klog.queue_size, klog.backup)
+
+
+def _wanted(klog: AuditConfig) -> bool:
+    """Whether ``klog`` asks for commands to be logged: a ``file`` and ``sample`` >= 1."""
+    return bool(klog.file) and klog.sample >= 1
 
 
 def _check_settings(sample: int, max_size: int, backup_count: int, queue_size: int) -> None:
@@ -205,7 +199,7 @@ class AuditLog:
         effect from the next line. Raises ValueError (changing nothing) on
         out-of-range values.
         """
-        if not klog.file or klog.sample < 1:
+        if not _wanted(klog):
             self.enabled = False
             self.reopen()  # closes the file; nothing reopens it until recording resumes
             return

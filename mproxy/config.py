@@ -51,6 +51,9 @@ __all__ = [
 #: Byte budget of a ``backend = "memory"`` cache whose ``memory_cache_bytes`` is 0.
 MEMORY_BACKEND_DEFAULT_BYTES = 64 * 1024 * 1024
 
+#: ``[momento] local`` value that starts the bundled local server.
+LOCAL_EMBEDDED = "embedded"
+
 #: Longest rendering of an offending value inside an error message.
 _MAX_SHOWN_VALUE = 60
 
@@ -255,10 +258,6 @@ _ENV = _Kind(
     _fixed("an environment variable name (letters, digits, _)"),
     _fixed("environment variable name"),
 )
-
-#: ``[momento] local`` value that starts the bundled local server.
-LOCAL_EMBEDDED = "embedded"
-
 
 # --------------------------------------------------------------------------
 # The declaration: Option records carried by dataclass fields.

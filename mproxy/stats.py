@@ -57,11 +57,11 @@ COUNTERS = (
 #: Counters that go up and down (Prometheus gauges); every other one only grows.
 GAUGES = frozenset({"curr_connections"})
 
-#: One line of help per counter: the Prometheus HELP text and the operations guide's table.
+#: One line of help per counter: the Prometheus HELP text (docs/operations.md's table says the same).
 HELP = {
     "curr_connections": "Client connections open now.",
     "total_connections": "Client connections accepted since start.",
-    "rejected_connections": "Client connections refused because the listener was at its connection cap.",
+    "rejected_connections": "Client connections refused: [proxy] max_connections were open already, or mproxy was stopping.",
     "cmd_get": "Keys requested by get, gets, gat and gats (a multi-get of N keys counts N).",
     "cmd_set": "Storage commands: set, add, replace, append, prepend, cas.",
     "cmd_flush": "flush_all commands.",

@@ -224,3 +224,15 @@ def test_stop_closes_idle_connections(stats: Stats) -> None:
     srv.stop(timeout=0.1)
     assert c.read_to_eof() == b""
     c.close()
+
+
+def test_silent_connection_is_closed_after_idle_timeout(stats: Stats) -> None:
+    srv = AdminServer(("127.0.0.1", 0), stats, "1.0", idle_timeout=0.2)
+    srv.start()
+    try:
+        c = Client(srv.address)
+        c.send(b"vers")  # half a line, then nothing
+        assert c.read_to_eof() == b""
+        c.close()
+    finally:
+        srv.stop(timeout=1.0)

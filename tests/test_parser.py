@@ -203,6 +203,19 @@ def test_buffer_is_compacted() -> None:
     assert len(p._buf) < 100
 
 
+def test_long_line_in_pieces_is_scanned_once() -> None:
+    p = Parser()
+    keys = tuple(b"k%06d" % i for i in range(100_000))  # a 800 kB multi-get
+    data = b"get a\r\n" + b"get " + b" ".join(keys) + b"\r\nversion\r\n"
+    results: list[object] = []
+    for i in range(0, len(data), 100):
+        p.feed(data[i : i + 100])
+        results += drain(p)
+        # bytes already searched for a newline are not searched again
+        assert p._scan >= len(p._buf) - 100
+    assert results == [c.Get((b"a",)), c.Get(keys), c.Version()]
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.binary(max_size=64) | st.sampled_from(
     [b"set a 0 0 1\r\n", b"x\r\n", b"get a b\r\n", b"\r\n", b"gat 1 a\r\n", b"noreply", b" ", b"cas a 0 0 1 1\r\n",

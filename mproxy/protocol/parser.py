@@ -105,12 +105,15 @@ def _noreply(tokens: list[bytes], ntokens: int) -> bool:
 class Parser:
     """Parser state for one connection."""
 
-    __slots__ = ("_buf", "_pos", "_pending", "_swallow", "max_item_size")
+    __slots__ = ("_buf", "_pos", "_scan", "_pending", "_swallow", "max_item_size")
 
     def __init__(self, max_item_size: int = c.DEFAULT_MAX_ITEM_SIZE) -> None:
         self.max_item_size = max_item_size
         self._buf = bytearray()
         self._pos = 0
+        #: where the search for the next newline resumes: bytes before it hold none, so a
+        #: long line arriving in small pieces is scanned once, not once per piece
+        self._scan = 0
         #: a storage command waiting for its data block: (header, total bytes)
         self._pending: tuple[Callable[[bytes], c.Command], int] | None = None
         #: bytes of an oversized data block still to discard, and its command
@@ -119,6 +122,7 @@ class Parser:
     def feed(self, data: bytes) -> None:
         if self._pos and self._pos >= len(self._buf) // 2:
             del self._buf[: self._pos]
+            self._scan -= self._pos
             self._pos = 0
         self._buf += data
 
@@ -150,8 +154,9 @@ class Parser:
                 cmd = build(b"")
                 raise ClientError("bad data chunk", cmd.noreply)
             return build(bytes(buf[start : end - 2]))
-        nl = buf.find(b"\n", self._pos)
+        nl = buf.find(b"\n", max(self._pos, self._scan))
         if nl < 0:
+            self._scan = len(buf)
             self._check_unterminated()
             return NEED_DATA
         end = nl
@@ -224,8 +229,7 @@ class Parser:
             raise CommandError()
         noreply = _noreply(tokens, ntokens)
         key = tokens[1]
-        if len(key) > c.KEY_MAX_LENGTH:
-            raise ClientError(_BAD_FORMAT, noreply)
+        _check_key(key, noreply)
         flags = parse_u32(tokens[2])
         exptime = parse_i32(tokens[3])
         nbytes = parse_i32(tokens[4])
@@ -253,8 +257,7 @@ class Parser:
         if ntokens not in (4, 5):
             raise CommandError()
         noreply = _noreply(tokens, ntokens)
-        if len(tokens[1]) > c.KEY_MAX_LENGTH:
-            raise ClientError(_BAD_FORMAT, noreply)
+        _check_key(tokens[1], noreply)
         delta = parse_u64(tokens[2])
         if delta is None:
             raise ClientError("invalid numeric delta argument", noreply)
@@ -269,16 +272,14 @@ class Parser:
             noreply = _noreply(tokens, ntokens)
             if not ((ntokens == 4 and (hold_is_zero or noreply)) or (ntokens == 5 and hold_is_zero and noreply)):
                 raise ClientError(_BAD_FORMAT + ".  Usage: delete <key> [noreply]", noreply)
-        if len(tokens[1]) > c.KEY_MAX_LENGTH:
-            raise ClientError(_BAD_FORMAT, noreply)
+        _check_key(tokens[1], noreply)
         return c.Delete(tokens[1], noreply)
 
     def _touch(self, tokens: list[bytes], ntokens: int) -> c.Command:
         if ntokens not in (4, 5):
             raise CommandError()
         noreply = _noreply(tokens, ntokens)
-        if len(tokens[1]) > c.KEY_MAX_LENGTH:
-            raise ClientError(_BAD_FORMAT, noreply)
+        _check_key(tokens[1], noreply)
         exptime = parse_i32(tokens[2])
         if exptime is None:
             raise ClientError(_BAD_EXPTIME, noreply)
@@ -314,10 +315,15 @@ class Parser:
         raise CommandError()
 
 
+def _check_key(key: bytes, noreply: bool = False) -> None:
+    """memcached answers a key longer than KEY_MAX_LENGTH with a format error."""
+    if len(key) > c.KEY_MAX_LENGTH:
+        raise ClientError(_BAD_FORMAT, noreply)
+
+
 def _check_keys(keys: tuple[bytes, ...]) -> None:
     for key in keys:
-        if len(key) > c.KEY_MAX_LENGTH:
-            raise ClientError(_BAD_FORMAT)
+        _check_key(key)
 
 
 def _refuse(reply: bytes) -> c.Command:

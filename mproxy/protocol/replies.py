@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 STORED = b"STORED\r\n"
 NOT_STORED = b"NOT_STORED\r\n"
 EXISTS = b"EXISTS\r\n"
@@ -37,10 +39,12 @@ def server_error(reason: str) -> bytes:
     return b"SERVER_ERROR " + line.encode("utf-8", "replace") + b"\r\n"
 
 
-def stats(pairs: dict[str, object]) -> bytes:
-    """``STAT name value`` lines then ``END``."""
-    return b"".join(b"STAT %b %b\r\n" % (k.encode(), str(v).encode()) for k, v in pairs.items()) + END
+def stats(pairs: Mapping[str, object]) -> bytes:
+    """``STAT name value`` lines then ``END``; floats as memcached's ``%.6f`` (rusage)."""
+    lines = [f"STAT {k} {v:.6f}\r\n" if isinstance(v, float) else f"STAT {k} {v}\r\n" for k, v in pairs.items()]
+    return "".join(lines).encode() + END
 
 
 def version(text: str) -> bytes:
+    """``VERSION <text>``."""
     return b"VERSION " + text.encode() + b"\r\n"
