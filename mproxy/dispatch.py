@@ -113,7 +113,7 @@ class Dispatcher:
         return b"".join(parts)
 
     def _get(self, cmd: c.Get) -> tuple[bytes, str]:
-        found = self._call("get", self.backend.get_many, cmd.keys)
+        found = self._call("get", self.backend.get_many, cmd.keys, cmd.cas)
         st = self.stats
         hits = sum(1 for key in cmd.keys if key in found)
         st.cmd_get += len(cmd.keys)
@@ -122,7 +122,7 @@ class Dispatcher:
         return self._values(cmd.keys, found, cmd.cas), _hit_outcome(hits, len(cmd.keys))
 
     def _gat(self, cmd: c.Gat) -> tuple[bytes, str]:
-        found = self._call("touch", self.backend.touch_many, cmd.keys, cmd.exptime) if cmd.keys else {}
+        found = self._call("touch", self.backend.touch_many, cmd.keys, cmd.exptime, cmd.cas) if cmd.keys else {}
         keys = cmd.keys
         seconds = ttl_seconds(cmd.exptime)
         if seconds is not None and seconds <= 0:

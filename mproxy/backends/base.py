@@ -98,11 +98,12 @@ class Backend(Protocol):
     #: short name for stats and logs ("memory", "momento", ...)
     kind: str
 
-    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, Item]:
+    def get_many(self, keys: Sequence[bytes], with_cas: bool = False) -> dict[bytes, Item]:
         """Items for the keys that are present. Duplicate keys allowed.
-        ``Item.cas`` is always filled (gets needs it; get ignores it)."""
+        ``Item.cas`` is filled when ``with_cas`` (gets); otherwise a backend
+        may leave it 0 where computing it costs (get ignores it)."""
 
-    def touch_many(self, keys: Sequence[bytes], exptime: int) -> dict[bytes, Item]:
+    def touch_many(self, keys: Sequence[bytes], exptime: int, with_cas: bool = False) -> dict[bytes, Item]:
         """gat/gats: set each present key's expiry, then return it as get_many does."""
 
     def store(

@@ -105,6 +105,23 @@ def parse_counter(value: bytes) -> int | None:
     return number
 
 
+def apply_delta(value: bytes, delta: int, incr: bool) -> tuple[int, bytes]:
+    """memcached's incr/decr of a stored value: ``(new number, new value)``.
+
+    incr wraps at 2**64, decr floors at 0; the new value is rewritten in
+    place, space-padded, when its digits fit (``"100"`` decr 1 -> ``"99 "``).
+    Raises :class:`base.NonNumericValue` when :func:`parse_counter` refuses it.
+    """
+    current = parse_counter(value)
+    if current is None:
+        raise NonNumericValue("cannot increment or decrement non-numeric value")
+    if incr:
+        number = (current + delta) & COUNTER_MAX
+    else:
+        number = current - delta if current > delta else 0
+    return number, (b"%d" % number).ljust(len(value))
+
+
 def item_size(key: bytes, value_length: int, flags: int) -> int:
     """Bytes an item occupies, as memcached counts them."""
     return len(key) + value_length + ITEM_OVERHEAD + (FLAGS_OVERHEAD if flags else 0)
@@ -167,7 +184,8 @@ class MemoryBackend:
 
     # -- Backend ---------------------------------------------------------
 
-    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, Item]:
+    def get_many(self, keys: Sequence[bytes], with_cas: bool = False) -> dict[bytes, Item]:
+        # uniques are kept with every item here: with_cas costs nothing
         now = self._now()
         data = self._data
         found: dict[bytes, Item] = {}
@@ -182,7 +200,7 @@ class MemoryBackend:
             found[key] = entry[0]
         return found
 
-    def touch_many(self, keys: Sequence[bytes], exptime: int) -> dict[bytes, Item]:
+    def touch_many(self, keys: Sequence[bytes], exptime: int, with_cas: bool = False) -> dict[bytes, Item]:
         """gat/gats. With an exptime in the past the item is still returned
         once, then gone (as memcached does)."""
         now = self._now()
@@ -265,15 +283,7 @@ class MemoryBackend:
         if entry is None:
             return None
         item = entry[0]
-        current = parse_counter(item.value)
-        if current is None:
-            raise NonNumericValue("cannot increment or decrement non-numeric value")
-        if incr:
-            number = (current + delta) & COUNTER_MAX
-        else:
-            number = current - delta if current > delta else 0
-        # memcached rewrites in place, space-padded, when the digits fit.
-        value = (b"%d" % number).ljust(len(item.value))
+        number, value = apply_delta(item.value, delta, incr)
         self._cas += 1
         new = Item(value, item.flags, self._cas)
         self._link(key, (new, entry[1], item_size(key, len(value), item.flags)), entry)

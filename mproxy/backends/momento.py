@@ -73,13 +73,12 @@ from mproxy.backends.base import (
     BackendError,
     FlushDisabled,
     Item,
-    NonNumericValue,
     StoreMode,
     StoreResult,
     ValueTooLarge,
     ttl_seconds,
 )
-from mproxy.backends.memory import parse_counter
+from mproxy.backends.memory import apply_delta
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +102,9 @@ MAX_ATTEMPTS = 8
 LEGACY_API_KEY_ENV = "MOMENTO_AUTHENTICATION"
 #: How long creating the cache on a local server may wait for it to answer.
 LOCAL_CONNECT_TIMEOUT_SECONDS = 10.0
+#: The SDK's fixed deadline of control calls (FlushCache, CreateCache): its
+#: ``_scs_control_client._DEADLINE_SECONDS``, named in their timeout errors.
+SDK_CONTROL_TIMEOUT_SECONDS = 60.0
 
 #: One row per :class:`BackendError` code: the gRPC statuses (raw path) and the
 #: SDK's ``MomentoErrorCode`` names (SDK path, when an error carries no gRPC
@@ -527,6 +529,9 @@ class MomentoBackend:
             raise ValueError("connection_count and max_in_flight must be >= 1, request_timeout > 0")
         if default_ttl < 1 or max_ttl < 1:
             raise ValueError("default_ttl and max_ttl must be at least 1 second")
+        credentials = endpoint.credentials
+        if credentials is None:
+            raise ValueError("the endpoint carries no CredentialProvider: build it with Endpoint.from_credentials")
         self.cache_name = cache_name
         self._default_ttl = min(default_ttl, max_ttl)
         self._max_ttl = max_ttl
@@ -548,9 +553,6 @@ class MomentoBackend:
         )
         self._data_metadata = ((CACHE_HEADER, cache_name), *headers)
         self._endpoint = endpoint
-        credentials = endpoint.credentials
-        if credentials is None:
-            raise ValueError("the endpoint carries no CredentialProvider: build it with Endpoint.from_credentials")
         # the SDK's response classes, looked up once (hot path)
         self._get_hit, self._get_miss = sdk.cache_get.Hit, sdk.cache_get.Miss
         self._stored, self._not_stored = sdk.cache_set_if_not_exists.Stored, sdk.cache_set_if_not_exists.NotStored
@@ -585,13 +587,14 @@ class MomentoBackend:
 
     # -- Backend ------------------------------------------------------------
 
-    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, Item]:
-        """Get for one key, GetBatch (concurrent batches of :data:`GET_BATCH_SIZE`) for more."""
+    def get_many(self, keys: Sequence[bytes], with_cas: bool = False) -> dict[bytes, Item]:
+        """Get for one key, GetBatch (concurrent batches of :data:`GET_BATCH_SIZE`) for more.
+        The CAS unique (a hash of the stored bytes) is computed for gets only."""
         with self._call("get") as deadline:
             found = self._get_values(list(dict.fromkeys(keys)), deadline, "get")
-        return {key: self._item(stored) for key, stored in found.items()}
+        return {key: self._item(stored, with_cas) for key, stored in found.items()}
 
-    def touch_many(self, keys: Sequence[bytes], exptime: int) -> dict[bytes, Item]:
+    def touch_many(self, keys: Sequence[bytes], exptime: int, with_cas: bool = False) -> dict[bytes, Item]:
         """UpdateTtl (overwrite) per key, concurrently with one GetBatch; the
         keys both found are returned. A past exptime: GetBatch, then Delete
         each key found (returned once, then gone, as memcached does)."""
@@ -605,7 +608,12 @@ class MomentoBackend:
                 requests = [pb._UpdateTtlRequest(cache_key=key, overwrite_to_milliseconds=ttl_ms) for key in unique]
                 # the first window of updates travels with the read: one round trip for a typical gat
                 first = [self._start("UpdateTtl", request, deadline) for request in requests[:FAN_OUT_WINDOW]]
-                found = self._get_values(unique, deadline, "touch")
+                try:
+                    found = self._get_values(unique, deadline, "touch")
+                except BaseException:
+                    for future in first:
+                        future.cancel()
+                    raise
                 touched = self._gather(first, "touch")
                 touched += self._fan_out("UpdateTtl", requests[FAN_OUT_WINDOW:], deadline, "touch")
                 found = {
@@ -613,7 +621,7 @@ class MomentoBackend:
                     for key, response in zip(unique, touched)
                     if response.WhichOneof("result") != "missing" and (stored := found.get(key)) is not None
                 }
-        return {key: self._item(stored) for key, stored in found.items()}
+        return {key: self._item(stored, with_cas) for key, stored in found.items()}
 
     def store(
         self,
@@ -626,12 +634,13 @@ class MomentoBackend:
     ) -> StoreResult:
         op = mode.value
         stored = codec.encode(value, flags, self._with_flags)
-        if len(value) > self._max_value_size or len(key) + len(stored) > MOMENTO_MAX_ITEM_BYTES:
+        too_large = self._too_large(key, value, stored)
+        if too_large:
             if mode is StoreMode.SET:
                 # memcached drops the old value when a set is too large (no stale data).
                 with self._call(op) as deadline:
                     self._sdk_delete(key, deadline, op)
-            raise ValueTooLarge(f"item of {len(key) + len(stored)} bytes is above the item size limit")
+            raise ValueTooLarge(too_large)
         with self._call(op) as deadline:
             if mode is StoreMode.APPEND or mode is StoreMode.PREPEND:
                 return self._concatenate(key, value, mode is StoreMode.APPEND, deadline, op)
@@ -665,15 +674,8 @@ class MomentoBackend:
                     return None
                 found, ttl_ms = read
                 value, flags = codec.decode(found.stored, self._with_flags)
-                current = parse_counter(value)
-                if current is None:
-                    raise NonNumericValue("cannot increment or decrement non-numeric value")
-                if incr:
-                    number = (current + delta) & COUNTER_MAX
-                else:
-                    number = current - delta if current > delta else 0
-                # memcached rewrites a counter in place, space-padded, when the digits fit.
-                new = codec.encode((b"%d" % number).ljust(len(value)), flags, self._with_flags)
+                number, value = apply_delta(value, delta, incr)
+                new = codec.encode(value, flags, self._with_flags)
                 if self._set_if_hash(key, new, ttl_ms, found.hash, deadline, op):
                     return number
             raise self._contention(op)
@@ -716,16 +718,14 @@ class MomentoBackend:
             self._on_close()
 
     def _close_connections(self) -> None:
-        for client in self._clients:
-            close = getattr(client, "close", None)  # not in momento 1.29: __exit__ closes
-            if close is not None:
-                close()
-            else:
-                client.__exit__(None, None, None)
-        for channel in self._channels:
-            channel.close()
-        _release_channel_ids(self._channel_ids)
-        self._channel_ids = []
+        try:
+            for client in self._clients:
+                client.__exit__(None, None, None)  # momento 1.29 has no close(): __exit__ closes
+            for channel in self._channels:
+                channel.close()
+        finally:
+            _release_channel_ids(self._channel_ids)
+            self._channel_ids = []
 
     # -- setup --------------------------------------------------------------
 
@@ -735,13 +735,15 @@ class MomentoBackend:
         data share the endpoint: local servers). Used with local servers only."""
         op = "create_cache"
         if self._endpoint.control_target == self._endpoint.data_target:
+            ready = grpc.channel_ready_future(self._channels[0])
             try:
-                grpc.channel_ready_future(self._channels[0]).result(timeout=timeout)
+                ready.result(timeout=timeout)
             except grpc.FutureTimeoutError:
+                ready.cancel()  # else it keeps watching the channel
                 raise BackendError("timeout", f"momento timeout after {timeout:g}s on {op}") from None
         response = self._clients[0].create_cache(self.cache_name)
         if not isinstance(response, self._created):
-            raise self._sdk_failure(response, op, timeout)
+            raise self._sdk_failure(response, op, SDK_CONTROL_TIMEOUT_SECONDS)
 
     # -- the operations of store() ------------------------------------------
 
@@ -796,7 +798,7 @@ class MomentoBackend:
             value, flags = codec.decode(found.stored, self._with_flags)
             value = value + data if append else data + value
             new = codec.encode(value, flags, self._with_flags)
-            if len(value) > self._max_value_size or len(key) + len(new) > MOMENTO_MAX_ITEM_BYTES:
+            if self._too_large(key, value, new):
                 return StoreResult.NOT_STORED  # memcached: an append that would not fit
             if self._set_if_hash(key, new, ttl_ms, found.hash, deadline, op):
                 return StoreResult.STORED
@@ -811,7 +813,7 @@ class MomentoBackend:
         ttl_call = self._start("ItemGetTtl", pb._ItemGetTtlRequest(cache_key=key), deadline)
         try:
             found = self._get_with_hash(key, deadline, op)
-        except BackendError:
+        except BaseException:
             ttl_call.cancel()
             raise
         ttl_response = self._gather([ttl_call], op)[0]
@@ -857,19 +859,15 @@ class MomentoBackend:
                 )
                 for batch in window
             ]
-            for batch, stream in zip(window, streams):
-                try:
-                    responses = list(stream)
-                except grpc.RpcError as err:
-                    for other in streams:
-                        other.cancel()
-                    raise _error(err, op, self._timeout) from None
-                if len(responses) != len(batch):
-                    raise BackendError(
-                        "internal",
-                        f"momento internal error on {op}: GetBatch answered {len(responses)} of {len(batch)} keys",
-                    )
-                found.update(_hits(batch, responses, op))
+            try:
+                for batch, stream in zip(window, streams):
+                    found.update(_hits(batch, list(stream), op))
+            except BaseException as exc:
+                for stream in streams:
+                    stream.cancel()
+                if isinstance(exc, grpc.RpcError):
+                    raise _error(exc, op, self._timeout) from None
+                raise
         return found
 
     def _sdk_call(self, method: str, op: str, deadline: float, *args: Any) -> Any:
@@ -877,7 +875,7 @@ class MomentoBackend:
         self._remaining(deadline, op)  # the slot wait may have used the whole deadline
         response = getattr(self._next_client(), method)(self.cache_name, *args)
         if isinstance(response, self._sdk_errors):
-            raise self._sdk_failure(response, op, self._timeout)
+            raise _sdk_error(response, op, self._timeout)
         return response
 
     def _sdk_get(self, key: bytes, deadline: float, op: str) -> bytes | None:
@@ -957,9 +955,17 @@ class MomentoBackend:
         finally:
             self._slots.release()
 
-    def _item(self, stored: bytes) -> Item:
+    def _item(self, stored: bytes, with_cas: bool = True) -> Item:
         value, flags = codec.decode(stored, self._with_flags)
-        return Item(value, flags, codec.cas_unique(stored))
+        return Item(value, flags, codec.cas_unique(stored) if with_cas else 0)
+
+    def _too_large(self, key: bytes, value: bytes, stored: bytes) -> str:
+        """Why an item does not fit (the proxy's value limit or Momento's item limit), or ``""``."""
+        if len(value) > self._max_value_size:
+            return f"value of {len(value)} bytes is above max_item_size ({self._max_value_size} bytes)"
+        if len(key) + len(stored) > MOMENTO_MAX_ITEM_BYTES:
+            return f"item of {len(key) + len(stored)} bytes is above Momento's {MOMENTO_MAX_ITEM_BYTES}-byte item limit"
+        return ""
 
     def _ttl_ms(self, exptime: int) -> int:
         return codec.ttl_milliseconds(exptime, self._default_ttl, self._max_ttl)
@@ -974,9 +980,9 @@ class MomentoBackend:
     def _flush(self, op: str) -> None:
         with self._call(op) as deadline:
             self._remaining(deadline, op)
-            response = self._clients[0].flush_cache(self.cache_name)  # deadline: the SDK's 60 s for control calls
+            response = self._clients[0].flush_cache(self.cache_name)  # the SDK's control deadline
             if not isinstance(response, self._success):
-                raise self._sdk_failure(response, op, self._timeout)
+                raise self._sdk_failure(response, op, SDK_CONTROL_TIMEOUT_SECONDS)
 
     def _delayed_flush(self) -> None:
         try:
@@ -1001,6 +1007,11 @@ def _channel(endpoint: Endpoint, grpc_config: Any) -> grpc.Channel:
 
 
 def _hits(keys: Sequence[bytes], responses: Sequence[Any], op: str) -> dict[bytes, bytes]:
+    """Stored bytes of the hits among one GetBatch's answers (one per key, in order)."""
+    if len(responses) != len(keys):
+        raise BackendError(
+            "internal", f"momento internal error on {op}: GetBatch answered {len(responses)} of {len(keys)} keys"
+        )
     found: dict[bytes, bytes] = {}
     for key, response in zip(keys, responses):
         if response.result == pb.Hit:
@@ -1102,15 +1113,16 @@ def from_config(cache: _CacheSettings, config: _Settings) -> MomentoBackend:
             server = momento_embedded.acquire()
         except momento_embedded.EmbeddedServerError as exc:
             raise BackendError("unavailable", str(exc)) from exc
-        endpoint = Endpoint.local(server.host, server.port)
-        where = f"the embedded Momento server at {server.host}:{server.port}"
         on_close = momento_embedded.release
+        host, port, where = server.host, server.port, f"the embedded Momento server at {server.host}:{server.port}"
     elif local:
         host, port = _split_host_port(local)
-        endpoint, where = Endpoint.local(host, port), f"the local Momento server at {local}"
-    else:
-        endpoint, where = credentials_from_env(config.momento.api_key_env, config.momento.endpoint), ""
+        where = f"the local Momento server at {local}"
     try:
+        if local:
+            endpoint = Endpoint.local(host, port)
+        else:
+            endpoint = credentials_from_env(config.momento.api_key_env, config.momento.endpoint)
         backend = MomentoBackend(
             endpoint,
             cache.cache_name,
@@ -1128,12 +1140,15 @@ def from_config(cache: _CacheSettings, config: _Settings) -> MomentoBackend:
         if on_close is not None:
             on_close()
         raise
-    if where:
+    if local:
         try:
             backend.create_cache(LOCAL_CONNECT_TIMEOUT_SECONDS)
         except BackendError as err:
             backend.close()
             raise BackendError(err.code, f"cannot reach {where} to create cache {cache.cache_name!r}: {err}") from None
+        except BaseException:
+            backend.close()
+            raise
     return backend
 
 

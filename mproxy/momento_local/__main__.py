@@ -99,8 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"mproxy-momento-local: {exc}", file=sys.stderr)
         return 1
-    control = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"mproxy-momento-local listening on {server.address} control {control}:{server.control_port}", flush=True)
+    print(f"mproxy-momento-local listening on {server.address} control {server.control_address}", flush=True)
     stop.wait()
     server.stop(STOP_GRACE_SECONDS)
     return 0

@@ -371,12 +371,20 @@ class _Servicer:
         self.store = gate.store
 
 
+def _present(current: bytes | None) -> bool:
+    return current is not None
+
+
+def _absent(current: bytes | None) -> bool:
+    return current is None
+
+
 def _set_if_condition(request: cache_pb._SetIfRequest) -> Condition:
     kind = request.WhichOneof("condition")
     if kind == "present":
-        return lambda current: current is not None
+        return _present
     if kind == "absent":
-        return lambda current: current is None
+        return _absent
     if kind == "equal":
         expected = request.equal.value_to_check
         return lambda current: current == expected
@@ -461,9 +469,7 @@ class DataServicer(_Servicer, cache_grpc.ScsServicer):
     def SetIf(
         self, request: cache_pb._SetIfRequest, context: grpc.ServicerContext, cache: str
     ) -> cache_pb._SetIfResponse:
-        condition = _set_if_condition(request)
-        self._check_item(request)
-        if self.store.set_if(cache, request.cache_key, request.cache_body, request.ttl_milliseconds, condition):
+        if self._set_if(cache, request, _set_if_condition(request)):
             return cache_pb._SetIfResponse(stored=cache_pb._SetIfResponse._Stored())
         return cache_pb._SetIfResponse(not_stored=cache_pb._SetIfResponse._NotStored())
 
@@ -471,9 +477,7 @@ class DataServicer(_Servicer, cache_grpc.ScsServicer):
     def SetIfHash(
         self, request: cache_pb._SetIfHashRequest, context: grpc.ServicerContext, cache: str
     ) -> cache_pb._SetIfHashResponse:
-        condition = _set_if_hash_condition(request)
-        self._check_item(request)
-        if self.store.set_if(cache, request.cache_key, request.cache_body, request.ttl_milliseconds, condition):
+        if self._set_if(cache, request, _set_if_hash_condition(request)):
             stored = cache_pb._SetIfHashResponse._Stored(new_hash=value_hash(request.cache_body))
             return cache_pb._SetIfHashResponse(stored=stored)
         return cache_pb._SetIfHashResponse(not_stored=cache_pb._SetIfHashResponse._NotStored())
@@ -482,9 +486,7 @@ class DataServicer(_Servicer, cache_grpc.ScsServicer):
     def SetIfNotExists(
         self, request: cache_pb._SetIfNotExistsRequest, context: grpc.ServicerContext, cache: str
     ) -> cache_pb._SetIfNotExistsResponse:
-        self._check_item(request)
-        absent: Condition = lambda current: current is None  # noqa: E731
-        if self.store.set_if(cache, request.cache_key, request.cache_body, request.ttl_milliseconds, absent):
+        if self._set_if(cache, request, _absent):
             return cache_pb._SetIfNotExistsResponse(stored=cache_pb._SetIfNotExistsResponse._Stored())
         return cache_pb._SetIfNotExistsResponse(not_stored=cache_pb._SetIfNotExistsResponse._NotStored())
 
@@ -547,6 +549,11 @@ class DataServicer(_Servicer, cache_grpc.ScsServicer):
     def _check_item(self, request: Any) -> None:
         self.gate.check_ttl(request.ttl_milliseconds)
         self.gate.check_size(request.cache_key, request.cache_body)
+
+    def _set_if(self, cache: str, request: Any, condition: Condition) -> bool:
+        """Check the request's item, then store it if ``condition`` holds; whether it did."""
+        self._check_item(request)
+        return self.store.set_if(cache, request.cache_key, request.cache_body, request.ttl_milliseconds, condition)
 
 
 def _get_response(value: bytes | None) -> cache_pb._GetResponse:
@@ -685,6 +692,11 @@ class LocalServer:
     def address(self) -> str:
         """``host:port`` of the gRPC endpoint (IPv6 hosts bracketed)."""
         return _address(self.host, self.port)
+
+    @property
+    def control_address(self) -> str:
+        """``host:port`` of the control port (IPv6 hosts bracketed)."""
+        return _address(self.host, self.control_port)
 
     def stop(self, grace: float | None = 1.0) -> None:
         """Stop both ports; in-flight RPCs get ``grace`` seconds to finish."""
