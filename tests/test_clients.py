@@ -1,0 +1,93 @@
+"""Real client libraries against mproxy over TCP, on both backends.
+
+pymemcache is covered in ``test_e2e_cli.py``; here pylibmc (libmemcached, the
+C client behind PHP's and many other bindings) speaks the ASCII protocol with
+its own framing, pipelining of noreply writes and multi-get.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MPROXY_CONFIGS
+from tests.servers import HOST, Server, free_port, start_mproxy
+
+try:
+    import pylibmc
+except ImportError:  # no wheel for this platform: setup.cfg installs it on x86_64 only
+    pylibmc = None
+
+
+@pytest.fixture(scope="module", params=sorted(MPROXY_CONFIGS))
+def proxy(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    port = free_port()
+    server = start_mproxy(MPROXY_CONFIGS[request.param](port, free_port()), tmp_path_factory.mktemp("clients"), port)
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def mc(proxy: Server) -> Iterator[object]:
+    if pylibmc is None:
+        if os.environ.get("CI") and platform.machine() == "x86_64":
+            pytest.fail("pylibmc missing: pip install -e '.[test]' installs it on x86_64")
+        pytest.skip("pylibmc has no wheel for this platform")
+    client = pylibmc.Client([f"{HOST}:{proxy.port}"], binary=False, behaviors={"cas": True, "tcp_nodelay": True})
+    client.flush_all()
+    yield client
+    client.disconnect_all()
+
+
+def test_pylibmc_storage_commands(mc: object) -> None:
+    assert mc.set("a", "1")
+    assert mc.get("a") == "1"
+    assert mc.add("a", "x") is False
+    assert mc.add("b", b"bytes") is True
+    assert mc.replace("a", "10") is True
+    assert mc.replace("zz", "10") is False
+    assert mc.append("a", "0") is True
+    assert mc.prepend("a", "9") is True
+    assert mc.get("a") == "9100"
+    assert mc.delete("b") is True
+    assert mc.delete("b") is False
+    assert mc.get("b") is None
+
+
+def test_pylibmc_serialised_values_keep_their_flags(mc: object) -> None:
+    values = {"int": 42, "long": 2**40, "list": [1, "two", 3.0], "dict": {"k": "v"}, "bytes": b"\x00\xff", "str": "h\u00e9"}
+    for key, value in values.items():
+        assert mc.set(key, value)
+    assert mc.get_multi(list(values)) == values
+
+
+def test_pylibmc_counters(mc: object) -> None:
+    mc.set("n", "10")
+    assert mc.incr("n") == 11
+    assert mc.incr("n", 100) == 111
+    assert mc.decr("n", 1000) == 0
+    with pytest.raises(pylibmc.NotFound):
+        mc.incr("missing")
+    mc.set("text", "abc")
+    with pytest.raises(pylibmc.Error):
+        mc.incr("text")
+
+
+def test_pylibmc_cas_touch_and_multi(mc: object) -> None:
+    mc.set("c", "v1")
+    value, cas = mc.gets("c")
+    assert value == "v1"
+    assert mc.cas("c", "v2", cas) is True
+    assert mc.cas("c", "v3", cas) is False
+    assert mc.get("c") == "v2"
+    assert mc.touch("c", 100) is True
+    assert mc.touch("nope", 100) is False
+    data = {f"key:{i}": f"value {i}" for i in range(500)}
+    assert mc.set_multi(data) == []
+    assert mc.get_multi(list(data) + ["absent"]) == data
+    assert mc.delete_multi(list(data)[:10]) is True
+    assert len(mc.get_multi(list(data))) == 490
