@@ -19,6 +19,7 @@ import logging
 import socket
 from typing import Any
 
+from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from mproxy.dispatch import Dispatcher
@@ -73,7 +74,9 @@ class CacheServer:
         self.max_item_size = max_item_size
         self.stopping = False
         self._conns: set[_Connection] = set()
-        self._server = StreamServer(listener, self._handle)
+        # a pool (unbounded: the cap is ConnectionLimit) so that stop() waits for
+        # the handlers and then kills them; without one it would not wait at all
+        self._server = StreamServer(listener, self._handle, spawn=Pool())
 
     @property
     def address(self) -> tuple[str, int]:

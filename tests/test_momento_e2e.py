@@ -473,3 +473,22 @@ def test_auth_token_mismatch_stops_the_start(tmp_path: Path) -> None:
         server.stdout.close()
     assert result.returncode == 1, (result.returncode, result.stderr)
     assert "authentication" in result.stderr and "create cache 'e2e'" in result.stderr, result.stderr
+
+
+def test_sigterm_finishes_the_command_in_hand(stack_factory) -> None:
+    """Graceful stop: a get in flight when SIGTERM arrives still gets its reply, then the
+    connection closes and mproxy exits 0."""
+    stack = stack_factory(5.0)
+    with RawSession(stack.port) as session:
+        assert_works(session, b"inflight", b"value")
+        assert stack.momento.control("fault Get:delay=1.0") == "OK"
+        assert session.send(b"get inflight\r\n")
+        # the get is in flight once the server has counted it
+        deadline = time.monotonic() + 10
+        while json.loads(stack.momento.control("stats"))["calls"].get("Get", 0) < 2:
+            assert time.monotonic() < deadline, "the delayed Get never reached the server"
+            time.sleep(0.01)  # polling interval, bounded by the deadline
+        stack.mproxy.process.send_signal(signal.SIGTERM)
+        data, closed = session.recv_until_closed(timeout=15)
+    assert data == b"VALUE inflight 0 5\r\nvalue\r\nEND\r\n" and closed
+    assert stack.mproxy.process.wait(timeout=15) == 0
