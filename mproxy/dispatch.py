@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from mproxy import __version__
 from mproxy.audit import AuditLog, NullAudit
@@ -75,6 +75,31 @@ class Dispatcher:
             c.MetaNoop: lambda cmd: (r.MN, "ok"),
         }
 
+    def execute_gets(self, cmds: Sequence[c.Get], client: str = "") -> list[bytes]:
+        """Consecutive pipelined get/gets: one backend read for all their keys
+        (on Momento, one batched call instead of one round trip per command).
+        Replies, counters and audit lines stay per command."""
+        if len(cmds) == 1:
+            return [self.execute(cmds[0], client)]
+        audit = self.audit
+        start = time.perf_counter() if audit.enabled else 0.0
+        keys = tuple(key for cmd in cmds for key in cmd.keys)
+        results: list[tuple[bytes, str]]
+        try:
+            found = self._call("get", self.backend.get_many, keys, any(cmd.cas for cmd in cmds))
+        except BackendError as err:
+            results = [(r.server_error(str(err)), err.code)] * len(cmds)
+        except Exception:  # a bug must cost replies, not the connection
+            log.exception("internal error executing %d pipelined gets on cache %s", len(cmds), self.cache_name)
+            results = [(r.server_error("internal error"), "internal")] * len(cmds)
+        else:
+            results = [self._answer_get(cmd, found) for cmd in cmds]
+        if audit.enabled:
+            seconds = time.perf_counter() - start
+            for cmd, (_, outcome) in zip(cmds, results):
+                self._audit(cmd, client, outcome, seconds)
+        return [reply for reply, _ in results]
+
     def execute(self, cmd: c.Command, client: str = "") -> bytes:
         audit = self.audit
         start = time.perf_counter() if audit.enabled else 0.0
@@ -113,7 +138,9 @@ class Dispatcher:
         return b"".join(parts)
 
     def _get(self, cmd: c.Get) -> tuple[bytes, str]:
-        found = self._call("get", self.backend.get_many, cmd.keys, cmd.cas)
+        return self._answer_get(cmd, self._call("get", self.backend.get_many, cmd.keys, cmd.cas))
+
+    def _answer_get(self, cmd: c.Get, found: dict[bytes, Item]) -> tuple[bytes, str]:
         st = self.stats
         hits = sum(1 for key in cmd.keys if key in found)
         st.cmd_get += len(cmd.keys)

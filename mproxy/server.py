@@ -33,8 +33,11 @@ log = logging.getLogger(__name__)
 
 #: bytes asked of each recv
 READ_SIZE = 64 * 1024
-#: replies of one batch are sent once they reach this size
+#: replies of one read are sent early once they reach this size
 FLUSH_BYTES = 1024 * 1024
+#: consecutive pipelined get/gets run as one backend read, up to this many keys
+#: (as many as one GetBatch carries)
+MAX_PIPELINED_KEYS = 100
 
 
 class _Connection:
@@ -132,6 +135,8 @@ class CacheServer:
         st = self.stats
         parser = Parser(self.max_item_size)
         execute = self.dispatcher.execute
+        execute_gets = self.dispatcher.execute_gets
+        out = _Output(sock, st)
         while not self.stopping:
             data = sock.recv(READ_SIZE)
             if not data:
@@ -139,43 +144,74 @@ class CacheServer:
             conn.busy = True
             st.bytes_read += len(data)
             parser.feed(data)
-            out: list[bytes] = []
-            size = 0
             close = False
+            #: consecutive get/gets of this read, run as one backend read
+            gets: list[c.Get] = []
+            nkeys = 0
             while True:
                 try:
                     cmd = parser.next_command()
                 except ProtocolError as err:
                     st.protocol_errors += 1
                     if err.fatal:
+                        if gets:  # their effects happen (as in memcached), their replies are dropped
+                            execute_gets(gets, client)
                         # memcached drops the connection and what it had not sent yet
                         log.debug("closing connection from %s: %s", client, err)
                         return
-                    out.append(err.reply)
-                    size += len(err.reply)
+                    error: bytes | None = err.reply
+                    cmd = None
+                else:
+                    error = None
+                if type(cmd) is c.Get and nkeys + len(cmd.keys) <= MAX_PIPELINED_KEYS:
+                    gets.append(cmd)
+                    nkeys += len(cmd.keys)
                     continue
-                if cmd is NEED_DATA:
+                if gets:  # anything else ends the group
+                    for reply in execute_gets(gets, client):
+                        out.add(reply)
+                    gets, nkeys = [], 0
+                if type(cmd) is c.Get:  # too many keys to join the group: it starts the next
+                    gets, nkeys = [cmd], len(cmd.keys)
+                elif error is not None:
+                    out.add(error)
+                elif cmd is NEED_DATA:
                     break
-                if type(cmd) is c.Quit:
+                elif type(cmd) is c.Quit:
                     close = True
                     break
-                reply = execute(cmd, client)
-                if reply:
-                    out.append(reply)
-                    size += len(reply)
-                    if size >= FLUSH_BYTES:
-                        self._send(sock, out)
-                        out, size = [], 0
-            if out:
-                self._send(sock, out)
+                else:
+                    out.add(execute(cmd, client))
+            out.flush()
             conn.busy = False
             if close:
                 return
 
-    def _send(self, sock: socket.socket, out: list[bytes]) -> None:
-        payload = b"".join(out)
-        sock.sendall(payload)
-        self.stats.bytes_written += len(payload)
+
+class _Output:
+    """Replies of one read, sent with one ``sendall`` (early past ``FLUSH_BYTES``)."""
+
+    __slots__ = ("sock", "stats", "parts", "size")
+
+    def __init__(self, sock: socket.socket, stats: CacheStats) -> None:
+        self.sock = sock
+        self.stats = stats
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, reply: bytes) -> None:
+        if reply:  # noreply commands answer b""
+            self.parts.append(reply)
+            self.size += len(reply)
+            if self.size >= FLUSH_BYTES:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.parts:
+            payload = b"".join(self.parts)
+            self.parts, self.size = [], 0
+            self.sock.sendall(payload)
+            self.stats.bytes_written += len(payload)
 
 
 def _shutdown(sock: socket.socket) -> None:

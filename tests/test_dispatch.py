@@ -94,3 +94,34 @@ def test_stats_on_data_port() -> None:
     assert out.startswith(b"STAT pid ") and out.endswith(b"END\r\n")
     assert run(d, b"stats reset\r\n") == b"RESET\r\n"
     assert run(d, b"stats nonsense\r\n") == b"ERROR\r\n"
+
+
+class Spy(MemoryBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[tuple[tuple[bytes, ...], bool]] = []
+
+    def get_many(self, keys: Any, with_cas: bool = False) -> Any:
+        self.reads.append((tuple(keys), with_cas))
+        return super().get_many(keys, with_cas)
+
+
+def test_pipelined_gets_are_one_backend_read_with_per_command_replies() -> None:
+    spy = Spy()
+    d, stats = make(spy)
+    run(d, b"set a 1 0 1\r\nA\r\nset b 2 0 1\r\nB\r\n")
+    replies = d.execute_gets([c.Get((b"a",)), c.Get((b"x", b"b"), cas=True), c.Get((b"a",))])
+    assert spy.reads == [((b"a", b"x", b"b", b"a"), True)]
+    assert replies[0] == b"VALUE a 1 1\r\nA\r\nEND\r\n"
+    assert replies[1].startswith(b"VALUE b 2 1 ") and replies[1].endswith(b"\r\nB\r\nEND\r\n")
+    assert replies[2] == replies[0]
+    st = stats.cache("c")
+    assert (st.cmd_get, st.get_hits, st.get_misses) == (4, 3, 1)
+    assert d.execute_gets([c.Get((b"a",))]) == [replies[0]] and len(spy.reads) == 2
+
+
+def test_pipelined_gets_share_a_backend_failure() -> None:
+    d, stats = make(Failing())
+    replies = d.execute_gets([c.Get((b"a",)), c.Get((b"b",))])
+    assert replies == [b"SERVER_ERROR momento timeout after 5.0s on get_many\r\n"] * 2
+    assert stats.cache("c").snapshot()["backend_errors_timeout"] == 1

@@ -492,3 +492,21 @@ def test_sigterm_finishes_the_command_in_hand(stack_factory) -> None:
         data, closed = session.recv_until_closed(timeout=15)
     assert data == b"VALUE inflight 0 5\r\nvalue\r\nEND\r\n" and closed
     assert stack.mproxy.process.wait(timeout=15) == 0
+
+
+def test_pipelined_gets_become_one_batched_call(stack_factory) -> None:
+    """50 single-key gets in one write: one GetBatch, not 50 round trips."""
+    stack = stack_factory(5.0, faults=("Get:delay=0.05", "GetBatch:delay=0.05"))
+    with RawSession(stack.port) as session:
+        assert session.send(b"set p 0 0 1\r\nx\r\n")
+        assert session.recv_until_terminator(b"STORED\r\n")[1]
+        stack.momento.control("reset")
+        start = time.monotonic()
+        assert session.send(b"get p\r\n" * 49 + b"get missing\r\n")
+        data, complete = session.recv_until(lambda buf: buf.count(b"END\r\n") == 50, timeout=15)
+        elapsed = time.monotonic() - start
+    assert complete and data == b"VALUE p 0 1\r\nx\r\nEND\r\n" * 49 + b"END\r\n"
+    calls = json.loads(stack.momento.control("stats"))["calls"]
+    # one read normally carries all 50 lines: one GetBatch (a split read adds a call or two)
+    assert calls.get("GetBatch", 0) >= 1 and sum(calls.values()) <= 3, calls
+    assert elapsed < 2.0, f"50 pipelined gets took {elapsed:.2f} s (50 sequential calls would take 2.5 s)"
