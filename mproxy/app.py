@@ -58,10 +58,6 @@ class App:
             log.warning("%s", warning)
         self.audit = audit_mod.from_config(cfg.klog)
         self.stats.attach_audit(self.audit)
-        if any(cache.backend == "momento" for cache in cfg.caches):
-            from mproxy.backends.momento import prepare_gevent
-
-            prepare_gevent()
         for cache in cfg.caches:
             name = cache.name  # config.loads fills it from cache_name when empty
             try:

@@ -64,6 +64,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from gevent import monkey
 
     monkey.patch_all()
+    if any(cache.backend == "momento" for cache in cfg.caches):
+        # the first import of grpc, right after patching and before any channel
+        from mproxy.backends.momento import prepare_gevent
+
+        prepare_gevent()
     from mproxy.app import App, StartupError
 
     app = App(cfg, log_level=args.log_level, log_format=args.log_format)

@@ -511,3 +511,37 @@ def test_pipelined_gets_become_one_batched_call(stack_factory) -> None:
     assert calls.get("GetBatch", 0) >= 1 and sum(calls.values()) <= 3, calls
     print(f"50 pipelined gets: {elapsed:.3f} s, calls {calls}")
     assert elapsed < 2.0, f"50 pipelined gets took {elapsed:.2f} s (50 sequential calls would take 2.5 s)"
+
+
+def test_second_sigint_exits_at_once(stack_factory) -> None:
+    """A first SIGINT starts the graceful stop, which waits for a get the server holds
+    for 30 s; a second SIGINT ends mproxy at once (exit status 1)."""
+    stack = stack_factory(60.0)
+    with RawSession(stack.port) as session:
+        assert_works(session, b"slow", b"value")
+        assert stack.momento.control("fault Get:delay=30") == "OK"
+        assert session.send(b"get slow\r\n")
+        deadline = time.monotonic() + 10
+        while json.loads(stack.momento.control("stats"))["calls"].get("Get", 0) < 2:
+            assert time.monotonic() < deadline, "the delayed Get never reached the server"
+            time.sleep(0.01)  # polling interval, bounded by the deadline
+        process = stack.mproxy.process
+        process.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 10
+        while _accepts(stack.port):  # the graceful stop closes the listener first
+            assert time.monotonic() < deadline, "the first SIGINT did not start a graceful stop"
+            time.sleep(0.01)  # polling interval, bounded by the deadline
+        assert process.poll() is None  # still waiting for the get in hand
+        start = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 1
+        assert time.monotonic() - start < 5
+        assert stack.momento.control("clear") == "OK"
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=1):
+            return True
+    except OSError:
+        return False
