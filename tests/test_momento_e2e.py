@@ -22,8 +22,6 @@ stopped in a ``finally``; every wait is a poll with a deadline.
 from __future__ import annotations
 
 import json
-import os
-import select
 import signal
 import socket
 import subprocess
@@ -36,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+from mproxy.backends.momento_embedded import read_ports
 from mproxy.momento_local.server import control_request
 from tests.servers import HOST, RawSession, Server, free_port, start_mproxy
 
@@ -113,14 +112,7 @@ def start_local_momento(
     with log_path.open("wb") as log:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
     try:
-        line = _first_line(process, LOCAL_START_TIMEOUT)
-        words = line.decode(errors="replace").split()
-        # "mproxy-momento-local listening on HOST:PORT control HOST:CPORT"
-        if words[:3] != ["mproxy-momento-local", "listening", "on"] or len(words) != 6:
-            raise RuntimeError(f"unexpected first line {line!r}; stderr: {log_path.read_text(errors='replace')}")
-        server = LocalMomento(
-            int(words[3].rsplit(":", 1)[1]), int(words[5].rsplit(":", 1)[1]), process, log_path
-        )
+        server = LocalMomento(*read_ports(process, LOCAL_START_TIMEOUT), process, log_path)
     except BaseException:
         if process.poll() is None:
             process.kill()
@@ -130,27 +122,6 @@ def start_local_momento(
         raise
     assert port in (0, server.port)
     return server
-
-
-def _first_line(process: subprocess.Popen[bytes], timeout: float) -> bytes:
-    assert process.stdout is not None
-    fd = process.stdout.fileno()
-    deadline = time.monotonic() + timeout
-    buffer = b""
-    while b"\n" not in buffer:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise RuntimeError(f"the local Momento server printed no listening line within {timeout} s")
-        readable, _, _ = select.select([fd], [], [], remaining)
-        if readable:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                raise RuntimeError(f"the local Momento server exited with status {process.wait(timeout=10)}")
-            buffer += chunk
-    return buffer.split(b"\n", 1)[0]
-
-
-# ---- mproxy in front of it ---------------------------------------------------------
 
 
 def mproxy_config(port: int, admin_port: int, momento_port: int, request_timeout: float) -> str:
@@ -458,7 +429,7 @@ def test_auth_token_mismatch_stops_the_start(tmp_path: Path) -> None:
     ]
     server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
-        _first_line(server, LOCAL_START_TIMEOUT)
+        read_ports(server, LOCAL_START_TIMEOUT)
         port, admin_port = free_port(), free_port()
         config = tmp_path / "auth.toml"
         config.write_text(mproxy_config(port, admin_port, momento_port, REQUEST_TIMEOUT))
@@ -483,11 +454,7 @@ def test_sigterm_finishes_the_command_in_hand(stack_factory) -> None:
         assert_works(session, b"inflight", b"value")
         assert stack.momento.control("fault Get:delay=1.0") == "OK"
         assert session.send(b"get inflight\r\n")
-        # the get is in flight once the server has counted it
-        deadline = time.monotonic() + 10
-        while json.loads(stack.momento.control("stats"))["calls"].get("Get", 0) < 2:
-            assert time.monotonic() < deadline, "the delayed Get never reached the server"
-            time.sleep(0.01)  # polling interval, bounded by the deadline
+        _wait_for_calls(stack, "Get", 2)  # the get is in flight once the server counted it
         stack.mproxy.process.send_signal(signal.SIGTERM)
         data, closed = session.recv_until_closed(timeout=15)
     assert data == b"VALUE inflight 0 5\r\nvalue\r\nEND\r\n" and closed
@@ -521,10 +488,7 @@ def test_second_sigint_exits_at_once(stack_factory) -> None:
         assert_works(session, b"slow", b"value")
         assert stack.momento.control("fault Get:delay=30") == "OK"
         assert session.send(b"get slow\r\n")
-        deadline = time.monotonic() + 10
-        while json.loads(stack.momento.control("stats"))["calls"].get("Get", 0) < 2:
-            assert time.monotonic() < deadline, "the delayed Get never reached the server"
-            time.sleep(0.01)  # polling interval, bounded by the deadline
+        _wait_for_calls(stack, "Get", 2)  # the get is in flight once the server counted it
         process = stack.mproxy.process
         process.send_signal(signal.SIGINT)
         deadline = time.monotonic() + 10
@@ -545,3 +509,10 @@ def _accepts(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def _wait_for_calls(stack: Stack, rpc: str, count: int) -> None:
+    deadline = time.monotonic() + 10
+    while json.loads(stack.momento.control("stats"))["calls"].get(rpc, 0) < count:
+        assert time.monotonic() < deadline, f"{rpc} never reached the local server {count} times"
+        time.sleep(0.01)  # polling interval, bounded by the deadline

@@ -144,17 +144,25 @@ def _start() -> EmbeddedServer:
             f"cannot start the embedded Momento server ({argv[0]} -m mproxy.momento_local): {exc}"
         ) from exc
     try:
-        line = _read_line(process, START_TIMEOUT_SECONDS)
-        match = _LISTENING.search(line)
-        if match is None:
-            raise EmbeddedServerError(f"the embedded Momento server printed an unexpected first line: {line[:200]!r}")
+        port, control_port = read_ports(process, START_TIMEOUT_SECONDS)
     except BaseException:
         process.kill()
         process.wait()
         if process.stdout is not None:
             process.stdout.close()
         raise
-    return EmbeddedServer(HOST, int(match.group(2)), int(match.group(4)), process)
+    return EmbeddedServer(HOST, port, control_port, process)
+
+
+def read_ports(process: subprocess.Popen[bytes], timeout: float) -> tuple[int, int]:
+    """The data and control ports a ``mproxy.momento_local`` child reports on the
+    first line of its stdout (``... listening on H:P control H:C``), read within
+    ``timeout`` seconds. Raises :class:`EmbeddedServerError`."""
+    line = _read_line(process, timeout)
+    match = _LISTENING.search(line)
+    if match is None:
+        raise EmbeddedServerError(f"the local Momento server printed an unexpected first line: {line[:200]!r}")
+    return int(match.group(2)), int(match.group(4))
 
 
 def _read_line(process: subprocess.Popen[bytes], timeout: float) -> bytes:
