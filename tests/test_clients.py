@@ -2,14 +2,19 @@
 
 pymemcache is covered in ``test_e2e_cli.py``; here pylibmc (libmemcached, the
 C client behind PHP's and many other bindings) speaks the ASCII protocol with
-its own framing, pipelining of noreply writes and multi-get.
+its own framing, pipelining of noreply writes and multi-get, and Node's
+``memcached`` package runs one script against real memcached and mproxy.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import shutil
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +95,26 @@ def test_pylibmc_cas_touch_and_multi(mc: object) -> None:
     assert mc.get_multi(list(data) + ["absent"]) == data
     assert mc.delete_multi(list(data)[:10]) is True
     assert len(mc.get_multi(list(data))) == 490
+
+
+NODE_CHECK = Path(__file__).resolve().parent / "clients" / "node" / "check.js"
+
+
+def _node_results(port: int) -> dict[str, object]:
+    node = shutil.which("node")
+    installed = (NODE_CHECK.parent / "node_modules" / "memcached").is_dir()
+    if node is None or not installed:
+        if os.environ.get("CI"):
+            pytest.fail("node or tests/clients/node/node_modules missing: .ci/run installs them")
+        pytest.skip("the Node client check needs node and `npm ci --prefix tests/clients/node`")
+    proc = subprocess.run([node, str(NODE_CHECK), f"{HOST}:{port}"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_node_memcached_client_sees_what_memcached_answers(proxy: Server, memcached_server: Server) -> None:
+    """The 'memcached' npm client (ASCII): the same script against real memcached and
+    mproxy gives the same results."""
+    expected = _node_results(memcached_server.port)
+    assert expected["get"] == "alpha" and expected["multi_count"] == 200  # the script itself works
+    assert _node_results(proxy.port) == expected
