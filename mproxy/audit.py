@@ -51,12 +51,23 @@ WRITE_BATCH = 256
 class AuditConfig(Protocol):
     """The ``[klog]`` settings (:class:`mproxy.config.KlogConfig`) as read here."""
 
-    file: str  # "" = no audit log
-    backup: str  # newest rotated file; "" = ``<file>.old``
-    sample: int  # log 1 command in ``sample``; 0 = none
-    max_size: int  # rotate when the file would exceed this many bytes; 0 = never
-    backup_count: int  # rotated files kept
-    queue_size: int  # lines waiting for the writer before new ones are dropped
+    @property
+    def file(self) -> str: ...  # "" = no audit log
+
+    @property
+    def backup(self) -> str: ...  # newest rotated file; "" = ``<file>.old``
+
+    @property
+    def sample(self) -> int: ...  # log 1 command in ``sample``; 0 = none
+
+    @property
+    def max_size(self) -> int: ...  # rotate when the file would exceed this many bytes; 0 = never
+
+    @property
+    def backup_count(self) -> int: ...  # rotated files kept
+
+    @property
+    def queue_size(self) -> int: ...  # lines waiting for the writer before new ones are dropped
 
 
 class NullAudit:

@@ -747,12 +747,11 @@ class _Loader:
     @staticmethod
     def resolve_cache(cache: CacheConfig) -> CacheConfig:
         """Fill the defaults that depend on other keys."""
-        changes: dict[str, object] = {}
         if not cache.name:
-            changes["name"] = cache.cache_name
+            cache = dataclasses.replace(cache, name=cache.cache_name)
         if cache.backend == "memory" and cache.memory_cache_bytes == 0:
-            changes["memory_cache_bytes"] = MEMORY_BACKEND_DEFAULT_BYTES
-        return dataclasses.replace(cache, **changes) if changes else cache
+            cache = dataclasses.replace(cache, memory_cache_bytes=MEMORY_BACKEND_DEFAULT_BYTES)
+        return cache
 
     def check_listeners(self, config: Config) -> None:
         """No two listeners may bind the same address (port 0 is always free)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import time
-from typing import Callable, Literal
+from typing import Callable
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -96,7 +96,7 @@ class SdkWarningGate(logging.Handler):
 _installed: list[tuple[logging.Logger, logging.Handler]] = []
 
 
-def setup_logging(level: str, fmt: Literal["text", "json"] = "text", file: str = "", stats: Stats | None = None) -> None:
+def setup_logging(level: str, fmt: str = "text", file: str = "", stats: Stats | None = None) -> None:
     """Configure the root logger and gate the SDK's warnings (see the module doc).
 
     ``level`` is a logging level name (``INFO``, ``debug``...); ``file`` ""
@@ -107,16 +107,16 @@ def setup_logging(level: str, fmt: Literal["text", "json"] = "text", file: str =
         handler.close()
     _installed.clear()
 
-    handler: logging.Handler = logging.handlers.WatchedFileHandler(file) if file else logging.StreamHandler()
-    handler.setFormatter(UtcJsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    out: logging.Handler = logging.handlers.WatchedFileHandler(file) if file else logging.StreamHandler()
+    out.setFormatter(UtcJsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
-    root.addHandler(handler)
+    root.addHandler(out)
 
     sdk = logging.getLogger(SDK_LOGGER)
     gate = SdkWarningGate(stats)
     sdk.addHandler(gate)
     sdk.propagate = False
-    _installed.extend(((root, handler), (sdk, gate)))
+    _installed.extend(((root, out), (sdk, gate)))
     set_level(level)
 
 

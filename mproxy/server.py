@@ -26,7 +26,7 @@ from mproxy.dispatch import Dispatcher
 from mproxy.protocol import commands as c
 from mproxy.protocol import replies as r
 from mproxy.protocol.errors import ProtocolError
-from mproxy.protocol.parser import NEED_DATA, Parser
+from mproxy.protocol.parser import NeedData, Parser
 from mproxy.stats import CacheStats
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,7 @@ class CacheServer:
             gets: list[c.Get] = []
             nkeys = 0
             while True:
+                cmd: c.Command | NeedData | None
                 try:
                     cmd = parser.next_command()
                 except ProtocolError as err:
@@ -175,7 +176,7 @@ class CacheServer:
                     gets, nkeys = [cmd], len(cmd.keys)
                 elif error is not None:
                     out.add(error)
-                elif cmd is NEED_DATA:
+                elif cmd is None or isinstance(cmd, NeedData):
                     break
                 elif type(cmd) is c.Quit:
                     close = True

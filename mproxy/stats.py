@@ -173,6 +173,34 @@ class CacheStats:
 
     __slots__ = COUNTERS + ("name", "latency", "backend_error_codes")
 
+    # the counters, set in __init__ from COUNTERS (declared for type checkers)
+    curr_connections: int
+    total_connections: int
+    rejected_connections: int
+    cmd_get: int
+    cmd_set: int
+    cmd_flush: int
+    cmd_touch: int
+    get_hits: int
+    get_misses: int
+    get_expired: int
+    get_flushed: int
+    delete_misses: int
+    delete_hits: int
+    incr_misses: int
+    incr_hits: int
+    decr_misses: int
+    decr_hits: int
+    cas_misses: int
+    cas_hits: int
+    cas_badval: int
+    touch_hits: int
+    touch_misses: int
+    bytes_read: int
+    bytes_written: int
+    protocol_errors: int
+    backend_errors: int
+
     def __init__(self, name: str) -> None:
         self.name = name
         for counter in COUNTERS:

@@ -24,14 +24,14 @@ from mproxy.protocol import commands as c
 from mproxy.protocol.errors import ClientError, CommandError, ConnectionClosed, ProtocolError
 
 
-class _NeedData:
+class NeedData:
     __slots__ = ()
 
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
-NEED_DATA: Final = _NeedData()
+NEED_DATA: Final = NeedData()
 
 _SPACE = frozenset(b" \t\n\v\f\r")  # C isspace()
 _FIRST_LETTER_FAMILIES = frozenset(b"gsacidt")
@@ -131,7 +131,7 @@ class Parser:
         """Bytes received and not yet consumed."""
         return len(self._buf) - self._pos
 
-    def next_command(self) -> c.Command | _NeedData:
+    def next_command(self) -> c.Command | NeedData:
         buf = self._buf
         if self._swallow is not None:
             cmd, left = self._swallow
@@ -151,8 +151,7 @@ class Parser:
             start = self._pos
             self._pos = end
             if buf[end - 2 : end] != b"\r\n":
-                cmd = build(b"")
-                raise ClientError("bad data chunk", cmd.noreply)
+                raise ClientError("bad data chunk", build(b"").noreply)
             return build(bytes(buf[start : end - 2]))
         nl = buf.find(b"\n", max(self._pos, self._scan))
         if nl < 0:
