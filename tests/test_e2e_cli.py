@@ -185,3 +185,35 @@ def test_check_config_prints_effective_config(tmp_path: Path) -> None:
 def test_version_flag() -> None:
     proc = subprocess.run([sys.executable, "-m", "mproxy", "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("mproxy ")
+
+
+def test_random_bytes_never_take_the_server_down(proxy: Server) -> None:
+    """Garbage, truncated commands and abrupt closes on many connections: mproxy keeps
+    serving, and its memory stays bounded (checked from /proc)."""
+    import random
+
+    rng = random.Random(1234)
+    pieces = [b"set k 0 0 5\r\n", b"get k\r\n", b"gat -1 k\r\n", b"\r\n", b"noreply", b" ", b"\x00",
+              b"incr k 99999999999999999999\r\n", b"cas k 0 0 1 x\r\n", b"HTTP/1.1\r\n", b"x" * 3000]
+    rss_before = _rss_kib(proxy)
+    for _ in range(200):
+        blob = b"".join(rng.choice(pieces) if rng.random() < 0.7 else rng.randbytes(rng.randint(1, 200))
+                        for _ in range(rng.randint(1, 20)))
+        with socket.create_connection((HOST, proxy.port), timeout=10) as sock:
+            sock.sendall(blob)
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(10)
+            while sock.recv(65536):
+                pass
+    with RawSession(proxy.port) as s:
+        s.send(b"set ok 0 0 2\r\nok\r\nget ok\r\n")
+        assert s.recv_until_terminator(b"END\r\n")[0] == b"STORED\r\nVALUE ok 0 2\r\nok\r\nEND\r\n"
+    assert _rss_kib(proxy) < rss_before + 64 * 1024
+
+
+def _rss_kib(server: Server) -> int:
+    with open(f"/proc/{server.process.pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
