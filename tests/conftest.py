@@ -28,8 +28,8 @@ from tests.servers import Server, free_port, memcached_binary, start_memcached, 
 MAX_ITEM_SIZE = 1024 * 1024
 
 
-def memory_config(port: int, admin_port: int) -> str:
-    """TOML config: one cache served from the in-process memory backend."""
+def _config(port: int, admin_port: int, cache_keys: str) -> str:
+    """TOML config: memcached's item size limit, the admin port, one ``[[cache]]``."""
     return f"""\
 [proxy]
 max_item_size = {MAX_ITEM_SIZE}
@@ -41,9 +41,12 @@ port = {admin_port}
 [[cache]]
 host = "127.0.0.1"
 port = {port}
-cache_name = "differential"
-backend = "memory"
-"""
+{cache_keys}"""
+
+
+def memory_config(port: int, admin_port: int) -> str:
+    """TOML config: one cache served from the in-process memory backend."""
+    return _config(port, admin_port, 'cache_name = "differential"\nbackend = "memory"\n')
 
 
 #: Options of every reference memcached. ``no_lru_maintainer`` turns off the segmented
@@ -79,17 +82,10 @@ def momento_config(
     settings closest to memcached: memcached's item size limit, the longest TTL
     Momento allows for exptime 0, flags stored with the value, flush_all allowed.
     """
-    return f"""\
-[proxy]
-max_item_size = {MAX_ITEM_SIZE}
-
-[admin]
-host = "127.0.0.1"
-port = {admin_port}
-
-[[cache]]
-host = "127.0.0.1"
-port = {port}
+    return _config(
+        port,
+        admin_port,
+        f"""\
 cache_name = "{MOMENTO_CACHE_NAME}"
 backend = "momento"
 default_ttl = {default_ttl}
@@ -99,7 +95,8 @@ allow_flush = true
 
 [momento]
 local = "{local}"
-"""
+""",
+    )
 
 
 #: Backend name -> builder of the mproxy TOML config from (data port, admin port,

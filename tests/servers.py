@@ -2,6 +2,7 @@
 
 * :func:`start_memcached` runs the real ``memcached`` binary (the reference).
 * :func:`start_mproxy` runs ``python -m mproxy -c CONFIG`` as a subprocess.
+* :func:`start_local_momento` runs the bundled Momento-compatible server.
 * :class:`RawSession` is a blocking socket wrapper that sends bytes and reads
   replies until a caller-given condition, the peer closing, or a deadline.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+from mproxy.backends.momento_embedded import read_ports
+from mproxy.momento_local.server import control_request
 
 HOST = "127.0.0.1"
 #: How long a server may take to accept its first connection.
@@ -221,3 +226,65 @@ class RawSession:
             if not chunk:
                 return buffer
             buffer += chunk
+
+
+@dataclass
+class LocalMomento:
+    """A running ``mproxy.momento_local`` child: gRPC port, control port, process."""
+
+    port: int
+    control_port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def control(self, command: str) -> str:
+        return control_request(HOST, self.control_port, command)
+
+    def kill(self) -> None:
+        """SIGKILL and reap (idempotent)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def stop(self) -> None:
+        """SIGTERM, SIGKILL after 5 s (idempotent)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+
+def start_local_momento(
+    tmp_path: Path, cache: str, port: int = 0, faults: tuple[str, ...] = (), workers: int = 128
+) -> LocalMomento:
+    """Start the bundled local server (``--cache cache``) and wait for its listening line.
+
+    ``port`` 0 lets the server pick (it reports it); a fixed port is used to
+    restart a server where a proxy expects it. ``workers``: RPCs served at once
+    (delayed calls hold one each, so the concurrency test needs >= 100).
+    """
+    argv = [
+        sys.executable, "-m", "mproxy.momento_local", "--host", HOST, "--port", str(port),
+        "--control-port", "0", "--cache", cache, "--workers", str(workers),
+    ]
+    for spec in faults:
+        argv += ["--fault", spec]
+    log_path = tmp_path / f"momento-local-{port}-{time.monotonic_ns()}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
+    try:
+        server = LocalMomento(*read_ports(process, START_TIMEOUT), process, log_path)
+    except BaseException:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+        raise
+    assert port in (0, server.port)
+    return server

@@ -20,14 +20,8 @@ Two kinds of proxy are used:
 from __future__ import annotations
 
 import hashlib
-import os
-import select
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
@@ -36,12 +30,10 @@ from momento_wire_types import cacheclient_pb2_grpc as pb_grpc
 
 from mproxy.momento_local.server import control_request
 from tests.conftest import MAX_ITEM_SIZE, MOMENTO_CACHE_NAME, MOMENTO_MAX_TTL, MproxyFactory
-from tests.servers import HOST, RawSession, Server
+from tests.servers import HOST, LocalMomento, RawSession, Server, start_local_momento
 
 #: ``default_ttl`` of the shared proxies: distinct from ``max_ttl`` so a test can tell them apart.
 SHARED_DEFAULT_TTL = 600
-#: How long a local server may take to print its listening line.
-LOCAL_START_TIMEOUT = 20.0
 #: Bound on the time between a command and reading the TTL it set (ms): a loaded CI machine.
 TTL_SLACK_MS = 3000
 #: The flags header mproxy puts in front of values with non-zero flags (compatibility.md, "Flags").
@@ -70,56 +62,6 @@ def content_unique(stored: bytes) -> int:
     return (int.from_bytes(hashlib.blake2b(stored, digest_size=8).digest(), "big") & (2**63 - 1)) or 1
 
 
-@dataclass
-class LocalMomento:
-    """A local Momento-compatible server started by this module."""
-
-    port: int
-    control_port: int
-    process: subprocess.Popen[bytes]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-
-
-def start_local_momento(log_path: Path) -> LocalMomento:
-    """``python -m mproxy.momento_local`` on free ports, with the differential cache created."""
-    argv = [sys.executable, "-m", "mproxy.momento_local", "--host", HOST, "--port", "0"]
-    argv += ["--control-port", "0", "--cache", MOMENTO_CACHE_NAME]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
-    server = LocalMomento(0, 0, process)
-    assert process.stdout is not None
-    deadline = time.monotonic() + LOCAL_START_TIMEOUT
-    line = b""
-    try:
-        while not line.endswith(b"\n"):
-            remaining = deadline - time.monotonic()
-            readable, _, _ = select.select([process.stdout], [], [], max(remaining, 0))
-            if not readable:
-                raise RuntimeError(f"local Momento server printed no listening line: {log_path.read_text()}")
-            chunk = os.read(process.stdout.fileno(), 4096)
-            if not chunk:
-                raise RuntimeError(f"local Momento server exited: {log_path.read_text()}")
-            line += chunk
-        # "mproxy-momento-local listening on HOST:PORT control HOST:CPORT"
-        words = line.split()
-        server.port = int(words[3].rsplit(b":", 1)[1])
-        server.control_port = int(words[5].rsplit(b":", 1)[1])
-    except BaseException:
-        server.stop()
-        raise
-    return server
-
-
 @pytest.fixture(scope="module")
 def embedded(mproxy_factory: MproxyFactory) -> Server:
     """mproxy as the differential ``momento`` target runs it (embedded local server)."""
@@ -128,7 +70,7 @@ def embedded(mproxy_factory: MproxyFactory) -> Server:
 
 @pytest.fixture(scope="module")
 def local_momento(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMomento]:
-    server = start_local_momento(tmp_path_factory.mktemp("momento-local") / "server.log")
+    server = start_local_momento(tmp_path_factory.mktemp("momento-local"), MOMENTO_CACHE_NAME, workers=32)
     try:
         yield server
     finally:

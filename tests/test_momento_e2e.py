@@ -35,8 +35,7 @@ from pathlib import Path
 import pytest
 
 from mproxy.backends.momento_embedded import read_ports
-from mproxy.momento_local.server import control_request
-from tests.servers import HOST, RawSession, Server, free_port, start_mproxy
+from tests.servers import HOST, LocalMomento, RawSession, Server, free_port, start_local_momento, start_mproxy
 
 CACHE = "e2e"
 #: How long the local server may take to print its listening line.
@@ -57,71 +56,6 @@ CONCURRENCY_BOUND = 1.0
 RECOVERY_DEADLINE = 15.0
 #: Interval between two recovery probes (a poll interval, not a synchronisation).
 POLL_INTERVAL = 0.05
-
-
-# ---- the local Momento server as a subprocess ------------------------------------
-
-
-@dataclass
-class LocalMomento:
-    """A running ``mproxy.momento_local`` child: gRPC port, control port, process."""
-
-    port: int
-    control_port: int
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def control(self, command: str) -> str:
-        return control_request(HOST, self.control_port, command)
-
-    def kill(self) -> None:
-        """SIGKILL and reap (idempotent)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-
-    def stop(self) -> None:
-        """SIGTERM, SIGKILL after 5 s (idempotent)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill()
-
-
-def start_local_momento(
-    tmp_path: Path, port: int = 0, faults: tuple[str, ...] = (), workers: int = 128
-) -> LocalMomento:
-    """Start the bundled local server (``--cache CACHE``) and wait for its listening line.
-
-    ``port`` 0 lets the server pick (it reports it); a fixed port is used to
-    restart a server where a proxy expects it. ``workers``: RPCs served at once
-    (delayed calls hold one each, so the concurrency test needs >= 100).
-    """
-    argv = [
-        sys.executable, "-m", "mproxy.momento_local", "--host", HOST, "--port", str(port),
-        "--control-port", "0", "--cache", CACHE, "--workers", str(workers),
-    ]
-    for spec in faults:
-        argv += ["--fault", spec]
-    log_path = tmp_path / f"momento-local-{port}-{time.monotonic_ns()}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
-    try:
-        server = LocalMomento(*read_ports(process, LOCAL_START_TIMEOUT), process, log_path)
-    except BaseException:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=10)
-        if process.stdout is not None:
-            process.stdout.close()
-        raise
-    assert port in (0, server.port)
-    return server
 
 
 def mproxy_config(port: int, admin_port: int, momento_port: int, request_timeout: float) -> str:
@@ -175,7 +109,7 @@ def stack_factory(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
     stacks: list[Stack] = []
 
     def factory(request_timeout: float, faults: tuple[str, ...] = ()) -> Stack:
-        momento = start_local_momento(tmp_path, faults=faults)
+        momento = start_local_momento(tmp_path, CACHE, faults=faults)
         try:
             port, admin_port = free_port(), free_port()
             while admin_port == port:
@@ -379,7 +313,7 @@ def test_server_killed_and_restarted_on_the_same_port(stack_factory, capsys) -> 
         assert not session.closed_by_peer
 
         # same port, same cache name, empty store; the fixture stops it
-        stack.momento = start_local_momento(stack.tmp_path, port=momento_port)
+        stack.momento = start_local_momento(stack.tmp_path, CACHE, port=momento_port)
         restarted_at = time.monotonic()
         deadline = restarted_at + RECOVERY_DEADLINE
         attempts = 0
