@@ -36,6 +36,16 @@ STOP_TIMEOUT = 5.0
 READ_TIMEOUT = 10.0
 
 
+class FakeClock:
+    """A settable clock for code that takes ``clock=``: ``clock.now += 5`` advances time."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class ServerStartError(RuntimeError):
     """A server process exited or did not accept connections in time."""
 

@@ -33,7 +33,7 @@ from mproxy.backends.memory import (
     item_size,
     parse_counter,
 )
-from tests.servers import RawSession, Server
+from tests.servers import FakeClock, RawSession, Server
 
 SET, ADD, REPLACE, APPEND, PREPEND, CAS = (
     StoreMode.SET,
@@ -54,19 +54,9 @@ STORED, NOT_STORED, EXISTS, NOT_FOUND = (
 T0 = 1_700_000_000.0
 
 
-class FakeClock:
-    """A settable clock: ``clock.now += 5`` advances time."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(T0)
 
 
 @pytest.fixture
@@ -649,7 +639,7 @@ class MemoryModel(RuleBasedStateMachine):
 
     @initialize()
     def setup(self) -> None:
-        self.mem = MemoryBackend(clock=FakeClock())
+        self.mem = MemoryBackend(clock=FakeClock(T0))
         self.model: dict[bytes, tuple[bytes, int]] = {}
         self.last_cas = 0
 

@@ -55,6 +55,8 @@ from mproxy.momento_local.store import (
     value_hash,
 )
 
+from tests.servers import FakeClock
+
 HOST = "127.0.0.1"
 CACHE = "test-cache"
 #: Bound for anything that waits on the server (shared 2-core CI).
@@ -64,14 +66,6 @@ logging.getLogger("momentosdk").setLevel(logging.CRITICAL)
 
 
 # ---- store unit tests (fake clock, no sockets) -------------------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
