@@ -21,7 +21,6 @@ from mproxy.backends.base import (
     FlushDisabled,
     Item,
     NonNumericValue,
-    StoreMode,
     StoreResult,
     ValueTooLarge,
 )
@@ -33,6 +32,7 @@ from mproxy.backends.memory import (
     item_size,
     parse_counter,
 )
+from mproxy.protocol.commands import StoreMode
 from tests.servers import FakeClock, RawSession, Server
 
 SET, ADD, REPLACE, APPEND, PREPEND, CAS = (

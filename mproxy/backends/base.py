@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+from mproxy.protocol.commands import StoreMode
+
 #: memcached: an exptime above 30 days is an absolute Unix time.
 REALTIME_MAXDELTA = 60 * 60 * 24 * 30
 
@@ -27,15 +29,6 @@ class Item:
     value: bytes
     flags: int
     cas: int = 0
-
-
-class StoreMode(enum.Enum):
-    SET = "set"
-    ADD = "add"
-    REPLACE = "replace"
-    APPEND = "append"
-    PREPEND = "prepend"
-    CAS = "cas"
 
 
 class StoreResult(enum.Enum):

@@ -36,11 +36,11 @@ from mproxy.backends.base import (
     FlushDisabled,
     Item,
     NonNumericValue,
-    StoreMode,
     StoreResult,
     ValueTooLarge,
     ttl_seconds,
 )
+from mproxy.protocol.commands import StoreMode
 
 #: Bytes memcached 1.6 (64-bit build) spends on an item besides its key and
 #: value: 48-byte header, 8-byte CAS, the NUL after the key and the CRLF after

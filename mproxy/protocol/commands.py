@@ -1,13 +1,16 @@
 """Commands of the memcached text protocol as frozen, slotted records.
 
+This module is also the memcached vocabulary shared by the wire layer and the
+backends (:class:`StoreMode`, the limits): backends may import it, and it
+imports only the standard library.
+
 Limits are named constants citing their source (memcached 1.6 ``proto_text.c``).
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
-
-from mproxy.backends.base import StoreMode
 
 #: memcached ``KEY_MAX_LENGTH``.
 KEY_MAX_LENGTH = 250
@@ -21,6 +24,17 @@ MAX_GET_LINE_LENGTH = 4 * 1024 * 1024
 MAX_TOKENS = 24
 #: memcached ``-I`` default: largest value accepted.
 DEFAULT_MAX_ITEM_SIZE = 1024 * 1024
+
+
+class StoreMode(enum.Enum):
+    """The six storage commands; the value is the command's name."""
+
+    SET = "set"
+    ADD = "add"
+    REPLACE = "replace"
+    APPEND = "append"
+    PREPEND = "prepend"
+    CAS = "cas"
 
 
 @dataclass(frozen=True, slots=True)

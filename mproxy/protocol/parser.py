@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Callable, Final
 
-from mproxy.backends.base import StoreMode
 from mproxy.protocol import commands as c
+from mproxy.protocol.commands import StoreMode
 from mproxy.protocol.errors import ClientError, CommandError, ConnectionClosed, ProtocolError
 
 
