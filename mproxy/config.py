@@ -28,6 +28,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from mproxy.protocol.commands import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEM_SIZE
+
 __all__ = [
     "AdminConfig",
     "CacheConfig",
@@ -36,7 +38,6 @@ __all__ = [
     "DebugConfig",
     "KlogConfig",
     "LOCAL_EMBEDDED",
-    "MEMORY_BACKEND_DEFAULT_BYTES",
     "MomentoConfig",
     "OPTIONS",
     "Option",
@@ -47,9 +48,6 @@ __all__ = [
     "loads",
     "render",
 ]
-
-#: Byte budget of a ``backend = "memory"`` cache whose ``memory_cache_bytes`` is 0.
-MEMORY_BACKEND_DEFAULT_BYTES = 64 * 1024 * 1024
 
 #: ``[momento] local`` value that starts the bundled local server.
 LOCAL_EMBEDDED = "embedded"
@@ -355,7 +353,7 @@ class ProxyConfig:
         0.0, _SECONDS, "Close a client connection idle this long; 0 = never.", min=0
     )
     max_item_size: int = _option(
-        1048576,
+        DEFAULT_MAX_ITEM_SIZE,
         _INT,
         "Largest value accepted by a storage command, in bytes (memcached `-I`).",
         min=1024,
@@ -437,7 +435,7 @@ class CacheConfig:
         "Momento, 0 = none (accepted from momento-proxy files; the tier is not built yet, "
         "so a non-zero value only draws a warning). With `backend = \"memory\"`: the "
         "store's byte budget, "
-        f"0 = {MEMORY_BACKEND_DEFAULT_BYTES // (1024 * 1024)} MiB.",
+        f"0 = {DEFAULT_MAX_BYTES // (1024 * 1024)} MiB (memcached's `-m` default).",
         min=0,
     )
     memory_cache_ttl_seconds: int = _option(
@@ -750,7 +748,7 @@ class _Loader:
         if not cache.name:
             cache = dataclasses.replace(cache, name=cache.cache_name)
         if cache.backend == "memory" and cache.memory_cache_bytes == 0:
-            cache = dataclasses.replace(cache, memory_cache_bytes=MEMORY_BACKEND_DEFAULT_BYTES)
+            cache = dataclasses.replace(cache, memory_cache_bytes=DEFAULT_MAX_BYTES)
         return cache
 
     def check_listeners(self, config: Config) -> None:

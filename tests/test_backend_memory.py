@@ -25,14 +25,13 @@ from mproxy.backends.base import (
     ValueTooLarge,
 )
 from mproxy.backends.memory import (
-    DEFAULT_MAX_BYTES,
     ITEM_OVERHEAD,
     MemoryBackend,
     from_config,
     item_size,
     parse_counter,
 )
-from mproxy.protocol.commands import StoreMode
+from mproxy.protocol.commands import DEFAULT_MAX_BYTES, StoreMode
 from tests.servers import FakeClock, RawSession, Server
 
 SET, ADD, REPLACE, APPEND, PREPEND, CAS = (

@@ -9,7 +9,6 @@ import pytest
 
 from mproxy import config as cfg
 from mproxy.config import (
-    MEMORY_BACKEND_DEFAULT_BYTES,
     AdminConfig,
     CacheConfig,
     Config,
@@ -23,6 +22,7 @@ from mproxy.config import (
     loads,
     render,
 )
+from mproxy.protocol.commands import DEFAULT_MAX_BYTES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -170,7 +170,7 @@ def test_defaults() -> None:
 
 def test_memory_backend_gets_a_usable_budget() -> None:
     c = loads(MINIMAL + 'backend = "memory"\n')
-    assert c.caches[0].memory_cache_bytes == MEMORY_BACKEND_DEFAULT_BYTES == 64 * 1024 * 1024
+    assert c.caches[0].memory_cache_bytes == DEFAULT_MAX_BYTES == 64 * 1024 * 1024
     c = loads(MINIMAL + 'backend = "memory"\nmemory_cache_bytes = 1000\n')
     assert c.caches[0].memory_cache_bytes == 1000
 
@@ -493,7 +493,7 @@ def test_shipped_defaults_are_what_new_users_need() -> None:
     assert memory == dataclasses.replace(
         local,
         caches=(dataclasses.replace(
-            local.caches[0], backend="memory", memory_cache_bytes=MEMORY_BACKEND_DEFAULT_BYTES
+            local.caches[0], backend="memory", memory_cache_bytes=DEFAULT_MAX_BYTES
         ),),
         momento=MomentoConfig(),  # no [momento] section: nothing uses it
     )

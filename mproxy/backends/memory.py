@@ -40,7 +40,7 @@ from mproxy.backends.base import (
     ValueTooLarge,
     ttl_seconds,
 )
-from mproxy.protocol.commands import StoreMode
+from mproxy.protocol.commands import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEM_SIZE, StoreMode
 
 #: Bytes memcached 1.6 (64-bit build) spends on an item besides its key and
 #: value: 48-byte header, 8-byte CAS, the NUL after the key and the CRLF after
@@ -51,12 +51,6 @@ ITEM_OVERHEAD = 59
 #: memcached keeps non-zero client flags in 4 more bytes (its largest value
 #: for a 1-byte key with flags 5 is 1,048,512 bytes).
 FLAGS_OVERHEAD = 4
-
-#: memcached's default ``-m 64``.
-DEFAULT_MAX_BYTES = 64 * 2**20
-
-#: memcached's default ``-I 1m``.
-DEFAULT_MAX_ITEM_SIZE = 2**20
 
 #: Largest signed 64-bit integer: ``safe_strtoull`` rejects a value with a
 #: minus sign whose (wrapped) result would be negative as an int64.

@@ -22,8 +22,11 @@ MAX_LINE_LENGTH = 2048
 MAX_GET_LINE_LENGTH = 4 * 1024 * 1024
 #: memcached ``MAX_TOKENS``: a line is split into at most 23 tokens + a rest.
 MAX_TOKENS = 24
-#: memcached ``-I`` default: largest value accepted.
+#: memcached ``-I`` default: largest item accepted (``[proxy] max_item_size``).
 DEFAULT_MAX_ITEM_SIZE = 1024 * 1024
+#: memcached ``-m 64`` default: bytes of items a cache holds (its ``limit_maxbytes``);
+#: the budget of a ``backend = "memory"`` cache unless ``memory_cache_bytes`` says otherwise.
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
 
 class StoreMode(enum.Enum):
