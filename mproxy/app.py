@@ -56,7 +56,7 @@ class App:
         )
         for warning in cfg.warnings:
             log.warning("%s", warning)
-        self.audit = audit_mod.from_config(cfg.klog)
+        self.audit = audit_mod.from_config(cfg.audit)
         self.stats.attach_audit(self.audit)
         for cache in cfg.caches:
             name = cache.name  # config.loads fills it from cache_name when empty
@@ -114,7 +114,7 @@ class App:
         for warning in new.warnings:
             log.warning("%s", warning)
         logs.set_level(self._log_level or new.debug.log_level)
-        self.audit.reconfigure(new.klog)
+        self.audit.reconfigure(new.audit)
         old = self.cfg
         for section in ("admin", "proxy", "caches", "momento"):
             if getattr(new, section) != getattr(old, section):
@@ -125,7 +125,7 @@ class App:
                 log.warning("reload: [debug] %s changed; it takes effect only after a restart", key)
         # Keep describing what runs: the next reload must warn again about what is still pending.
         debug = dataclasses.replace(old.debug, log_level=new.debug.log_level)
-        self.cfg = dataclasses.replace(old, debug=debug, klog=new.klog)
+        self.cfg = dataclasses.replace(old, debug=debug, audit=new.audit)
         log.info("configuration reloaded from %s", new.source)
 
     # -- run and stop ---------------------------------------------------------------

@@ -32,11 +32,11 @@ from mproxy.protocol.commands import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEM_SIZE
 
 __all__ = [
     "AdminConfig",
+    "AuditConfig",
     "CacheConfig",
     "Config",
     "ConfigError",
     "DebugConfig",
-    "KlogConfig",
     "LOCAL_EMBEDDED",
     "MomentoConfig",
     "OPTIONS",
@@ -465,10 +465,11 @@ class DebugConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class KlogConfig:
-    """``[klog]``: the command (audit) log, on when ``file`` is set.
+class AuditConfig:
+    """``[klog]`` (momento-proxy's name): the command (audit) log.
 
     One JSON line per logged command; keys are logged, values never.
+    :attr:`enabled` and :attr:`backup_path` are the rules :mod:`mproxy.audit` follows.
     """
 
     file: str = _option("", _STRING, "Audit log file; empty = no audit log.")
@@ -583,9 +584,9 @@ class Config:
         "The process log.",
         legacy=("log_backup", "log_max_size", "log_queue_depth", "log_single_message_size"),
     )
-    klog: KlogConfig = _section(
+    audit: AuditConfig = _section(
         "klog",
-        KlogConfig,
+        AuditConfig,
         "The command (audit) log: one JSON line per sampled command, keys but never values. "
         "On when `file` is set and `sample` >= 1.",
         legacy=("interval", "nbuf", "queue_depth", "single_message_size"),

@@ -14,7 +14,7 @@ from mproxy.config import (
     Config,
     ConfigError,
     DebugConfig,
-    KlogConfig,
+    AuditConfig,
     MomentoConfig,
     ProxyConfig,
     docs_markdown,
@@ -160,10 +160,10 @@ def test_defaults() -> None:
     assert cache.flags is True and cache.allow_flush is True
     assert (cache.memory_cache_bytes, cache.memory_cache_ttl_seconds) == (0, 0)
     assert c.debug == DebugConfig(log_level="info", log_file="", log_format="text")
-    assert c.klog == KlogConfig(
+    assert c.audit == AuditConfig(
         file="", backup="", backup_count=3, max_size=1073741824, sample=1, queue_size=10000
     )
-    assert not c.klog.enabled and c.klog.backup_path == ""
+    assert not c.audit.enabled and c.audit.backup_path == ""
     assert c.momento == MomentoConfig(local="", api_key_env="MOMENTO_API_KEY", endpoint="")
     assert c.source == "<string>" and c.warnings == ()
 
@@ -185,9 +185,9 @@ def test_legacy_momento_proxy_config_loads_unchanged() -> None:
     ]
     assert c.caches[1].protocol == "memcache"
     assert c.debug.log_level == "info"
-    assert c.klog.backup == "momento-proxy.cmd.old"
-    assert c.klog.max_size == 1073741824 and c.klog.sample == 100
-    assert not c.klog.enabled  # no file
+    assert c.audit.backup == "momento-proxy.cmd.old"
+    assert c.audit.max_size == 1073741824 and c.audit.sample == 100
+    assert not c.audit.enabled  # no file
 
 
 def test_legacy_resp_listener_is_refused_by_name() -> None:
@@ -215,11 +215,11 @@ def test_log_level_aliases(text: str, normalised: str) -> None:
 
 def test_klog_legacy_meanings() -> None:
     c = loads(MINIMAL + '[klog]\nfile = "a.cmd"\nsample = 0\n')
-    assert not c.klog.enabled
+    assert not c.audit.enabled
     c = loads(MINIMAL + '[klog]\nfile = "a.cmd"\n')
-    assert c.klog.enabled and c.klog.backup_path == "a.cmd.old"
+    assert c.audit.enabled and c.audit.backup_path == "a.cmd.old"
     c = loads(MINIMAL + '[klog]\nfile = "a.cmd"\nbackup = "b.old"\n')
-    assert c.klog.backup_path == "b.old"
+    assert c.audit.backup_path == "b.old"
 
 
 @pytest.mark.parametrize(
