@@ -26,7 +26,7 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 from mproxy.protocol.commands import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEM_SIZE
 
@@ -37,6 +37,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "DebugConfig",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
     "LOCAL_EMBEDDED",
     "MomentoConfig",
     "OPTIONS",
@@ -46,8 +48,15 @@ __all__ = [
     "docs_markdown",
     "load",
     "loads",
+    "reload",
     "render",
 ]
+
+#: ``[debug] log_level`` values, least severe first (also the CLI's ``--log-level`` choices).
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+#: ``[debug] log_format`` values (also the CLI's ``--log-format`` choices).
+LOG_FORMATS = ("text", "json")
 
 #: ``[momento] local`` value that starts the bundled local server.
 LOCAL_EMBEDDED = "embedded"
@@ -279,6 +288,9 @@ class Option:
     max: float | None = None
     #: never echo the value in errors (it may be a secret typed in the wrong place)
     redact: bool = False
+    #: a reload (SIGHUP) applies a new value at once; otherwise it waits for a restart
+    #: (see :func:`reload`; ``mproxy.app`` applies the running configuration)
+    reload: bool = False
     section: str = ""
     key: str = ""
 
@@ -309,9 +321,10 @@ def _option(
     min: float | None = None,
     max: float | None = None,
     redact: bool = False,
+    reload: bool = False,
 ) -> Any:
     """Declare one option: a dataclass field carrying its :class:`Option`."""
-    spec = Option(kind, default, help, choices, dict(aliases or {}), min, max, redact)
+    spec = Option(kind, default, help, choices, dict(aliases or {}), min, max, redact, reload)
     if default is dataclasses.MISSING:
         return field(metadata={_OPTION_KEY: spec})
     return field(default=default, metadata={_OPTION_KEY: spec})
@@ -455,12 +468,13 @@ class DebugConfig:
         _CHOICE,
         "Least severe level logged (case-insensitive; momento-proxy's `warn` and "
         "`trace` mean `warning` and `debug`).",
-        choices=("debug", "info", "warning", "error"),
+        choices=LOG_LEVELS,
         aliases={"warn": "warning", "trace": "debug"},
+        reload=True,
     )
     log_file: str = _option("", _STRING, "Log file; empty = standard error.")
     log_format: str = _option(
-        "text", _CHOICE, "`text` lines, or `json` (one object per line).", choices=("text", "json")
+        "text", _CHOICE, "`text` lines, or `json` (one object per line).", choices=LOG_FORMATS
     )
 
 
@@ -472,22 +486,34 @@ class AuditConfig:
     :attr:`enabled` and :attr:`backup_path` are the rules :mod:`mproxy.audit` follows.
     """
 
-    file: str = _option("", _STRING, "Audit log file; empty = no audit log.")
+    file: str = _option(
+        "",
+        _STRING,
+        "Audit log file; empty = no audit log. A reload may rename or empty it; turning the "
+        "audit log on when it was off at start needs a restart.",
+        reload=True,
+    )
     backup: str = _option(
         "",
         _STRING,
         "File name of the newest rotated log (momento-proxy meaning); empty = `<file>.old`. "
         "Rotated files are `<backup>`, `<backup>.1`, ... (`backup_count` in all).",
+        reload=True,
     )
-    backup_count: int = _option(3, _INT, "Rotated files kept.", min=1)
+    backup_count: int = _option(3, _INT, "Rotated files kept.", min=1, reload=True)
     max_size: int = _option(
-        1073741824, _INT, "Rotate when the file grows past this many bytes; 0 = never.", min=0
+        1073741824,
+        _INT,
+        "Rotate when the file grows past this many bytes; 0 = never.",
+        min=0,
+        reload=True,
     )
     sample: int = _option(
         1,
         _INT,
         "Log 1 command in N: 1 = every command, 0 = none (momento-proxy meaning).",
         min=0,
+        reload=True,
     )
     queue_size: int = _option(
         10000,
@@ -495,6 +521,7 @@ class AuditConfig:
         "Audit records waiting to be written; past it, records are dropped rather than "
         "slowing requests down.",
         min=1,
+        reload=True,
     )
 
     @property
@@ -825,6 +852,42 @@ def load(path: str | os.PathLike[str]) -> Config:
     return loads(text, source)
 
 
+def reload(old: Config, new: Config, overridden: Collection[str] = ()) -> tuple[Config, list[str]]:
+    """What a reload (SIGHUP) of ``new`` does to the running ``old``, from the declarations.
+
+    Returns the configuration to run with: ``old`` with the value of every
+    ``reload=True`` option taken from ``new``; and the changes left for a
+    restart, each as ``"[section]"`` for a section none of whose options
+    reloads, else as ``"[section] key"``. ``overridden`` names options set by
+    the command line (``"debug.log_format"``): their file value does not
+    matter, so their changes are not reported.
+    """
+    parts: dict[str, Any] = {}
+    pending: list[str] = []
+    for attr, section in SECTIONS:
+        header = f"[[{section.name}]]" if section.array else f"[{section.name}]"
+        before, after = getattr(old, attr), getattr(new, attr)
+        if not section.array:
+            before, after = (before,), (after,)
+        if len(before) != len(after):
+            pending.append(header)  # tables added or removed: the running ones stay as they are
+            continue
+        options = _options_of(section).values()
+        live = [o.key for o in options if o.reload]
+        changed = [
+            o.key
+            for o in options
+            if not o.reload
+            and f"{o.section}.{o.key}" not in overridden
+            and any(getattr(b, o.key) != getattr(a, o.key) for b, a in zip(before, after))
+        ]
+        if changed:
+            pending += [f"{header} {key}" for key in changed] if live else [header]
+        tables = tuple(dataclasses.replace(b, **{k: getattr(a, k) for k in live}) for b, a in zip(before, after))
+        parts[attr] = tables if section.array else tables[0]
+    return dataclasses.replace(old, **parts), pending
+
+
 # --------------------------------------------------------------------------
 # Rendering and docs
 # --------------------------------------------------------------------------
@@ -867,6 +930,10 @@ def docs_markdown() -> str:
         '`proxy.toml: cache[0].port = "abc": expected an integer port 0-65535`.',
         "- Unknown sections and keys are not errors: each is logged as a warning naming "
         "the file and the key.",
+        "- `SIGHUP` re-reads the file. Keys marked *live* in the Reload column take their "
+        "new value at once; a changed key marked *restart* is logged as a warning and keeps "
+        "its running value until the next start. A file that does not load is logged and "
+        "changes nothing.",
         "- `config/proxy.toml` is a commented template with every key; `config/local.toml` "
         "runs on the bundled local Momento-compatible server, `config/memory.toml` on an "
         "in-process store.",
@@ -875,13 +942,14 @@ def docs_markdown() -> str:
     for _, section in SECTIONS:
         header = f"[[{section.name}]]" if section.array else f"[{section.name}]"
         out += [f"## `{header}`", "", section.help, ""]
-        out += ["| Key | Type | Default | Description |", "| --- | --- | --- | --- |"]
+        out += ["| Key | Type | Default | Reload | Description |", "| --- | --- | --- | --- | --- |"]
         for option in OPTIONS:
             if option.section != section.name:
                 continue
             default = "required" if option.required else f"`{_toml_value(option.default)}`"
+            reload = "live" if option.reload else "restart"
             out.append(
-                f"| `{option.key}` | {option.type_doc()} | {default} | {_md_cell(option.help)} |"
+                f"| `{option.key}` | {option.type_doc()} | {default} | {reload} | {_md_cell(option.help)} |"
             )
         if section.legacy:
             keys = ", ".join(f"`{k}`" for k in section.legacy)

@@ -524,3 +524,54 @@ def test_local_tier_keys_on_momento_warn_that_the_tier_is_not_built() -> None:
     assert any("memory_cache_bytes" in w and "not built yet" in w and w.startswith("t.toml") for w in cfg.warnings)
     quiet = loads('[[cache]]\ncache_name = "c"\nbackend = "memory"\nmemory_cache_bytes = 1048576\n')
     assert quiet.warnings == ()
+
+
+# -- reload (SIGHUP): what applies and what waits, from the declarations ----------------
+
+RELOAD_BASE = '[admin]\nport = 9000\n[debug]\nlog_level = "info"\n[klog]\nfile = "a.log"\n[[cache]]\ncache_name = "c"\n'
+
+
+def test_reloadable_options_are_the_log_level_and_the_audit_log() -> None:
+    live = {f"{o.section}.{o.key}" for o in cfg.OPTIONS if o.reload}
+    assert live == {"debug.log_level"} | {f"klog.{f.name}" for f in dataclasses.fields(AuditConfig)}
+
+
+def test_reload_applies_live_options_and_reports_the_rest() -> None:
+    old = loads(RELOAD_BASE, "r.toml")
+    changed = (
+        RELOAD_BASE.replace("9000", "9001")
+        .replace('log_level = "info"', 'log_level = "debug"\nlog_file = "m.log"\nlog_format = "json"')
+        .replace('"a.log"', '"b.log"')
+    )
+    new = loads(changed + 'port = 11300\n[proxy]\nmax_connections = 7\n[momento]\nendpoint = "e"\n', "r.toml")
+    running, pending = cfg.reload(old, new)
+    assert running.debug.log_level == "debug" and running.audit == new.audit
+    assert running.admin == old.admin and running.proxy == old.proxy and running.caches == old.caches
+    assert running.debug.log_file == "" and running.momento == old.momento
+    assert pending == ["[admin]", "[proxy]", "[[cache]]", "[debug] log_file", "[debug] log_format", "[momento]"]
+    # the next reload of the same file reports the same pending changes
+    assert cfg.reload(running, new)[1] == pending
+
+
+def test_reload_leaves_out_what_the_command_line_sets_and_keeps_the_source() -> None:
+    old = loads(RELOAD_BASE, "r.toml")
+    new = dataclasses.replace(old, debug=dataclasses.replace(old.debug, log_format="json", log_level="error"))
+    running, pending = cfg.reload(old, new, overridden=("debug.log_format", "debug.log_level"))
+    assert pending == [] and running.debug.log_level == "error" and running.debug.log_format == "text"
+    assert running.source == "r.toml"
+    assert cfg.reload(old, old) == (old, [])
+
+
+def test_reload_of_added_or_removed_cache_tables_waits_for_a_restart() -> None:
+    old = loads(RELOAD_BASE, "r.toml")
+    new = loads(RELOAD_BASE + '[[cache]]\ncache_name = "d"\nport = 11300\n', "r.toml")
+    running, pending = cfg.reload(old, new)
+    assert pending == ["[[cache]]"] and running.caches == old.caches
+
+
+def test_docs_mark_each_option_live_or_restart() -> None:
+    docs = docs_markdown()
+    for option in cfg.OPTIONS:
+        mark = "live" if option.reload else "restart"
+        assert f"| `{option.key}` | {option.type_doc()} |" in docs
+        assert any(line.startswith(f"| `{option.key}` |") and f"| {mark} |" in line for line in docs.splitlines())
