@@ -123,6 +123,11 @@ class Backend(Protocol):
     def flush_all(self, delay: int = 0) -> None:
         """Invalidate every item now, or ``delay`` seconds from now. Raises FlushDisabled."""
 
+    def stats(self) -> dict[str, int]:
+        """Figures the store keeps itself, under memcached's stat names (``curr_items``,
+        ``bytes``, ``limit_maxbytes``, ``evictions``, ``get_expired``, ``get_flushed``):
+        only those it knows for certain, so a remote store may return ``{}``."""
+
     def close(self) -> None:
         """Release connections and threads. Idempotent."""
 
