@@ -405,14 +405,16 @@ class CacheConfig:
     default_ttl: int = _option(
         900,
         _INT,
-        "TTL in seconds of items stored with exptime 0 (Momento has no 'never expires').",
+        "Momento caches: TTL in seconds of items stored with exptime 0 (Momento has no "
+        "'never expires'). A memory cache keeps such items until evicted, as memcached does.",
         min=1,
         max=4294967,
     )
     max_ttl: int = _option(
         86400,
         _INT,
-        "Longest TTL in seconds (Momento's cap); longer exptimes are clamped to it.",
+        "Momento caches: longest TTL in seconds (Momento's cap); longer exptimes are "
+        "clamped to it.",
         min=1,
     )
     connection_count: int = _option(
@@ -421,22 +423,22 @@ class CacheConfig:
     request_timeout: float = _option(
         5.0,
         _SECONDS,
-        "Deadline of one backend call; a call past it answers `SERVER_ERROR`.",
+        "Momento caches: deadline of one backend call; a call past it answers `SERVER_ERROR`.",
         min=0.001,
         max=3600,
     )
     max_in_flight: int = _option(
         256,
         _INT,
-        "Backend calls in progress at once for this listener; more wait their turn.",
+        "Momento caches: backend calls in progress at once for this cache; more wait their turn.",
         min=1,
     )
     flags: bool = _option(
         True,
         _BOOL,
-        "Store the memcached flags with the value. `false` stores raw values that other "
-        "Momento clients can read, and flags read back as 0. All proxies sharing a cache "
-        "must agree.",
+        "Momento caches: store the memcached flags with the value. `false` stores raw values "
+        "that other Momento clients can read, and flags read back as 0. All proxies sharing "
+        "a cache must agree.",
     )
     allow_flush: bool = _option(
         True, _BOOL, "`false` refuses `flush_all`, like memcached `-F`."
@@ -454,7 +456,9 @@ class CacheConfig:
     memory_cache_ttl_seconds: int = _option(
         0,
         _INT,
-        "Longest time in seconds an item stays in the local tier; 0 = only the item's own TTL.",
+        "Accepted from momento-proxy files (the TTL of its local in-memory tier) and without "
+        "effect: mproxy has no such tier. With `backend = \"momento\"` a non-zero value draws "
+        "a warning.",
         min=0,
     )
 
