@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -16,7 +15,7 @@ from gevent.event import Event
 from mproxy import __version__, backends, logs, systemd
 from mproxy import audit as audit_mod
 from mproxy.admin import AdminServer
-from mproxy.config import Config, ConfigError, load
+from mproxy.config import Config, ConfigError, load, reload
 from mproxy.dispatch import Dispatcher
 from mproxy.server import CacheServer, ConnectionLimit
 from mproxy.stats import Stats
@@ -56,7 +55,7 @@ class App:
         )
         for warning in cfg.warnings:
             log.warning("%s", warning)
-        self.audit = audit_mod.from_config(cfg.klog)
+        self.audit = audit_mod.from_config(cfg.audit)
         self.stats.attach_audit(self.audit)
         for cache in cfg.caches:
             name = cache.name  # config.loads fills it from cache_name when empty
@@ -66,6 +65,8 @@ class App:
                 raise StartupError(f"{cfg.source}: cache {name!r}: backend {cache.backend}: {err}") from err
             self.backends.append(backend)
             cache_stats = self.stats.cache(name)
+            if hasattr(backend, "stats"):  # until the Momento backend has its stats() (returning {})
+                cache_stats.attach_backend(backend.stats)
             dispatcher = Dispatcher(backend, cache_stats, self.stats, self.audit, name)
             server = CacheServer(
                 (cache.host, cache.port),
@@ -113,19 +114,15 @@ class App:
             return
         for warning in new.warnings:
             log.warning("%s", warning)
-        logs.set_level(self._log_level or new.debug.log_level)
-        self.audit.reconfigure(new.klog)
-        old = self.cfg
-        for section in ("admin", "proxy", "caches", "momento"):
-            if getattr(new, section) != getattr(old, section):
-                log.warning("reload: [%s] changed; it takes effect only after a restart", section)
-        restart_only = ("log_file",) if self._log_format else ("log_file", "log_format")
-        for key in restart_only:
-            if getattr(new.debug, key) != getattr(old.debug, key):
-                log.warning("reload: [debug] %s changed; it takes effect only after a restart", key)
-        # Keep describing what runs: the next reload must warn again about what is still pending.
-        debug = dataclasses.replace(old.debug, log_level=new.debug.log_level)
-        self.cfg = dataclasses.replace(old, debug=debug, klog=new.klog)
+        # The options declared reload=True apply now; the others wait for a restart and are
+        # left out of self.cfg, so the next reload warns again about what is still pending.
+        overridden = [key for key, value in (("debug.log_level", self._log_level), ("debug.log_format", self._log_format)) if value]
+        running, pending = reload(self.cfg, new, overridden)
+        logs.set_level(self._log_level or running.debug.log_level)
+        self.audit.reconfigure(running.audit)
+        for what in pending:
+            log.warning("reload: %s changed; it takes effect only after a restart", what)
+        self.cfg = running
         log.info("configuration reloaded from %s", new.source)
 
     # -- run and stop ---------------------------------------------------------------

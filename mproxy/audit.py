@@ -5,10 +5,12 @@ sampling counter, then a put on a bounded queue; when the queue is full the
 line is dropped and counted. A writer thread (a real thread even in a
 gevent-monkey-patched process, so a slow disk never stalls the hub) formats
 lines with python-json-logger and appends them to a size-rotated file.
-Rotation follows momento-proxy's ``[klog]``: the file becomes ``backup``
-(default ``<file>.old``), which becomes ``backup.1``, and so on:
-``backup_count`` rotated files in all, the oldest removed; no rotation when
-``max_size`` or ``backup_count`` is 0. The writer does its own file I/O
+Rotation follows momento-proxy's ``[klog]``: the file becomes
+:attr:`~mproxy.config.AuditConfig.backup_path`, which becomes
+``<backup_path>.1``, and so on: ``backup_count`` rotated files in all, the
+oldest removed; no rotation when ``max_size`` or ``backup_count`` is 0.
+Whether commands are logged at all is
+:attr:`~mproxy.config.AuditConfig.enabled`. The writer does its own file I/O
 rather than use a logging handler, whose locks would be gevent's in a
 patched process.
 
@@ -28,11 +30,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Protocol, Sequence, TextIO
+from typing import Any, Sequence, TextIO
 
 from gevent.monkey import get_original
 from pythonjsonlogger.json import JsonFormatter
 
+from mproxy.config import AuditConfig
 from mproxy.logs import iso_utc
 
 log = logging.getLogger(__name__)
@@ -48,28 +51,6 @@ _time = get_original("time", "time")
 WRITE_BATCH = 256
 
 
-class AuditConfig(Protocol):
-    """The ``[klog]`` settings (:class:`mproxy.config.KlogConfig`) as read here."""
-
-    @property
-    def file(self) -> str: ...  # "" = no audit log
-
-    @property
-    def backup(self) -> str: ...  # newest rotated file; "" = ``<file>.old``
-
-    @property
-    def sample(self) -> int: ...  # log 1 command in ``sample``; 0 = none
-
-    @property
-    def max_size(self) -> int: ...  # rotate when the file would exceed this many bytes; 0 = never
-
-    @property
-    def backup_count(self) -> int: ...  # rotated files kept
-
-    @property
-    def queue_size(self) -> int: ...  # lines waiting for the writer before new ones are dropped
-
-
 class NullAudit:
     """The audit log when it is off: ``enabled`` is False and everything is a no-op."""
 
@@ -83,39 +64,33 @@ class NullAudit:
     def reopen(self) -> None:
         """Nothing to reopen."""
 
-    def reconfigure(self, klog: AuditConfig) -> None:
+    def reconfigure(self, settings: AuditConfig) -> None:
         """An audit log switched on by a reload needs a restart: say so."""
-        if _wanted(klog):
-            log.warning("audit log %s not opened: turning the audit log on needs a restart", klog.file)
+        if settings.enabled:
+            log.warning("audit log %s not opened: turning the audit log on needs a restart", settings.file)
 
     def close(self, timeout: float = 5.0) -> bool:
         """Nothing to flush."""
         return True
 
 
-def from_config(klog: AuditConfig) -> AuditLog | NullAudit:
-    """An :class:`AuditLog` writing ``klog.file``; :class:`NullAudit` without a file or with ``sample`` 0."""
-    if not _wanted(klog):
+def from_config(settings: AuditConfig) -> AuditLog | NullAudit:
+    """An :class:`AuditLog` when ``settings.enabled``, else a :class:`NullAudit`."""
+    if not settings.enabled:
         return NullAudit()
-    return AuditLog(klog.file, klog.sample, klog.max_size, klog.backup_count, klog.queue_size, klog.backup)
+    return AuditLog(settings)
 
 
-def _wanted(klog: AuditConfig) -> bool:
-    """Whether ``klog`` asks for commands to be logged: a ``file`` and ``sample`` >= 1."""
-    return bool(klog.file) and klog.sample >= 1
-
-
-def _check_settings(sample: int, max_size: int, backup_count: int, queue_size: int) -> None:
+def _check_settings(settings: AuditConfig) -> None:
+    if not settings.file:
+        raise ValueError("audit settings: no file")
+    sample, queue_size = settings.sample, settings.queue_size
+    max_size, backup_count = settings.max_size, settings.backup_count
     if sample < 1 or queue_size < 1 or max_size < 0 or backup_count < 0:
         raise ValueError(
             f"audit settings out of range: sample={sample} (>= 1) queue_size={queue_size} (>= 1) "
             f"max_size={max_size} (>= 0) backup_count={backup_count} (>= 0)"
         )
-
-
-def _backup_path(file: str, backup: str) -> str:
-    """The newest rotated file, absolute: ``backup``, or ``<file>.old``."""
-    return os.path.abspath(backup or f"{file}.old")
 
 
 # Queue items besides lines (which start with a float): tuples tagged by their first element.
@@ -128,19 +103,11 @@ _CONTROLS = frozenset({_REOPEN, _SETTINGS, _STOP})
 class AuditLog:
     """The audit log; see the module doc. Start-up opens nothing: the writer opens the file."""
 
-    def __init__(
-        self,
-        file: str,
-        sample: int = 1,
-        max_size: int = 0,
-        backup_count: int = 3,
-        queue_size: int = 10000,
-        backup: str = "",
-    ) -> None:
-        _check_settings(sample, max_size, backup_count, queue_size)
+    def __init__(self, settings: AuditConfig) -> None:
+        _check_settings(settings)
         self.enabled = True
-        self.sample = sample
-        self.queue_size = queue_size
+        self.sample = settings.sample
+        self.queue_size = settings.queue_size
         self._tick = 0  # commands since the last sampled one
         self._queued = 0  # lines put, by the recording thread
         self._taken = 0  # lines taken, by the writer
@@ -150,10 +117,10 @@ class AuditLog:
         self._queue = _SimpleQueue()
         self._formatter = JsonFormatter()
         # The writer's own: the file is opened there, never on the caller's thread.
-        self._path = os.path.abspath(file)
-        self._backup = _backup_path(file, backup)
-        self._max_size = max_size
-        self._backup_count = backup_count
+        self._path = os.path.abspath(settings.file)
+        self._backup = os.path.abspath(settings.backup_path)
+        self._max_size = settings.max_size
+        self._backup_count = settings.backup_count
         self._stream: TextIO | None = None
         self._size = 0  # bytes in the open file
         self._done = _allocate_lock()
@@ -202,24 +169,23 @@ class AuditLog:
         """Close and reopen the file (SIGUSR1, after an external logrotate moved it)."""
         self._queue.put((_REOPEN,))
 
-    def reconfigure(self, klog: AuditConfig) -> None:
+    def reconfigure(self, settings: AuditConfig) -> None:
         """Apply reloaded settings (SIGHUP): sample, queue size, file names, rotation.
 
-        An empty ``file`` or ``sample`` 0 turns recording off (``enabled``
-        False); settings that turn it on again resume. New file names take
-        effect from the next line. Raises ValueError (changing nothing) on
+        Settings that are not ``enabled`` turn recording off (``enabled``
+        False); enabled ones turn it on again. New file names take effect
+        from the next line. Raises ValueError (changing nothing) on
         out-of-range values.
         """
-        if not _wanted(klog):
+        if not settings.enabled:
             self.enabled = False
             self.reopen()  # closes the file; nothing reopens it until recording resumes
             return
-        _check_settings(klog.sample, klog.max_size, klog.backup_count, klog.queue_size)
-        self.sample = klog.sample
-        self.queue_size = klog.queue_size
-        self._queue.put(
-            (_SETTINGS, os.path.abspath(klog.file), _backup_path(klog.file, klog.backup), klog.max_size, klog.backup_count)
-        )
+        _check_settings(settings)
+        self.sample = settings.sample
+        self.queue_size = settings.queue_size
+        path, backup = os.path.abspath(settings.file), os.path.abspath(settings.backup_path)
+        self._queue.put((_SETTINGS, path, backup, settings.max_size, settings.backup_count))
         self.enabled = True
 
     def close(self, timeout: float = 5.0) -> bool:

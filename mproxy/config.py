@@ -26,17 +26,20 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
+
+from mproxy.protocol.commands import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEM_SIZE
 
 __all__ = [
     "AdminConfig",
+    "AuditConfig",
     "CacheConfig",
     "Config",
     "ConfigError",
     "DebugConfig",
-    "KlogConfig",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
     "LOCAL_EMBEDDED",
-    "MEMORY_BACKEND_DEFAULT_BYTES",
     "MomentoConfig",
     "OPTIONS",
     "Option",
@@ -45,11 +48,15 @@ __all__ = [
     "docs_markdown",
     "load",
     "loads",
+    "reload",
     "render",
 ]
 
-#: Byte budget of a ``backend = "memory"`` cache whose ``memory_cache_bytes`` is 0.
-MEMORY_BACKEND_DEFAULT_BYTES = 64 * 1024 * 1024
+#: ``[debug] log_level`` values, least severe first (also the CLI's ``--log-level`` choices).
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+#: ``[debug] log_format`` values (also the CLI's ``--log-format`` choices).
+LOG_FORMATS = ("text", "json")
 
 #: ``[momento] local`` value that starts the bundled local server.
 LOCAL_EMBEDDED = "embedded"
@@ -281,6 +288,9 @@ class Option:
     max: float | None = None
     #: never echo the value in errors (it may be a secret typed in the wrong place)
     redact: bool = False
+    #: a reload (SIGHUP) applies a new value at once; otherwise it waits for a restart
+    #: (see :func:`reload`; ``mproxy.app`` applies the running configuration)
+    reload: bool = False
     section: str = ""
     key: str = ""
 
@@ -311,9 +321,10 @@ def _option(
     min: float | None = None,
     max: float | None = None,
     redact: bool = False,
+    reload: bool = False,
 ) -> Any:
     """Declare one option: a dataclass field carrying its :class:`Option`."""
-    spec = Option(kind, default, help, choices, dict(aliases or {}), min, max, redact)
+    spec = Option(kind, default, help, choices, dict(aliases or {}), min, max, redact, reload)
     if default is dataclasses.MISSING:
         return field(metadata={_OPTION_KEY: spec})
     return field(default=default, metadata={_OPTION_KEY: spec})
@@ -355,7 +366,7 @@ class ProxyConfig:
         0.0, _SECONDS, "Close a client connection idle this long; 0 = never.", min=0
     )
     max_item_size: int = _option(
-        1048576,
+        DEFAULT_MAX_ITEM_SIZE,
         _INT,
         "Largest value accepted by a storage command, in bytes (memcached `-I`).",
         min=1024,
@@ -394,14 +405,16 @@ class CacheConfig:
     default_ttl: int = _option(
         900,
         _INT,
-        "TTL in seconds of items stored with exptime 0 (Momento has no 'never expires').",
+        "Momento caches: TTL in seconds of items stored with exptime 0 (Momento has no "
+        "'never expires'). A memory cache keeps such items until evicted, as memcached does.",
         min=1,
         max=4294967,
     )
     max_ttl: int = _option(
         86400,
         _INT,
-        "Longest TTL in seconds (Momento's cap); longer exptimes are clamped to it.",
+        "Momento caches: longest TTL in seconds (Momento's cap); longer exptimes are "
+        "clamped to it.",
         min=1,
     )
     connection_count: int = _option(
@@ -410,22 +423,22 @@ class CacheConfig:
     request_timeout: float = _option(
         5.0,
         _SECONDS,
-        "Deadline of one backend call; a call past it answers `SERVER_ERROR`.",
+        "Momento caches: deadline of one backend call; a call past it answers `SERVER_ERROR`.",
         min=0.001,
         max=3600,
     )
     max_in_flight: int = _option(
         256,
         _INT,
-        "Backend calls in progress at once for this listener; more wait their turn.",
+        "Momento caches: backend calls in progress at once for this cache; more wait their turn.",
         min=1,
     )
     flags: bool = _option(
         True,
         _BOOL,
-        "Store the memcached flags with the value. `false` stores raw values that other "
-        "Momento clients can read, and flags read back as 0. All proxies sharing a cache "
-        "must agree.",
+        "Momento caches: store the memcached flags with the value. `false` stores raw values "
+        "that other Momento clients can read, and flags read back as 0. All proxies sharing "
+        "a cache must agree.",
     )
     allow_flush: bool = _option(
         True, _BOOL, "`false` refuses `flush_all`, like memcached `-F`."
@@ -437,13 +450,15 @@ class CacheConfig:
         "Momento, 0 = none (accepted from momento-proxy files; the tier is not built yet, "
         "so a non-zero value only draws a warning). With `backend = \"memory\"`: the "
         "store's byte budget, "
-        f"0 = {MEMORY_BACKEND_DEFAULT_BYTES // (1024 * 1024)} MiB.",
+        f"0 = {DEFAULT_MAX_BYTES // (1024 * 1024)} MiB (memcached's `-m` default).",
         min=0,
     )
     memory_cache_ttl_seconds: int = _option(
         0,
         _INT,
-        "Longest time in seconds an item stays in the local tier; 0 = only the item's own TTL.",
+        "Accepted from momento-proxy files (the TTL of its local in-memory tier) and without "
+        "effect: mproxy has no such tier. With `backend = \"momento\"` a non-zero value draws "
+        "a warning.",
         min=0,
     )
 
@@ -457,38 +472,52 @@ class DebugConfig:
         _CHOICE,
         "Least severe level logged (case-insensitive; momento-proxy's `warn` and "
         "`trace` mean `warning` and `debug`).",
-        choices=("debug", "info", "warning", "error"),
+        choices=LOG_LEVELS,
         aliases={"warn": "warning", "trace": "debug"},
+        reload=True,
     )
     log_file: str = _option("", _STRING, "Log file; empty = standard error.")
     log_format: str = _option(
-        "text", _CHOICE, "`text` lines, or `json` (one object per line).", choices=("text", "json")
+        "text", _CHOICE, "`text` lines, or `json` (one object per line).", choices=LOG_FORMATS
     )
 
 
 @dataclass(frozen=True, slots=True)
-class KlogConfig:
-    """``[klog]``: the command (audit) log, on when ``file`` is set.
+class AuditConfig:
+    """``[klog]`` (momento-proxy's name): the command (audit) log.
 
     One JSON line per logged command; keys are logged, values never.
+    :attr:`enabled` and :attr:`backup_path` are the rules :mod:`mproxy.audit` follows.
     """
 
-    file: str = _option("", _STRING, "Audit log file; empty = no audit log.")
+    file: str = _option(
+        "",
+        _STRING,
+        "Audit log file; empty = no audit log. A reload may rename or empty it; turning the "
+        "audit log on when it was off at start needs a restart.",
+        reload=True,
+    )
     backup: str = _option(
         "",
         _STRING,
         "File name of the newest rotated log (momento-proxy meaning); empty = `<file>.old`. "
         "Rotated files are `<backup>`, `<backup>.1`, ... (`backup_count` in all).",
+        reload=True,
     )
-    backup_count: int = _option(3, _INT, "Rotated files kept.", min=1)
+    backup_count: int = _option(3, _INT, "Rotated files kept.", min=1, reload=True)
     max_size: int = _option(
-        1073741824, _INT, "Rotate when the file grows past this many bytes; 0 = never.", min=0
+        1073741824,
+        _INT,
+        "Rotate when the file grows past this many bytes; 0 = never.",
+        min=0,
+        reload=True,
     )
     sample: int = _option(
         1,
         _INT,
         "Log 1 command in N: 1 = every command, 0 = none (momento-proxy meaning).",
         min=0,
+        reload=True,
     )
     queue_size: int = _option(
         10000,
@@ -496,6 +525,7 @@ class KlogConfig:
         "Audit records waiting to be written; past it, records are dropped rather than "
         "slowing requests down.",
         min=1,
+        reload=True,
     )
 
     @property
@@ -585,9 +615,9 @@ class Config:
         "The process log.",
         legacy=("log_backup", "log_max_size", "log_queue_depth", "log_single_message_size"),
     )
-    klog: KlogConfig = _section(
+    audit: AuditConfig = _section(
         "klog",
-        KlogConfig,
+        AuditConfig,
         "The command (audit) log: one JSON line per sampled command, keys but never values. "
         "On when `file` is set and `sample` >= 1.",
         legacy=("interval", "nbuf", "queue_depth", "single_message_size"),
@@ -750,7 +780,7 @@ class _Loader:
         if not cache.name:
             cache = dataclasses.replace(cache, name=cache.cache_name)
         if cache.backend == "memory" and cache.memory_cache_bytes == 0:
-            cache = dataclasses.replace(cache, memory_cache_bytes=MEMORY_BACKEND_DEFAULT_BYTES)
+            cache = dataclasses.replace(cache, memory_cache_bytes=DEFAULT_MAX_BYTES)
         return cache
 
     def check_listeners(self, config: Config) -> None:
@@ -826,6 +856,42 @@ def load(path: str | os.PathLike[str]) -> Config:
     return loads(text, source)
 
 
+def reload(old: Config, new: Config, overridden: Collection[str] = ()) -> tuple[Config, list[str]]:
+    """What a reload (SIGHUP) of ``new`` does to the running ``old``, from the declarations.
+
+    Returns the configuration to run with: ``old`` with the value of every
+    ``reload=True`` option taken from ``new``; and the changes left for a
+    restart, each as ``"[section]"`` for a section none of whose options
+    reloads, else as ``"[section] key"``. ``overridden`` names options set by
+    the command line (``"debug.log_format"``): their file value does not
+    matter, so their changes are not reported.
+    """
+    parts: dict[str, Any] = {}
+    pending: list[str] = []
+    for attr, section in SECTIONS:
+        header = f"[[{section.name}]]" if section.array else f"[{section.name}]"
+        before, after = getattr(old, attr), getattr(new, attr)
+        if not section.array:
+            before, after = (before,), (after,)
+        if len(before) != len(after):
+            pending.append(header)  # tables added or removed: the running ones stay as they are
+            continue
+        options = _options_of(section).values()
+        live = [o.key for o in options if o.reload]
+        changed = [
+            o.key
+            for o in options
+            if not o.reload
+            and f"{o.section}.{o.key}" not in overridden
+            and any(getattr(b, o.key) != getattr(a, o.key) for b, a in zip(before, after))
+        ]
+        if changed:
+            pending += [f"{header} {key}" for key in changed] if live else [header]
+        tables = tuple(dataclasses.replace(b, **{k: getattr(a, k) for k in live}) for b, a in zip(before, after))
+        parts[attr] = tables if section.array else tables[0]
+    return dataclasses.replace(old, **parts), pending
+
+
 # --------------------------------------------------------------------------
 # Rendering and docs
 # --------------------------------------------------------------------------
@@ -868,6 +934,10 @@ def docs_markdown() -> str:
         '`proxy.toml: cache[0].port = "abc": expected an integer port 0-65535`.',
         "- Unknown sections and keys are not errors: each is logged as a warning naming "
         "the file and the key.",
+        "- `SIGHUP` re-reads the file. Keys marked *live* in the Reload column take their "
+        "new value at once; a changed key marked *restart* is logged as a warning and keeps "
+        "its running value until the next start. A file that does not load is logged and "
+        "changes nothing.",
         "- `config/proxy.toml` is a commented template with every key; `config/local.toml` "
         "runs on the bundled local Momento-compatible server, `config/memory.toml` on an "
         "in-process store.",
@@ -876,13 +946,14 @@ def docs_markdown() -> str:
     for _, section in SECTIONS:
         header = f"[[{section.name}]]" if section.array else f"[{section.name}]"
         out += [f"## `{header}`", "", section.help, ""]
-        out += ["| Key | Type | Default | Description |", "| --- | --- | --- | --- |"]
+        out += ["| Key | Type | Default | Reload | Description |", "| --- | --- | --- | --- | --- |"]
         for option in OPTIONS:
             if option.section != section.name:
                 continue
             default = "required" if option.required else f"`{_toml_value(option.default)}`"
+            reload = "live" if option.reload else "restart"
             out.append(
-                f"| `{option.key}` | {option.type_doc()} | {default} | {_md_cell(option.help)} |"
+                f"| `{option.key}` | {option.type_doc()} | {default} | {reload} | {_md_cell(option.help)} |"
             )
         if section.legacy:
             keys = ", ".join(f"`{k}`" for k in section.legacy)

@@ -21,12 +21,12 @@ from mproxy.backends.base import (
     FlushDisabled,
     Item,
     NonNumericValue,
-    StoreMode,
     StoreResult,
     ValueTooLarge,
     ttl_seconds,
 )
 from mproxy.protocol import commands as c
+from mproxy.protocol.commands import StoreMode
 from mproxy.protocol import replies as r
 from mproxy.stats import CacheStats, Stats
 

@@ -4,6 +4,11 @@ Per-command bookkeeping is O(1): plain integer attributes bumped by
 ``dispatch`` and ``server`` (``st.cmd_get += 1``), and one histogram
 observation per backend call (:meth:`CacheStats.observe`).
 
+A backend may keep figures of its own (``Backend.stats()``: a memory cache
+counts its items, bytes, evictions and the expired or flushed items it
+found, :data:`FIGURES`); :meth:`CacheStats.attach_backend` makes them part of
+its cache's stats. A cache whose backend keeps none does not show them.
+
 Three views of the same numbers:
 
 * :meth:`Stats.snapshot`: the admin port's ``stats`` (memcached names first,
@@ -19,7 +24,7 @@ import os
 import resource
 import struct
 import time
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Mapping, Protocol
 
 from mproxy import __version__
 
@@ -34,8 +39,6 @@ COUNTERS = (
     "cmd_touch",
     "get_hits",
     "get_misses",
-    "get_expired",
-    "get_flushed",
     "delete_misses",
     "delete_hits",
     "incr_misses",
@@ -68,8 +71,6 @@ HELP = {
     "cmd_touch": "Keys touched by touch, gat and gats.",
     "get_hits": "Requested keys that were found.",
     "get_misses": "Requested keys that were not found.",
-    "get_expired": "Requested keys found already expired (local tiers only).",
-    "get_flushed": "Requested keys found invalidated by flush_all (local tiers only).",
     "delete_misses": "delete of a missing key.",
     "delete_hits": "delete that removed an item.",
     "incr_misses": "incr of a missing key.",
@@ -85,6 +86,17 @@ HELP = {
     "bytes_written": "Bytes sent to clients.",
     "protocol_errors": "Malformed commands answered with ERROR or CLIENT_ERROR.",
     "backend_errors": "Backend calls that failed (SERVER_ERROR to the client); by code in backend_errors_<code>.",
+}
+
+#: Figures a backend keeps itself (``Backend.stats()``), memcached's names in ``stats``
+#: order: name -> (Prometheus type, help). Only ``counter`` figures are zeroed by ``stats reset``.
+FIGURES: dict[str, tuple[str, str]] = {
+    "get_expired": ("counter", "Lookups (by any command) that found their item expired and reclaimed it."),
+    "get_flushed": ("counter", "Lookups (by any command) that found their item invalidated by flush_all and reclaimed it."),
+    "curr_items": ("gauge", "Items held, including expired or flushed ones not reclaimed yet."),
+    "bytes": ("gauge", "Bytes the items held take, sized as memcached sizes them."),
+    "limit_maxbytes": ("gauge", "Byte budget of the cache."),
+    "evictions": ("counter", "Live items removed to make room for new ones."),
 }
 
 #: Percentiles reported by ``stats``, as (suffix, quantile).
@@ -171,7 +183,7 @@ class Histogram:
 class CacheStats:
     """The counters of one ``[[cache]]`` listener."""
 
-    __slots__ = COUNTERS + ("name", "latency", "backend_error_codes")
+    __slots__ = COUNTERS + ("name", "latency", "backend_error_codes", "_figures", "_figures_base")
 
     # the counters, set in __init__ from COUNTERS (declared for type checkers)
     curr_connections: int
@@ -183,8 +195,6 @@ class CacheStats:
     cmd_touch: int
     get_hits: int
     get_misses: int
-    get_expired: int
-    get_flushed: int
     delete_misses: int
     delete_hits: int
     incr_misses: int
@@ -203,12 +213,35 @@ class CacheStats:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self._zero()
+        #: The backend's own figures (``Backend.stats``), once attached.
+        self._figures: Callable[[], Mapping[str, int]] | None = None
+        #: Counter figures at the last ``stats reset`` (the backend owns the numbers).
+        self._figures_base: dict[str, int] = {}
+
+    def _zero(self) -> None:
         for counter in COUNTERS:
             setattr(self, counter, 0)
         #: Backend call latencies by operation name (``get_many``, ``set``, ...).
         self.latency: dict[str, Histogram] = {}
         #: Failed backend calls by :class:`~mproxy.backends.base.BackendError` code.
         self.backend_error_codes: dict[str, int] = {}
+
+    def attach_backend(self, figures: Callable[[], Mapping[str, int]]) -> None:
+        """Report what ``figures()`` (a backend's ``stats``) returns of :data:`FIGURES` from now on."""
+        self._figures = figures
+        self._figures_base = {}
+
+    def figures(self) -> dict[str, int]:
+        """The backend's figures in :data:`FIGURES` order; counters since the last reset."""
+        if self._figures is None:
+            return {}
+        raw = self._figures()
+        return {
+            name: raw[name] - self._figures_base.get(name, 0) if kind == "counter" else raw[name]
+            for name, (kind, _) in FIGURES.items()
+            if name in raw
+        }
 
     def observe(self, op: str, seconds: float, error_code: str | None = None) -> None:
         """One backend call of operation ``op`` took ``seconds``; ``error_code`` if it failed."""
@@ -221,14 +254,20 @@ class CacheStats:
             self.backend_error_codes[error_code] = self.backend_error_codes.get(error_code, 0) + 1
 
     def reset(self) -> None:
-        """Zero everything but ``curr_connections`` (memcached's ``stats reset``)."""
+        """Zero everything but gauges: ``curr_connections`` and the backend's gauge
+        figures such as ``curr_items`` (memcached's ``stats reset``)."""
         curr = self.curr_connections
-        self.__init__(self.name)  # type: ignore[misc]
+        self._zero()
         self.curr_connections = curr
+        if self._figures is not None:
+            raw = self._figures()
+            self._figures_base = {n: raw[n] for n, (kind, _) in FIGURES.items() if kind == "counter" and n in raw}
 
     def snapshot(self) -> dict[str, int]:
-        """Counters in :data:`COUNTERS` order, then the backend ones (see :func:`backend_stats`)."""
+        """Counters in :data:`COUNTERS` order, the backend's :meth:`figures`, then the
+        backend calls (see :func:`backend_stats`)."""
         out = {c: getattr(self, c) for c in COUNTERS}
+        out.update(self.figures())
         out.update(backend_stats(self.latency, self.backend_error_codes))
         return out
 
@@ -313,16 +352,20 @@ class Stats:
             "rusage_system": usage.ru_stime,
         }
         totals = dict.fromkeys(COUNTERS, 0)
+        figures: dict[str, int] = {}
         latency: dict[str, Histogram] = {}
         error_codes: dict[str, int] = {}
         for st in self.caches.values():
             for c in COUNTERS:
                 totals[c] += getattr(st, c)
+            for name, value in st.figures().items():
+                figures[name] = figures.get(name, 0) + value
             for op, hist in st.latency.items():
                 latency.setdefault(op, Histogram()).merge(hist)
             for code, n in st.backend_error_codes.items():
                 error_codes[code] = error_codes.get(code, 0) + n
         out.update(totals)
+        out.update((name, figures[name]) for name in FIGURES if name in figures)
         out.update(backend_stats(latency, error_codes))
         out["sdk_warnings"] = self.sdk_warnings
         out["audit_lines_written"] = self.audit_lines_written
@@ -374,6 +417,11 @@ def prometheus_text(stats: Stats) -> str:
         else:
             name, kind = f"mproxy_{counter}_total", "counter"
         _family(lines, name, kind, HELP[counter], (f'{name}{{cache="{_label(c)}"}} {getattr(st, counter)}' for c, st in caches))
+    figures = [(c, st.figures()) for c, st in caches]
+    for figure, (kind, help_text) in FIGURES.items():
+        name = f"mproxy_{figure}_total" if kind == "counter" else f"mproxy_{figure}"
+        samples = (f'{name}{{cache="{_label(c)}"}} {values[figure]}' for c, values in figures if figure in values)
+        _family(lines, name, kind, help_text, samples)
     _family(
         lines,
         "mproxy_backend_errors_by_code_total",

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -17,19 +16,24 @@ import pytest
 
 from mproxy import audit as audit_mod
 from mproxy.audit import AuditLog, NullAudit
+from mproxy.config import AuditConfig
 from mproxy.stats import Stats
 
 TIMEOUT = 30.0
 
 
-@dataclass
-class Klog:
-    file: str = ""
-    backup: str = ""
-    sample: int = 1
-    max_size: int = 0
-    backup_count: int = 5
-    queue_size: int = 10000
+def audit_settings(
+    file: str = "",
+    backup: str = "",
+    sample: int = 1,
+    max_size: int = 0,
+    backup_count: int = 5,
+    queue_size: int = 10000,
+) -> AuditConfig:
+    """``[klog]`` settings with small defaults (no rotation unless asked)."""
+    return AuditConfig(
+        file=file, backup=backup, sample=sample, max_size=max_size, backup_count=backup_count, queue_size=queue_size
+    )
 
 
 def until(cond: Callable[[], bool]) -> None:
@@ -50,9 +54,9 @@ def oldest_first(backup: Path) -> list[Path]:
     return numbered + ([backup] if backup.exists() else [])
 
 
-@pytest.mark.parametrize("klog", [Klog(file=""), Klog(file="/nonexistent/audit.log", sample=0)])
-def test_from_config_off(klog: Klog) -> None:
-    null = audit_mod.from_config(klog)
+@pytest.mark.parametrize("settings", [audit_settings(file=""), audit_settings(file="/nonexistent/audit.log", sample=0)])
+def test_from_config_off(settings: AuditConfig) -> None:
+    null = audit_mod.from_config(settings)
     assert isinstance(null, NullAudit)
     assert null.enabled is False
     null.record("1.2.3.4:5", "c", "get", [b"k"], "hit", 1)
@@ -61,12 +65,12 @@ def test_from_config_off(klog: Klog) -> None:
 
 def test_invalid_settings() -> None:
     with pytest.raises(ValueError, match="sample=0"):
-        AuditLog("/nonexistent/audit.log", sample=0)
+        AuditLog(audit_settings(file="/nonexistent/audit.log", sample=0))
 
 
 def test_lines_are_json_without_values(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
-    log = audit_mod.from_config(Klog(file=str(path)))
+    log = audit_mod.from_config(audit_settings(file=str(path)))
     assert isinstance(log, AuditLog) and log.enabled
     log.record("10.0.0.7:51234", "default", "get", (b"user:42", b"caf\xc3\xa9", b"bad\xff"), "hit", 840)
     log.record("10.0.0.7:51234", "default", "set", (b"user:42",), "stored", 1200, flags=3, exptime=300, nbytes=512)
@@ -89,7 +93,7 @@ def test_lines_are_json_without_values(tmp_path: Path) -> None:
 
 def test_rotation_keeps_every_line(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
-    log = AuditLog(str(path), max_size=2000, backup_count=100)
+    log = AuditLog(audit_settings(file=str(path), max_size=2000, backup_count=100))
     for i in range(300):
         log.record("127.0.0.1:1", "default", "get", (b"key-%d" % i,), "miss", i)
     assert log.close(TIMEOUT) is True
@@ -103,7 +107,7 @@ def test_rotation_keeps_every_line(tmp_path: Path) -> None:
 def test_rotation_keeps_backup_count_files(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     log = audit_mod.from_config(
-        Klog(file=str(path), backup=str(tmp_path / "rotated" / "audit"), max_size=1000, backup_count=3)
+        audit_settings(file=str(path), backup=str(tmp_path / "rotated" / "audit"), max_size=1000, backup_count=3)
     )
     (tmp_path / "rotated").mkdir()
     for i in range(300):
@@ -118,7 +122,7 @@ def test_rotation_keeps_backup_count_files(tmp_path: Path) -> None:
 @pytest.mark.parametrize("sample", [1, 7, 100])
 def test_sampling(tmp_path: Path, sample: int) -> None:
     path = tmp_path / "audit.log"
-    log = AuditLog(str(path), sample=sample)
+    log = AuditLog(audit_settings(file=str(path), sample=sample))
     for i in range(1000):
         log.record("127.0.0.1:1", "default", "get", (b"k",), "hit", i)
     assert log.close(TIMEOUT) is True
@@ -128,19 +132,19 @@ def test_sampling(tmp_path: Path, sample: int) -> None:
 
 def test_reconfigure(tmp_path: Path) -> None:
     first, second = tmp_path / "a.log", tmp_path / "b.log"
-    log = AuditLog(str(first))
+    log = AuditLog(audit_settings(file=str(first)))
     log.record("127.0.0.1:1", "c", "get", (b"k",), "hit", 1)
-    log.reconfigure(Klog(file=str(second), sample=2))
+    log.reconfigure(audit_settings(file=str(second), sample=2))
     for i in range(4):
         log.record("127.0.0.1:1", "c", "get", (b"k",), "hit", 2)
-    log.reconfigure(Klog(file=""))
+    log.reconfigure(audit_settings(file=""))
     assert log.enabled is False
-    log.reconfigure(Klog(file=str(second), sample=0))
+    log.reconfigure(audit_settings(file=str(second), sample=0))
     assert log.enabled is False
-    log.reconfigure(Klog(file=str(second)))
+    log.reconfigure(audit_settings(file=str(second)))
     assert log.enabled is True
     with pytest.raises(ValueError):
-        log.reconfigure(Klog(file=str(second), queue_size=0))
+        log.reconfigure(audit_settings(file=str(second), queue_size=0))
     assert log.close(TIMEOUT) is True
     assert [e["latency_us"] for e in lines_of(first)] == [1]
     assert [e["latency_us"] for e in lines_of(second)] == [2, 2]
@@ -148,7 +152,7 @@ def test_reconfigure(tmp_path: Path) -> None:
 
 def test_reopen_after_logrotate_moved_the_file(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
-    log = AuditLog(str(path))
+    log = AuditLog(audit_settings(file=str(path)))
     for _ in range(3):
         log.record("127.0.0.1:1", "c", "get", (b"k",), "hit", 1)
     until(lambda: log.lines_written == 3)
@@ -165,7 +169,7 @@ def test_blocked_disk_never_blocks_record(tmp_path: Path) -> None:
     fifo = tmp_path / "audit.fifo"
     os.mkfifo(fifo)
     queue_size = 20
-    log = AuditLog(str(fifo), queue_size=queue_size)
+    log = AuditLog(audit_settings(file=str(fifo), queue_size=queue_size))
     start = time.perf_counter()
     for i in range(1000):
         log.record("127.0.0.1:1", "c", "get", (b"k",), "hit", i)
@@ -190,7 +194,7 @@ def test_blocked_disk_never_blocks_record(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_write_errors_are_counted_not_raised() -> None:
-    log = AuditLog("/dev/full", max_size=100, backup_count=1)
+    log = AuditLog(audit_settings(file="/dev/full", max_size=100, backup_count=1))
     for i in range(50):
         log.record("127.0.0.1:1", "c", "get", (b"k",), "hit", i)
     assert log.close(TIMEOUT) is True
@@ -200,7 +204,7 @@ def test_write_errors_are_counted_not_raised() -> None:
 
 def test_stats_report_audit_counters(tmp_path: Path) -> None:
     stats = Stats()
-    log = AuditLog(str(tmp_path / "audit.log"), queue_size=1)
+    log = AuditLog(audit_settings(file=str(tmp_path / "audit.log"), queue_size=1))
     stats.attach_audit(log)
     for _ in range(3):
         log.record("127.0.0.1:1", "c", "get", (b"k",), "hit", 1)
@@ -218,7 +222,8 @@ def test_works_in_a_monkey_patched_process(tmp_path: Path) -> None:
         from gevent import monkey; monkey.patch_all()
         import gevent
         from mproxy.audit import AuditLog
-        log = AuditLog({str(path)!r}, max_size=4000, backup_count=50)
+        from mproxy.config import AuditConfig
+        log = AuditLog(AuditConfig(file={str(path)!r}, max_size=4000, backup_count=50))
         def client(n):
             for i in range(100):
                 log.record("127.0.0.1:%d" % n, "c", "get", (b"k",), "hit", i)
@@ -237,7 +242,7 @@ def test_works_in_a_monkey_patched_process(tmp_path: Path) -> None:
 
 def test_failed_rotation_keeps_lines(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
-    log = AuditLog(str(path), max_size=500, backup_count=2, backup=str(tmp_path / "missing-dir" / "audit"))
+    log = AuditLog(audit_settings(file=str(path), max_size=500, backup_count=2, backup=str(tmp_path / "missing-dir" / "audit")))
     for i in range(50):
         log.record("127.0.0.1:1", "c", "get", (b"k",), "hit", i)
     assert log.close(TIMEOUT) is True

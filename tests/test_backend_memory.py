@@ -7,6 +7,7 @@ and padding, CAS on touch, negative exptimes) against the real binary.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import pytest
@@ -21,18 +22,17 @@ from mproxy.backends.base import (
     FlushDisabled,
     Item,
     NonNumericValue,
-    StoreMode,
     StoreResult,
     ValueTooLarge,
 )
 from mproxy.backends.memory import (
-    DEFAULT_MAX_BYTES,
     ITEM_OVERHEAD,
     MemoryBackend,
     from_config,
     item_size,
     parse_counter,
 )
+from mproxy.protocol.commands import DEFAULT_MAX_BYTES, StoreMode
 from tests.servers import FakeClock, RawSession, Server
 
 SET, ADD, REPLACE, APPEND, PREPEND, CAS = (
@@ -564,6 +564,82 @@ def test_counter_growth_evicts_the_lru_item_not_the_grown_one(clock: FakeClock) 
     assert {k: i.value for k, i in mem.get_many([b"k0", b"k1"]).items()} == {b"k0": b"1000"}
     assert mem.evictions == 1
     assert mem.bytes_used == item_size(b"k0", 4, 0)
+
+
+# -- stats: what memcached reports of its items ----------------------------
+
+
+def figures(mem: MemoryBackend) -> tuple[int, int, int, int]:
+    st = mem.stats()
+    return st["curr_items"], st["get_expired"], st["get_flushed"], st["evictions"]
+
+
+@pytest.mark.parametrize(
+    "lookup",
+    [
+        lambda m: m.get_many([b"k"]),
+        lambda m: m.touch_many([b"k"], 10),
+        lambda m: m.touch(b"k", 10),
+        lambda m: m.delete(b"k"),
+        lambda m: m.incr_decr(b"k", 1, True),
+        lambda m: m.store(SET, b"k", b"2", 0, 0),
+        lambda m: m.store(ADD, b"k", b"2", 0, 0),
+        lambda m: m.store(APPEND, b"k", b"2", 0, 0),
+        lambda m: m.store(SET, b"k", b"x" * 2_000_000, 0, 0),
+    ],
+    ids=["get", "gat", "touch", "delete", "incr", "set", "add", "append", "too-large-set"],
+)
+def test_every_lookup_counts_the_expired_or_flushed_item_it_finds(
+    mem: MemoryBackend, clock: FakeClock, lookup: Callable[[MemoryBackend], object]
+) -> None:
+    mem.store(SET, b"k", b"1", 0, 10)
+    clock.now += 10
+    assert figures(mem) == (1, 0, 0, 0)  # held until looked up
+    with contextlib.suppress(ValueTooLarge):
+        lookup(mem)
+    assert mem.stats()["get_expired"] == 1
+    mem.store(SET, b"k", b"1", 0, 0)
+    mem.flush_all()
+    with contextlib.suppress(ValueTooLarge):
+        lookup(mem)
+    assert (mem.stats()["get_expired"], mem.stats()["get_flushed"]) == (1, 1)
+
+
+def test_flushed_items_stay_held_until_looked_up(mem: MemoryBackend, clock: FakeClock) -> None:
+    mem.store(SET, b"a", b"1", 0, 0)
+    mem.store(SET, b"b", b"2", 0, 0)
+    mem.flush_all()
+    mem.store(SET, b"c", b"3", 0, 0)  # written after the flush: live
+    assert figures(mem) == (3, 0, 0, 0)
+    assert mem.stats()["bytes"] == 3 * item_size(b"a", 1, 0)
+    assert value_of(mem, b"c") == b"3" and value_of(mem, b"a") is None
+    assert figures(mem) == (2, 0, 1, 0)
+    mem.flush_all(5)
+    clock.now += 5
+    assert mem.get_many([b"b", b"c"]) == {}
+    assert figures(mem) == (0, 0, 3, 0)
+    assert mem.stats()["bytes"] == 0
+
+
+def test_touch_into_the_past_keeps_the_item_held_until_looked_up(mem: MemoryBackend) -> None:
+    mem.store(SET, b"k", b"v", 0, 0)
+    assert mem.touch(b"k", -1) is True
+    assert figures(mem) == (1, 0, 0, 0)
+    assert get(mem, b"k") is None
+    assert figures(mem) == (0, 1, 0, 0)
+
+
+def test_evictions_count_live_items_only(clock: FakeClock) -> None:
+    mem = small(clock, 3)
+    mem.store(SET, b"k0", b"vvvvvvvv", 0, 5)
+    mem.store(SET, b"k1", b"vvvvvvvv", 0, 0)
+    mem.store(SET, b"k2", b"vvvvvvvv", 0, 0)
+    clock.now += 5
+    mem.store(SET, b"k3", b"vvvvvvvv", 0, 0)  # makes room by dropping the expired k0
+    assert figures(mem) == (3, 0, 0, 0)
+    mem.store(SET, b"k4", b"vvvvvvvv", 0, 0)  # evicts the live k1
+    assert figures(mem) == (3, 0, 0, 1)
+    assert mem.stats()["limit_maxbytes"] == 3 * item_size(b"k0", 8, 0)
 
 
 # -- construction ----------------------------------------------------------

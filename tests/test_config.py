@@ -9,13 +9,12 @@ import pytest
 
 from mproxy import config as cfg
 from mproxy.config import (
-    MEMORY_BACKEND_DEFAULT_BYTES,
     AdminConfig,
     CacheConfig,
     Config,
     ConfigError,
     DebugConfig,
-    KlogConfig,
+    AuditConfig,
     MomentoConfig,
     ProxyConfig,
     docs_markdown,
@@ -23,6 +22,7 @@ from mproxy.config import (
     loads,
     render,
 )
+from mproxy.protocol.commands import DEFAULT_MAX_BYTES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,17 +160,17 @@ def test_defaults() -> None:
     assert cache.flags is True and cache.allow_flush is True
     assert (cache.memory_cache_bytes, cache.memory_cache_ttl_seconds) == (0, 0)
     assert c.debug == DebugConfig(log_level="info", log_file="", log_format="text")
-    assert c.klog == KlogConfig(
+    assert c.audit == AuditConfig(
         file="", backup="", backup_count=3, max_size=1073741824, sample=1, queue_size=10000
     )
-    assert not c.klog.enabled and c.klog.backup_path == ""
+    assert not c.audit.enabled and c.audit.backup_path == ""
     assert c.momento == MomentoConfig(local="", api_key_env="MOMENTO_API_KEY", endpoint="")
     assert c.source == "<string>" and c.warnings == ()
 
 
 def test_memory_backend_gets_a_usable_budget() -> None:
     c = loads(MINIMAL + 'backend = "memory"\n')
-    assert c.caches[0].memory_cache_bytes == MEMORY_BACKEND_DEFAULT_BYTES == 64 * 1024 * 1024
+    assert c.caches[0].memory_cache_bytes == DEFAULT_MAX_BYTES == 64 * 1024 * 1024
     c = loads(MINIMAL + 'backend = "memory"\nmemory_cache_bytes = 1000\n')
     assert c.caches[0].memory_cache_bytes == 1000
 
@@ -185,9 +185,9 @@ def test_legacy_momento_proxy_config_loads_unchanged() -> None:
     ]
     assert c.caches[1].protocol == "memcache"
     assert c.debug.log_level == "info"
-    assert c.klog.backup == "momento-proxy.cmd.old"
-    assert c.klog.max_size == 1073741824 and c.klog.sample == 100
-    assert not c.klog.enabled  # no file
+    assert c.audit.backup == "momento-proxy.cmd.old"
+    assert c.audit.max_size == 1073741824 and c.audit.sample == 100
+    assert not c.audit.enabled  # no file
 
 
 def test_legacy_resp_listener_is_refused_by_name() -> None:
@@ -215,11 +215,11 @@ def test_log_level_aliases(text: str, normalised: str) -> None:
 
 def test_klog_legacy_meanings() -> None:
     c = loads(MINIMAL + '[klog]\nfile = "a.cmd"\nsample = 0\n')
-    assert not c.klog.enabled
+    assert not c.audit.enabled
     c = loads(MINIMAL + '[klog]\nfile = "a.cmd"\n')
-    assert c.klog.enabled and c.klog.backup_path == "a.cmd.old"
+    assert c.audit.enabled and c.audit.backup_path == "a.cmd.old"
     c = loads(MINIMAL + '[klog]\nfile = "a.cmd"\nbackup = "b.old"\n')
-    assert c.klog.backup_path == "b.old"
+    assert c.audit.backup_path == "b.old"
 
 
 @pytest.mark.parametrize(
@@ -493,7 +493,7 @@ def test_shipped_defaults_are_what_new_users_need() -> None:
     assert memory == dataclasses.replace(
         local,
         caches=(dataclasses.replace(
-            local.caches[0], backend="memory", memory_cache_bytes=MEMORY_BACKEND_DEFAULT_BYTES
+            local.caches[0], backend="memory", memory_cache_bytes=DEFAULT_MAX_BYTES
         ),),
         momento=MomentoConfig(),  # no [momento] section: nothing uses it
     )
@@ -524,3 +524,54 @@ def test_local_tier_keys_on_momento_warn_that_the_tier_is_not_built() -> None:
     assert any("memory_cache_bytes" in w and "not built yet" in w and w.startswith("t.toml") for w in cfg.warnings)
     quiet = loads('[[cache]]\ncache_name = "c"\nbackend = "memory"\nmemory_cache_bytes = 1048576\n')
     assert quiet.warnings == ()
+
+
+# -- reload (SIGHUP): what applies and what waits, from the declarations ----------------
+
+RELOAD_BASE = '[admin]\nport = 9000\n[debug]\nlog_level = "info"\n[klog]\nfile = "a.log"\n[[cache]]\ncache_name = "c"\n'
+
+
+def test_reloadable_options_are_the_log_level_and_the_audit_log() -> None:
+    live = {f"{o.section}.{o.key}" for o in cfg.OPTIONS if o.reload}
+    assert live == {"debug.log_level"} | {f"klog.{f.name}" for f in dataclasses.fields(AuditConfig)}
+
+
+def test_reload_applies_live_options_and_reports_the_rest() -> None:
+    old = loads(RELOAD_BASE, "r.toml")
+    changed = (
+        RELOAD_BASE.replace("9000", "9001")
+        .replace('log_level = "info"', 'log_level = "debug"\nlog_file = "m.log"\nlog_format = "json"')
+        .replace('"a.log"', '"b.log"')
+    )
+    new = loads(changed + 'port = 11300\n[proxy]\nmax_connections = 7\n[momento]\nendpoint = "e"\n', "r.toml")
+    running, pending = cfg.reload(old, new)
+    assert running.debug.log_level == "debug" and running.audit == new.audit
+    assert running.admin == old.admin and running.proxy == old.proxy and running.caches == old.caches
+    assert running.debug.log_file == "" and running.momento == old.momento
+    assert pending == ["[admin]", "[proxy]", "[[cache]]", "[debug] log_file", "[debug] log_format", "[momento]"]
+    # the next reload of the same file reports the same pending changes
+    assert cfg.reload(running, new)[1] == pending
+
+
+def test_reload_leaves_out_what_the_command_line_sets_and_keeps_the_source() -> None:
+    old = loads(RELOAD_BASE, "r.toml")
+    new = dataclasses.replace(old, debug=dataclasses.replace(old.debug, log_format="json", log_level="error"))
+    running, pending = cfg.reload(old, new, overridden=("debug.log_format", "debug.log_level"))
+    assert pending == [] and running.debug.log_level == "error" and running.debug.log_format == "text"
+    assert running.source == "r.toml"
+    assert cfg.reload(old, old) == (old, [])
+
+
+def test_reload_of_added_or_removed_cache_tables_waits_for_a_restart() -> None:
+    old = loads(RELOAD_BASE, "r.toml")
+    new = loads(RELOAD_BASE + '[[cache]]\ncache_name = "d"\nport = 11300\n', "r.toml")
+    running, pending = cfg.reload(old, new)
+    assert pending == ["[[cache]]"] and running.caches == old.caches
+
+
+def test_docs_mark_each_option_live_or_restart() -> None:
+    docs = docs_markdown()
+    for option in cfg.OPTIONS:
+        mark = "live" if option.reload else "restart"
+        assert f"| `{option.key}` | {option.type_doc()} |" in docs
+        assert any(line.startswith(f"| `{option.key}` |") and f"| {mark} |" in line for line in docs.splitlines())

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from mproxy.backends.base import BackendError, StoreMode
+from mproxy.backends.base import BackendError
 from mproxy.backends.memory import MemoryBackend
 from mproxy.dispatch import Dispatcher
 from mproxy.protocol import commands as c
+from mproxy.protocol.commands import StoreMode
 from mproxy.protocol.parser import NEED_DATA, Parser
 from mproxy.stats import Stats
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mproxy.backends.base import StoreMode
 from mproxy.protocol import commands as c
+from mproxy.protocol.commands import StoreMode
 from mproxy.protocol.errors import ClientError, CommandError, ConnectionClosed, ProtocolError
 from mproxy.protocol.parser import NEED_DATA, Parser, parse_i32, parse_u32, parse_u64
 

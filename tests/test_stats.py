@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mproxy import __version__
-from mproxy.stats import COUNTERS, HELP, UPPER_BOUNDS, Histogram, Stats, prometheus_text
+from mproxy.stats import COUNTERS, FIGURES, HELP, UPPER_BOUNDS, Histogram, Stats, prometheus_text
 
 
 class FakeAudit:
@@ -173,3 +173,77 @@ def test_operations_guide_documents_every_stat() -> None:
     assert missing == []
     for pattern in ("backend_<op>_requests", "backend_<op>_p50_us", "backend_errors_<code>"):
         assert f"`{pattern}`" in guide
+
+
+# -- figures a backend keeps itself (memory caches) ---------------------------------------
+
+
+class FakeBackend:
+    def __init__(self, **figures: int) -> None:
+        self.figures = figures
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.figures)
+
+
+def with_backends() -> tuple[Stats, FakeBackend, FakeBackend]:
+    stats = scripted()
+    a = FakeBackend(curr_items=3, bytes=180, limit_maxbytes=1000, evictions=1, get_expired=2, get_flushed=4)
+    b = FakeBackend(curr_items=1, bytes=60, limit_maxbytes=500, evictions=0, get_expired=1, get_flushed=0)
+    stats.cache("a").attach_backend(a.stats)
+    stats.cache("b").attach_backend(b.stats)
+    stats.cache("remote")  # a backend that keeps no figures of its own
+    return stats, a, b
+
+
+def test_every_figure_has_a_kind_and_help() -> None:
+    assert all(kind in ("counter", "gauge") and text for kind, text in FIGURES.values())
+    assert not set(FIGURES) & set(COUNTERS)
+
+
+def test_backend_figures_in_stats_summed_and_per_cache() -> None:
+    stats, _, _ = with_backends()
+    snap = stats.snapshot()
+    assert {k: snap[k] for k in FIGURES} == {
+        "get_expired": 3, "get_flushed": 4, "curr_items": 4, "bytes": 240, "limit_maxbytes": 1500, "evictions": 1,
+    }
+    keys = list(snap)
+    assert keys.index("backend_errors") < keys.index("get_expired") < keys.index("backend_get_many_requests")
+    per_cache = stats.cache_snapshot()
+    assert (per_cache["a:curr_items"], per_cache["b:get_expired"]) == (3, 1)
+    assert not [k for k in per_cache if k.startswith("remote:") and k.split(":")[1] in FIGURES]
+    alone = Stats()
+    alone.cache("remote")
+    assert not set(FIGURES) & set(alone.snapshot())
+
+
+def test_reset_zeroes_figure_counters_not_gauges() -> None:
+    stats, a, _ = with_backends()
+    stats.reset()
+    snap = stats.cache("a").snapshot()
+    assert (snap["get_expired"], snap["get_flushed"], snap["evictions"]) == (0, 0, 0)
+    assert (snap["curr_items"], snap["bytes"], snap["limit_maxbytes"]) == (3, 180, 1000)
+    a.figures["get_expired"] += 5
+    assert stats.cache("a").snapshot()["get_expired"] == 5
+
+
+def test_backend_figures_in_prometheus() -> None:
+    stats, _, _ = with_backends()
+    families = {f.name: f for f in text_string_to_metric_families(prometheus_text(stats))}
+    assert families["mproxy_curr_items"].type == "gauge"
+    assert {s.labels["cache"]: s.value for s in families["mproxy_curr_items"].samples} == {"a": 3, "b": 1}
+    expired = families["mproxy_get_expired"]
+    assert expired.type == "counter"
+    assert {s.labels["cache"]: s.value for s in expired.samples if s.name.endswith("_total")} == {"a": 2, "b": 1}
+    assert families["mproxy_limit_maxbytes"].samples[0].value == 1000
+
+
+def test_a_memory_backend_reports_every_figure() -> None:
+    from mproxy.backends.memory import MemoryBackend
+
+    assert set(MemoryBackend().stats()) == set(FIGURES)
+
+
+def test_operations_guide_documents_every_backend_figure() -> None:
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    assert [name for name in FIGURES if f"| `{name}` |" not in guide] == []

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+from mproxy.protocol.commands import StoreMode
+
 #: memcached: an exptime above 30 days is an absolute Unix time.
 REALTIME_MAXDELTA = 60 * 60 * 24 * 30
 
@@ -27,15 +29,6 @@ class Item:
     value: bytes
     flags: int
     cas: int = 0
-
-
-class StoreMode(enum.Enum):
-    SET = "set"
-    ADD = "add"
-    REPLACE = "replace"
-    APPEND = "append"
-    PREPEND = "prepend"
-    CAS = "cas"
 
 
 class StoreResult(enum.Enum):
@@ -129,6 +122,11 @@ class Backend(Protocol):
 
     def flush_all(self, delay: int = 0) -> None:
         """Invalidate every item now, or ``delay`` seconds from now. Raises FlushDisabled."""
+
+    def stats(self) -> dict[str, int]:
+        """Figures the store keeps itself, under memcached's stat names (``curr_items``,
+        ``bytes``, ``limit_maxbytes``, ``evictions``, ``get_expired``, ``get_flushed``):
+        only those it knows for certain, so a remote store may return ``{}``."""
 
     def close(self) -> None:
         """Release connections and threads. Idempotent."""

@@ -1,8 +1,8 @@
 """In-process store with memcached 1.6 semantics.
 
-Used as the embedded default backend, as a local tier in front of Momento and
-as the test double for everything above the backend layer. Behaviour was
-checked against a real memcached 1.6.18 (see ``tests/test_backend_memory.py``):
+The ``backend = "memory"`` of a ``[[cache]]``, and the test double for
+everything above the backend layer. Behaviour was checked against a real
+memcached 1.6.18 (see ``tests/test_backend_memory.py``):
 
 * expiry follows :func:`base.ttl_seconds`; an exptime already in the past
   makes the write invisible but still removes the previous value;
@@ -15,8 +15,18 @@ checked against a real memcached 1.6.18 (see ``tests/test_backend_memory.py``):
   value; an append/prepend whose result would be too large is NOT_STORED;
 * ``flush_all N`` invalidates, N seconds from now, every item written before
   that moment (including items written after the command was issued);
+* an expired or flushed item stays held (``curr_items``, ``bytes``) until a
+  command looks its key up, which reclaims it and counts it in
+  ``get_expired`` / ``get_flushed`` (memcached counts every lookup that finds
+  one, whatever the command), or until it leaves as least recently used;
 * items are sized as memcached sizes them (:data:`ITEM_OVERHEAD`) and the
-  least recently used are evicted to stay within ``max_bytes``.
+  least recently used are evicted to stay within ``max_bytes`` (``evictions``
+  counts the live ones, as memcached does).
+
+Unlike memcached, nothing reclaims expired items in the background (its LRU
+crawler) or while allocating (memcached frees expired items it finds at the
+tail of the LRU): a memcached under those threads reports lower
+``get_expired`` / ``get_flushed`` for the same commands.
 
 Concurrency: mproxy runs this under gevent, and no method yields (no I/O,
 no locks, no greenlet switches), so each call is atomic with respect to other
@@ -36,11 +46,11 @@ from mproxy.backends.base import (
     FlushDisabled,
     Item,
     NonNumericValue,
-    StoreMode,
     StoreResult,
     ValueTooLarge,
     ttl_seconds,
 )
+from mproxy.protocol.commands import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEM_SIZE, StoreMode
 
 #: Bytes memcached 1.6 (64-bit build) spends on an item besides its key and
 #: value: 48-byte header, 8-byte CAS, the NUL after the key and the CRLF after
@@ -51,12 +61,6 @@ ITEM_OVERHEAD = 59
 #: memcached keeps non-zero client flags in 4 more bytes (its largest value
 #: for a 1-byte key with flags 5 is 1,048,512 bytes).
 FLAGS_OVERHEAD = 4
-
-#: memcached's default ``-m 64``.
-DEFAULT_MAX_BYTES = 64 * 2**20
-
-#: memcached's default ``-I 1m``.
-DEFAULT_MAX_ITEM_SIZE = 2**20
 
 #: Largest signed 64-bit integer: ``safe_strtoull`` rejects a value with a
 #: minus sign whose (wrapped) result would be negative as an int64.
@@ -73,6 +77,9 @@ _COUNTER = re.compile(rb"[ \t\n\v\f\r]*([+-]?)0*([1-9][0-9]*|0)(?:[ \t\n\v\f\r\x
 #: ``expires_at`` of an item that never expires, and ``_flush_at`` when no
 #: delayed flush is pending.
 _NEVER = math.inf
+
+#: The states of a held entry (:meth:`MemoryBackend._state`).
+_LIVE, _EXPIRED, _FLUSHED = range(3)
 
 #: A stored entry: the item handed to callers, its absolute expiry time
 #: (:data:`_NEVER` if none) and its size as counted against ``max_bytes``.
@@ -137,9 +144,9 @@ class MemoryBackend:
     never expire, as in memcached). ``allow_flush=False`` makes ``flush_all``
     raise :class:`base.FlushDisabled` (memcached ``-F``).
 
-    Expired items are dropped when next accessed or when evicted as least
-    recently used; gets, touches, stores and counter updates make an item the
-    most recently used.
+    Expired and flushed items are dropped when next looked up (and counted,
+    see :meth:`stats`) or when they leave as least recently used; gets,
+    touches, stores and counter updates make an item the most recently used.
     """
 
     kind = "memory"
@@ -169,8 +176,13 @@ class MemoryBackend:
         self._bytes = 0
         self._cas = 0
         self._flush_at = _NEVER
-        #: items removed to make room (memcached's ``evictions`` stat)
+        #: items whose CAS unique is at most this one were invalidated by flush_all
+        self._flushed_cas = 0
+        #: live items removed to make room (memcached's ``evictions`` stat)
         self.evictions = 0
+        #: lookups that found their item expired / invalidated by flush_all
+        self.get_expired = 0
+        self.get_flushed = 0
 
     @property
     def curr_items(self) -> int:
@@ -182,19 +194,32 @@ class MemoryBackend:
         """Sum of :func:`item_size` over the items held."""
         return self._bytes
 
+    def stats(self) -> dict[str, int]:
+        """memcached's ``curr_items``, ``bytes``, ``limit_maxbytes``, ``evictions``,
+        ``get_expired`` and ``get_flushed``, since this store was made."""
+        return {
+            "curr_items": len(self._data),
+            "bytes": self._bytes,
+            "limit_maxbytes": self._max_bytes,
+            "evictions": self.evictions,
+            "get_expired": self.get_expired,
+            "get_flushed": self.get_flushed,
+        }
+
     # -- Backend ---------------------------------------------------------
 
     def get_many(self, keys: Sequence[bytes], with_cas: bool = False) -> dict[bytes, Item]:
         # uniques are kept with every item here: with_cas costs nothing
         now = self._now()
         data = self._data
+        flushed_cas = self._flushed_cas
         found: dict[bytes, Item] = {}
         for key in keys:
             entry = data.get(key)
             if entry is None:
                 continue
-            if entry[1] <= now:
-                self._unlink(key, entry)
+            if entry[1] <= now or entry[0].cas <= flushed_cas:
+                self._reclaim(key, entry, now)
                 continue
             data.move_to_end(key)
             found[key] = entry[0]
@@ -266,7 +291,7 @@ class MemoryBackend:
                 self._unlink(key, old)
             return StoreResult.STORED
         self._cas += 1
-        self._link(key, (Item(value, flags, self._cas), expires_at, size), old)
+        self._link(key, (Item(value, flags, self._cas), expires_at, size), old, now)
         return StoreResult.STORED
 
     def delete(self, key: bytes) -> bool:
@@ -279,14 +304,15 @@ class MemoryBackend:
     def incr_decr(self, key: bytes, delta: int, incr: bool) -> int | None:
         if not 0 <= delta <= COUNTER_MAX:
             raise ValueError(f"delta must be a u64, got {delta}")
-        entry = self._live(key, self._now())
+        now = self._now()
+        entry = self._live(key, now)
         if entry is None:
             return None
         item = entry[0]
         number, value = apply_delta(item.value, delta, incr)
         self._cas += 1
         new = Item(value, item.flags, self._cas)
-        self._link(key, (new, entry[1], item_size(key, len(value), item.flags)), entry)
+        self._link(key, (new, entry[1], item_size(key, len(value), item.flags)), entry, now)
         return number
 
     def touch(self, key: bytes, exptime: int) -> bool:
@@ -306,7 +332,7 @@ class MemoryBackend:
         now = self._now()
         seconds = ttl_seconds(delay, now)
         if seconds is None or seconds <= 0:
-            self._clear()
+            self._flush()
         else:
             self._flush_at = now + seconds
 
@@ -321,12 +347,17 @@ class MemoryBackend:
 
         Every operation calls this first, so when the flush time passes the
         first operation after it finds only items written before that time:
-        all of them are invalid, and clearing the store is exact.
+        all of them are invalid, and flushing then is exact.
         """
         now = self._clock()
         if now >= self._flush_at:
-            self._clear()
+            self._flush()
         return now
+
+    def _flush(self) -> None:
+        """Invalidate every item held: each is reclaimed when next looked up or evicted."""
+        self._flushed_cas = self._cas
+        self._flush_at = _NEVER
 
     def _expires_at(self, exptime: int, now: float) -> float:
         seconds = ttl_seconds(exptime, now)
@@ -336,23 +367,38 @@ class MemoryBackend:
                 return _NEVER
         return now + seconds
 
+    def _state(self, entry: _Entry, now: float) -> int:
+        """Whether ``entry`` is live, invalidated by flush_all (checked first, as
+        memcached does) or expired."""
+        if entry[0].cas <= self._flushed_cas:
+            return _FLUSHED
+        if entry[1] <= now:
+            return _EXPIRED
+        return _LIVE
+
     def _live(self, key: bytes, now: float) -> _Entry | None:
-        """The key's entry if present and unexpired (an expired one is dropped)."""
+        """The key's entry if present and live; an expired or flushed one is reclaimed."""
         entry = self._data.get(key)
-        if entry is not None and entry[1] <= now:
-            self._unlink(key, entry)
+        if entry is not None and self._state(entry, now) != _LIVE:
+            self._reclaim(key, entry, now)
             return None
         return entry
 
-    def _retime(self, key: bytes, entry: _Entry, expires_at: float, now: float) -> None:
-        """Give a live entry a new expiry (touch/gat: CAS unchanged)."""
-        if expires_at <= now:
-            self._unlink(key, entry)
+    def _reclaim(self, key: bytes, entry: _Entry, now: float) -> None:
+        """Drop a dead entry a lookup found, counting it as memcached does."""
+        if self._state(entry, now) == _FLUSHED:
+            self.get_flushed += 1
         else:
-            self._data[key] = (entry[0], expires_at, entry[2])
-            self._data.move_to_end(key)
+            self.get_expired += 1
+        self._unlink(key, entry)
 
-    def _link(self, key: bytes, entry: _Entry, old: _Entry | None) -> None:
+    def _retime(self, key: bytes, entry: _Entry, expires_at: float, now: float) -> None:
+        """Give a live entry a new expiry (touch/gat: CAS unchanged). One in the
+        past stays held, expired, until the next lookup (memcached's way)."""
+        self._data[key] = (entry[0], expires_at, entry[2])
+        self._data.move_to_end(key)
+
+    def _link(self, key: bytes, entry: _Entry, old: _Entry | None, now: float) -> None:
         """Store ``entry`` as most recently used, replacing ``old`` (the
         key's current live entry, or None), then evict to fit the budget."""
         data = self._data
@@ -366,7 +412,8 @@ class MemoryBackend:
         while self._bytes > self._max_bytes:
             _, evicted = data.popitem(last=False)
             self._bytes -= evicted[2]
-            self.evictions += 1
+            if self._state(evicted, now) == _LIVE:
+                self.evictions += 1
 
     def _unlink(self, key: bytes, entry: _Entry) -> None:
         del self._data[key]

@@ -73,12 +73,12 @@ from mproxy.backends.base import (
     BackendError,
     FlushDisabled,
     Item,
-    StoreMode,
     StoreResult,
     ValueTooLarge,
     ttl_seconds,
 )
 from mproxy.backends.memory import apply_delta
+from mproxy.protocol.commands import StoreMode
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,16 @@
 """Commands of the memcached text protocol as frozen, slotted records.
 
+This module is also the memcached vocabulary shared by the wire layer and the
+backends (:class:`StoreMode`, the limits): backends may import it, and it
+imports only the standard library.
+
 Limits are named constants citing their source (memcached 1.6 ``proto_text.c``).
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
-
-from mproxy.backends.base import StoreMode
 
 #: memcached ``KEY_MAX_LENGTH``.
 KEY_MAX_LENGTH = 250
@@ -19,8 +22,22 @@ MAX_LINE_LENGTH = 2048
 MAX_GET_LINE_LENGTH = 4 * 1024 * 1024
 #: memcached ``MAX_TOKENS``: a line is split into at most 23 tokens + a rest.
 MAX_TOKENS = 24
-#: memcached ``-I`` default: largest value accepted.
+#: memcached ``-I`` default: largest item accepted (``[proxy] max_item_size``).
 DEFAULT_MAX_ITEM_SIZE = 1024 * 1024
+#: memcached ``-m 64`` default: bytes of items a cache holds (its ``limit_maxbytes``);
+#: the budget of a ``backend = "memory"`` cache unless ``memory_cache_bytes`` says otherwise.
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+
+
+class StoreMode(enum.Enum):
+    """The six storage commands; the value is the command's name."""
+
+    SET = "set"
+    ADD = "add"
+    REPLACE = "replace"
+    APPEND = "append"
+    PREPEND = "prepend"
+    CAS = "cas"
 
 
 @dataclass(frozen=True, slots=True)

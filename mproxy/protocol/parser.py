@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Callable, Final
 
-from mproxy.backends.base import StoreMode
 from mproxy.protocol import commands as c
+from mproxy.protocol.commands import StoreMode
 from mproxy.protocol.errors import ClientError, CommandError, ConnectionClosed, ProtocolError
 
 
@@ -253,14 +253,8 @@ class Parser:
         return None
 
     def _arith(self, tokens: list[bytes], ntokens: int, incr: bool) -> c.Command:
-        if ntokens not in (4, 5):
-            raise CommandError()
-        noreply = _noreply(tokens, ntokens)
-        _check_key(tokens[1], noreply)
-        delta = parse_u64(tokens[2])
-        if delta is None:
-            raise ClientError("invalid numeric delta argument", noreply)
-        return c.Arith(tokens[1], delta, incr, noreply)
+        key, delta, noreply = _key_and_number(tokens, ntokens, parse_u64, "invalid numeric delta argument")
+        return c.Arith(key, delta, incr, noreply)
 
     def _delete(self, tokens: list[bytes], ntokens: int) -> c.Command:
         if not 3 <= ntokens <= 5:
@@ -275,14 +269,8 @@ class Parser:
         return c.Delete(tokens[1], noreply)
 
     def _touch(self, tokens: list[bytes], ntokens: int) -> c.Command:
-        if ntokens not in (4, 5):
-            raise CommandError()
-        noreply = _noreply(tokens, ntokens)
-        _check_key(tokens[1], noreply)
-        exptime = parse_i32(tokens[2])
-        if exptime is None:
-            raise ClientError(_BAD_EXPTIME, noreply)
-        return c.Touch(tokens[1], exptime, noreply)
+        key, exptime, noreply = _key_and_number(tokens, ntokens, parse_i32, _BAD_EXPTIME)
+        return c.Touch(key, exptime, noreply)
 
     def _flush_all(self, tokens: list[bytes], ntokens: int) -> c.Command:
         if not 2 <= ntokens <= 4:
@@ -323,6 +311,21 @@ def _check_key(key: bytes, noreply: bool = False) -> None:
 def _check_keys(keys: tuple[bytes, ...]) -> None:
     for key in keys:
         _check_key(key)
+
+
+def _key_and_number(
+    tokens: list[bytes], ntokens: int, parse: Callable[[bytes], int | None], error: str
+) -> tuple[bytes, int, bool]:
+    """``<command> <key> <number> [noreply]`` (incr, decr, touch): the key, the number
+    read by ``parse`` (else ``CLIENT_ERROR <error>``) and noreply."""
+    if ntokens not in (4, 5):
+        raise CommandError()
+    noreply = _noreply(tokens, ntokens)
+    _check_key(tokens[1], noreply)
+    number = parse(tokens[2])
+    if number is None:
+        raise ClientError(error, noreply)
+    return tokens[1], number, noreply
 
 
 def _refuse(reply: bytes) -> c.Command:
