@@ -78,7 +78,7 @@ from mproxy.backends.base import (
     ValueTooLarge,
     ttl_seconds,
 )
-from mproxy.backends.memory import apply_delta
+from mproxy.backends.counters import apply_delta
 
 log = logging.getLogger(__name__)
 
