@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from mproxy.backends.momento_embedded import read_ports
+from mproxy.backends.momento.embedded import read_ports
 from mproxy.momento_local.server import control_request
 
 HOST = "127.0.0.1"
