@@ -13,6 +13,7 @@ import base64
 import itertools
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ from mproxy.backends.base import (
     StoreResult,
     ValueTooLarge,
 )
+from mproxy.config import MomentoConfig
 from mproxy.momento_local.server import LocalServer, serve
 
 HOST = "127.0.0.1"
@@ -703,7 +705,7 @@ def config(local: str, **cache: object) -> tuple[SimpleNamespace, SimpleNamespac
     )
     settings.update(cache)
     return SimpleNamespace(**settings), SimpleNamespace(
-        momento=SimpleNamespace(local=local, api_key_env="MOMENTO_API_KEY", endpoint=""),
+        momento=MomentoConfig(local=local),
         proxy=SimpleNamespace(max_item_size=1024 * 1024),
     )
 
@@ -720,6 +722,38 @@ def test_from_config_local_creates_the_cache(server: LocalServer) -> None:
         again.close()  # the cache existed already: fine
     finally:
         b.close()
+
+
+def test_local_endpoint_brackets_ipv6_hosts() -> None:
+    """The SDK and the raw channels both make the gRPC target ``f"{host}:{port}"``."""
+    assert mb.Endpoint.local("::1", 5) == mb.Endpoint("[::1]:5", "[::1]:5", False, "")
+    assert mb.Endpoint.local("[::1]", 5) == mb.Endpoint.local("::1", 5)
+    assert mb.Endpoint.local("127.0.0.1", 5) == mb.Endpoint("127.0.0.1:5", "127.0.0.1:5", False, "")
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_from_config_local_ipv6_address() -> None:
+    srv = serve(host="::1", port=0)
+    try:
+        b = mb.from_config(*config(f"[::1]:{srv.port}", cache_name="v6"))  # type: ignore[arg-type]
+        try:
+            assert "v6" in srv.store.list_caches()
+            assert b.store(S.SET, b"k", b"v", 0, 0) is R.STORED  # SDK path
+            assert set(b.get_many([b"k", b"other"])) == {b"k"}  # raw GetBatch
+            assert srv.store.get("v6", b"k") == b"v"
+        finally:
+            b.close()
+    finally:
+        srv.stop(None)
 
 
 def test_from_config_unreachable_local_server_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -981,9 +1015,10 @@ from types import SimpleNamespace as NS
 from mproxy.backends import momento as mb
 from mproxy.backends.base import StoreMode
 from mproxy.backends.momento import embedded
+from mproxy.config import MomentoConfig
 cache = NS(cache_name="c", default_ttl=900, max_ttl=86400, connection_count=1, request_timeout=5.0,
            max_in_flight=16, flags=True, allow_flush=True)
-cfg = NS(momento=NS(local="embedded", api_key_env="MOMENTO_API_KEY", endpoint=""), proxy=NS(max_item_size=1 << 20))
+cfg = NS(momento=MomentoConfig(local="embedded"), proxy=NS(max_item_size=1 << 20))
 first = mb.from_config(cache, cfg)
 first.store(StoreMode.SET, b"k", b"v", 3, 0)
 assert first.get_many([b"k"])[b"k"].flags == 3

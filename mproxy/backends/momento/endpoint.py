@@ -40,7 +40,13 @@ class Endpoint:
 
     @classmethod
     def local(cls, host: str, port: int) -> Endpoint:
-        """A plaintext Momento-compatible server (``CredentialProvider.for_momento_local``)."""
+        """A plaintext Momento-compatible server (``CredentialProvider.for_momento_local``).
+
+        An IPv6 ``host`` (``::1``) is bracketed: the SDK and :meth:`from_credentials`
+        make the gRPC target ``f"{host}:{port}"``.
+        """
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
         return cls.from_credentials(sdk_contract().credential_provider.for_momento_local(host, port))
 
     def __repr__(self) -> str:  # never show the token

@@ -28,9 +28,14 @@ class _CacheSettings(Protocol):
 
 
 class _MomentoSettings(Protocol):
+    """What :func:`from_config` reads from ``[momento]`` (parsed by ``mproxy.config``)."""
+
     local: str
     api_key_env: str
     endpoint: str
+
+    @property
+    def local_address(self) -> tuple[str, int] | None: ...
 
 
 class _ProxySettings(Protocol):
@@ -50,17 +55,19 @@ def from_config(cache: _CacheSettings, config: _Settings) -> MomentoBackend:
 
     ``[momento] local``: ``""`` = the Momento service with the key from the
     environment; ``"embedded"`` = the shared bundled server child process;
-    ``"HOST:PORT"`` = a plaintext Momento-compatible server.
+    ``"HOST:PORT"`` (``"[v6]:PORT"``) = a plaintext Momento-compatible server.
     With a local server the cache is created if missing (the service's
     caches are not). Raises :class:`BackendError` naming what failed.
     """
     if gevent_patched():
         prepare_gevent()
     momento = config.momento
-    address: tuple[str, int] | None = None
+    address = momento.local_address
     on_close: Callable[[], None] | None = None
     where = ""  # a local server, named in errors
-    if momento.local == "embedded":
+    if address is not None:
+        where = f"the local Momento server at {momento.local}"
+    elif momento.local:  # not HOST:PORT, so "embedded"
         try:
             server = embedded.acquire()
         except embedded.EmbeddedServerError as exc:
@@ -68,9 +75,6 @@ def from_config(cache: _CacheSettings, config: _Settings) -> MomentoBackend:
         on_close = embedded.release
         address = server.host, server.port
         where = f"the embedded Momento server at {server.host}:{server.port}"
-    elif momento.local:
-        address = _split_host_port(momento.local)
-        where = f"the local Momento server at {momento.local}"
     try:
         if address is not None:
             endpoint = Endpoint.local(*address)
@@ -103,11 +107,3 @@ def from_config(cache: _CacheSettings, config: _Settings) -> MomentoBackend:
             backend.close()
             raise
     return backend
-
-
-def _split_host_port(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (IPv6 hosts stay bracketed: they are used in a gRPC target)."""
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
-        raise BackendError("invalid_argument", f"[momento] local must be \"embedded\" or HOST:PORT, got {value!r}")
-    return host, int(port)
