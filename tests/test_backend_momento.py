@@ -154,7 +154,7 @@ def test_get_many_one_key_is_one_get_and_many_keys_are_concurrent_batches(
 def test_large_multi_keys_commands_go_in_bounded_windows(
     backend: mb.MomentoBackend, server: LocalServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(backend_module, "GET_BATCH_SIZE", 2)
+    monkeypatch.setattr(backend, "max_batch_keys", 2)
     monkeypatch.setattr(backend_module, "GET_BATCH_WINDOW", 2)
     monkeypatch.setattr(backend_module, "FAN_OUT_WINDOW", 3)
     keys = [b"k%d" % i for i in range(11)]

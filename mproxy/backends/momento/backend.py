@@ -71,8 +71,6 @@ log = logging.getLogger(__name__)
 #: Larger items raise :class:`ValueTooLarge` without a call; the service's own
 #: answer (RESOURCE_EXHAUSTED, item size) is mapped to the same error.
 MOMENTO_MAX_ITEM_BYTES = 5 * 1024 * 1024
-#: Keys per GetBatch call; larger multi-gets send several batches concurrently.
-GET_BATCH_SIZE = 100
 #: GetBatch calls in flight at once for one multi-get.
 GET_BATCH_WINDOW = 8
 #: Per-key calls (UpdateTtl, Delete of gat/gats) in flight at once for one command.
@@ -103,7 +101,10 @@ class MomentoBackend:
     """
 
     kind = "momento"
-    
+    #: Keys one GetBatch call carries; a larger multi-get sends several
+    #: batches, :data:`GET_BATCH_WINDOW` at a time.
+    max_batch_keys = 100
+
     def __init__(
         self,
         endpoint: Endpoint,
@@ -175,7 +176,7 @@ class MomentoBackend:
     # -- Backend ------------------------------------------------------------
 
     def get_many(self, keys: Sequence[bytes], with_cas: bool = False) -> dict[bytes, Item]:
-        """Get for one key, GetBatch (concurrent batches of :data:`GET_BATCH_SIZE`) for more.
+        """Get for one key, GetBatch (concurrent batches of :attr:`max_batch_keys`) for more.
         The CAS unique (a hash of the stored bytes) is computed for gets only."""
         with self._call("get") as budget:
             found = self._get_values(list(dict.fromkeys(keys)), budget)
@@ -417,7 +418,8 @@ class MomentoBackend:
         if len(keys) == 1:
             value = self._sdk_get(keys[0], budget)
             return {} if value is None else {keys[0]: value}
-        batches = [keys[i : i + GET_BATCH_SIZE] for i in range(0, len(keys), GET_BATCH_SIZE)]
+        size = self.max_batch_keys
+        batches = [keys[i : i + size] for i in range(0, len(keys), size)]
         found: dict[bytes, bytes] = {}
         for start in range(0, len(batches), GET_BATCH_WINDOW):
             window = batches[start : start + GET_BATCH_WINDOW]
