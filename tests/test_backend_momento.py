@@ -38,7 +38,11 @@ from mproxy.backends.base import (
     ValueTooLarge,
 )
 from mproxy.config import MomentoConfig
+from mproxy.dispatch import Dispatcher
 from mproxy.momento_local.server import LocalServer, serve
+from mproxy.protocol.commands import Store
+from mproxy.protocol.parser import Parser
+from mproxy.stats import Stats
 
 HOST = "127.0.0.1"
 #: Bound on any wait for an asynchronous effect (a delayed flush).
@@ -295,7 +299,8 @@ def test_too_large(server: LocalServer, cache: str, monkeypatch: pytest.MonkeyPa
         assert raw(server, cache, b"k") == b"old"
         with pytest.raises(ValueTooLarge):
             b.store(S.SET, b"k", b"x" * 101, 0, 0)
-        assert raw(server, cache, b"k") is None  # memcached drops the stale value
+        # the backend only refuses; dropping the stale value is dispatch's rule (next test)
+        assert raw(server, cache, b"k") == b"old"
     finally:
         b.close()
     # beyond Momento's limit, checked before any call ...
@@ -313,6 +318,24 @@ def test_too_large(server: LocalServer, cache: str, monkeypatch: pytest.MonkeyPa
         assert server.stats.snapshot()["calls"] == {"SetIfNotExists": 1}
     finally:
         big.close()
+
+
+def test_too_large_set_through_dispatch_drops_the_old_value(server: LocalServer, cache: str) -> None:
+    """memcached drops the old value when a set is too large (no stale data): on
+    Momento too, whichever limit refuses the value."""
+    b = make_backend(server, cache, max_value_size=100)
+    try:
+        stats = Stats()
+        dispatcher = Dispatcher(b, stats.cache(cache), stats)
+        b.store(S.SET, b"k", b"old", 0, 0)
+        parser = Parser()
+        parser.feed(b"set k 0 0 101\r\n" + b"x" * 101 + b"\r\n")
+        command = parser.next_command()
+        assert isinstance(command, Store)  # within the parser's limit: the backend refuses it
+        assert dispatcher.execute(command) == b"SERVER_ERROR object too large for cache\r\n"
+        assert raw(server, cache, b"k") is None
+    finally:
+        b.close()
 
 
 # ---- delete, incr/decr, touch, flush --------------------------------------------

@@ -220,13 +220,11 @@ class MomentoBackend:
         exptime: int,
         cas_unique: int = 0,
     ) -> StoreResult:
+        """Raises :class:`ValueTooLarge` (saying which limit) without a call
+        when the value or the stored item does not fit."""
         stored = codec.encode(value, flags, self._with_flags)
         too_large = self._too_large(key, value, stored)
         if too_large:
-            if mode is StoreMode.SET:
-                # memcached drops the old value when a set is too large (no stale data).
-                with self._call(mode.value) as budget:
-                    self._sdk_delete(key, budget)
             raise ValueTooLarge(too_large)
         with self._call(mode.value) as budget:
             if mode is StoreMode.APPEND or mode is StoreMode.PREPEND:
