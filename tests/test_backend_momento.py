@@ -873,7 +873,7 @@ def test_sdk_contract_cache_client_and_configuration() -> None:
     sdk = transport.sdk_contract()
     for name in (*SDK_METHODS, "__exit__"):
         assert callable(getattr(sdk.cache_client, name, None)), f"CacheClient.{name} is gone"
-    assert not hasattr(sdk.cache_client, "close"), "CacheClient.close() appeared: MomentoBackend.close uses it now"
+    assert not hasattr(sdk.cache_client, "close"), "CacheClient.close() appeared: transport.Connections.close should use it now"
     assert transport.SDK_MAX_MESSAGE_BYTES == DEFAULT_MAX_MESSAGE_SIZE
     configuration = transport.sdk_configuration(sdk, 0.3, 7)
     grpc_config = configuration.get_transport_strategy().get_grpc_configuration()
@@ -895,7 +895,7 @@ def test_sdk_contract_cache_client_and_configuration() -> None:
     # a raw channel must get exactly the arguments of its CacheClient's channel to share its connection
     assert [*grpc_data_channel_options_from_grpc_config(grpc_config), *transport.RECONNECT_OPTIONS] == transport.channel_options(
         grpc_config
-    ), "the SDK builds its data channels differently now: update _channel_options"
+    ), "the SDK builds its data channels differently now: update transport.channel_options"
     # the SDK's channels get the short reconnect backoff through the builder its grpc manager calls
     import importlib
 
@@ -905,7 +905,7 @@ def test_sdk_contract_cache_client_and_configuration() -> None:
         f"{transport.SDK_CHANNEL_OPTIONS_MODULE} no longer builds data channel options with {transport.SDK_CHANNEL_OPTIONS_FUNCTION}"
     )
     assert list(builder(grpc_config)) == transport.channel_options(grpc_config), (
-        "the SDK's data channels no longer get mproxy's reconnect backoff: update _shorten_sdk_reconnect_backoff"
+        "the SDK's data channels no longer get mproxy's reconnect backoff: update transport._shorten_sdk_reconnect_backoff"
     )
 
 
