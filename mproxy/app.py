@@ -65,8 +65,7 @@ class App:
                 raise StartupError(f"{cfg.source}: cache {name!r}: backend {cache.backend}: {err}") from err
             self.backends.append(backend)
             cache_stats = self.stats.cache(name)
-            if hasattr(backend, "stats"):  # until the Momento backend has its stats() (returning {})
-                cache_stats.attach_backend(backend.stats)
+            cache_stats.attach_backend(backend.stats)
             dispatcher = Dispatcher(backend, cache_stats, self.stats, self.audit, name)
             server = CacheServer(
                 (cache.host, cache.port),

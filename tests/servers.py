@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from mproxy.backends.momento_embedded import read_ports
-from mproxy.momento_local.server import control_request
+from mproxy.backends.momento.embedded import read_ports
+from mproxy.momento_local.control import control_request
 
 HOST = "127.0.0.1"
 #: How long a server may take to accept its first connection.

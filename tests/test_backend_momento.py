@@ -13,6 +13,7 @@ import base64
 import itertools
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -24,8 +25,9 @@ import grpc
 import pytest
 
 from mproxy.backends import momento as mb
-from mproxy.backends import momento_codec as codec
-from mproxy.backends import momento_embedded
+from mproxy.backends.momento import backend as backend_module
+from mproxy.backends.momento import codec, embedded, errors, factory, transport
+from mproxy.backends.momento.endpoint import credentials_from_env
 from mproxy.backends.base import (
     BackendError,
     FlushDisabled,
@@ -35,7 +37,12 @@ from mproxy.backends.base import (
     StoreResult,
     ValueTooLarge,
 )
+from mproxy.config import MomentoConfig
+from mproxy.dispatch import Dispatcher
 from mproxy.momento_local.server import LocalServer, serve
+from mproxy.protocol.commands import Store
+from mproxy.protocol.parser import Parser
+from mproxy.stats import Stats
 
 HOST = "127.0.0.1"
 #: Bound on any wait for an asynchronous effect (a delayed flush).
@@ -151,9 +158,9 @@ def test_get_many_one_key_is_one_get_and_many_keys_are_concurrent_batches(
 def test_large_multi_keys_commands_go_in_bounded_windows(
     backend: mb.MomentoBackend, server: LocalServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mb, "GET_BATCH_SIZE", 2)
-    monkeypatch.setattr(mb, "GET_BATCH_WINDOW", 2)
-    monkeypatch.setattr(mb, "FAN_OUT_WINDOW", 3)
+    monkeypatch.setattr(backend, "max_batch_keys", 2)
+    monkeypatch.setattr(backend_module, "GET_BATCH_WINDOW", 2)
+    monkeypatch.setattr(backend_module, "FAN_OUT_WINDOW", 3)
     keys = [b"k%d" % i for i in range(11)]
     for key in keys[:9]:
         backend.store(S.SET, key, key, 0, 10)
@@ -272,12 +279,12 @@ def test_read_modify_write_retries_when_a_concurrent_writer_wins(
     # 1st read sees 10, then 20 is written; 2nd read sees 20, then abc; 3rd sees abc
     with pytest.raises(NonNumericValue):
         backend.incr_decr(b"k", 1, True)
-    interference = iter([b"x%d" % i for i in range(mb.MAX_ATTEMPTS)])  # distinct: equal content would pass
+    interference = iter([b"x%d" % i for i in range(backend_module.MAX_ATTEMPTS)])  # distinct: equal content would pass
     server.store.set(cache, b"k", b"base", 60_000)
     with pytest.raises(BackendError) as err:
         backend.store(S.APPEND, b"k", b"!", 0, 0)
     assert err.value.code == "contention"
-    assert str(err.value) == f"momento contention on append: the item kept changing, gave up after {mb.MAX_ATTEMPTS} attempts"
+    assert str(err.value) == f"momento contention on append: the item kept changing, gave up after {backend_module.MAX_ATTEMPTS} attempts"
     interference = iter([b"one"])
     assert backend.store(S.APPEND, b"k", b"!", 0, 0) is R.STORED
     assert raw(server, cache, b"k") == b"one!"  # appended to the winner's value, not lost
@@ -292,7 +299,8 @@ def test_too_large(server: LocalServer, cache: str, monkeypatch: pytest.MonkeyPa
         assert raw(server, cache, b"k") == b"old"
         with pytest.raises(ValueTooLarge):
             b.store(S.SET, b"k", b"x" * 101, 0, 0)
-        assert raw(server, cache, b"k") is None  # memcached drops the stale value
+        # the backend only refuses; dropping the stale value is dispatch's rule (next test)
+        assert raw(server, cache, b"k") == b"old"
     finally:
         b.close()
     # beyond Momento's limit, checked before any call ...
@@ -300,16 +308,34 @@ def test_too_large(server: LocalServer, cache: str, monkeypatch: pytest.MonkeyPa
     try:
         server.stats.reset()
         with pytest.raises(ValueTooLarge):
-            big.store(S.ADD, b"k", b"x" * mb.MOMENTO_MAX_ITEM_BYTES, 0, 0)
+            big.store(S.ADD, b"k", b"x" * backend_module.MOMENTO_MAX_ITEM_BYTES, 0, 0)
         assert server.stats.snapshot()["calls"] == {}
         # ... and the server's own refusal (RESOURCE_EXHAUSTED + item size trailer) maps the same
-        limit = mb.MOMENTO_MAX_ITEM_BYTES
-        monkeypatch.setattr(mb, "MOMENTO_MAX_ITEM_BYTES", limit + 1024)
+        limit = backend_module.MOMENTO_MAX_ITEM_BYTES
+        monkeypatch.setattr(backend_module, "MOMENTO_MAX_ITEM_BYTES", limit + 1024)
         with pytest.raises(ValueTooLarge):
             big.store(S.ADD, b"k", b"x" * (limit + 100), 0, 0)
         assert server.stats.snapshot()["calls"] == {"SetIfNotExists": 1}
     finally:
         big.close()
+
+
+def test_too_large_set_through_dispatch_drops_the_old_value(server: LocalServer, cache: str) -> None:
+    """memcached drops the old value when a set is too large (no stale data): on
+    Momento too, whichever limit refuses the value."""
+    b = make_backend(server, cache, max_value_size=100)
+    try:
+        stats = Stats()
+        dispatcher = Dispatcher(b, stats.cache(cache), stats)
+        b.store(S.SET, b"k", b"old", 0, 0)
+        parser = Parser()
+        parser.feed(b"set k 0 0 101\r\n" + b"x" * 101 + b"\r\n")
+        command = parser.next_command()
+        assert isinstance(command, Store)  # within the parser's limit: the backend refuses it
+        assert dispatcher.execute(command) == b"SERVER_ERROR object too large for cache\r\n"
+        assert raw(server, cache, b"k") is None
+    finally:
+        b.close()
 
 
 # ---- delete, incr/decr, touch, flush --------------------------------------------
@@ -524,11 +550,11 @@ def test_channel_ids_are_unique_among_live_backends(server: LocalServer, cache: 
     first = make_backend(server, cache, connection_count=2)
     second = make_backend(server, cache, connection_count=2)
     try:
-        assert not set(first._channel_ids) & set(second._channel_ids)
-        ids = list(first._channel_ids)
+        assert not set(first._connections.channel_ids) & set(second._connections.channel_ids)
+        ids = list(first._connections.channel_ids)
         first.close()
         third = make_backend(server, cache, connection_count=2)
-        assert third._channel_ids == ids  # released ids are reused: the send limit stays near the SDK's
+        assert third._connections.channel_ids == ids  # released ids are reused: the send limit stays near the SDK's
         third.close()
     finally:
         first.close()
@@ -594,8 +620,8 @@ def test_sdk_path_is_used_for_the_calls_the_sdk_has(
 def test_sdk_ttls_are_exact_milliseconds(backend: mb.MomentoBackend, server: LocalServer, cache: str) -> None:
     from momento.internal._utilities import _timedelta_to_ms  # what the SDK sends
 
-    assert all(_timedelta_to_ms(mb._sdk_ttl(ms)) == ms for ms in range(1, 200_001))
-    assert _timedelta_to_ms(mb._sdk_ttl(86_400_000)) == 86_400_000
+    assert all(_timedelta_to_ms(transport.sdk_ttl(ms)) == ms for ms in range(1, 200_001))
+    assert _timedelta_to_ms(transport.sdk_ttl(86_400_000)) == 86_400_000
     backend.store(S.SET, b"k", b"v", 0, 10)
     assert 9_000 < (ttl_ms(server, cache, b"k") or 0) <= 10_000
 
@@ -702,7 +728,7 @@ def config(local: str, **cache: object) -> tuple[SimpleNamespace, SimpleNamespac
     )
     settings.update(cache)
     return SimpleNamespace(**settings), SimpleNamespace(
-        momento=SimpleNamespace(local=local, api_key_env="MOMENTO_API_KEY", endpoint=""),
+        momento=MomentoConfig(local=local),
         proxy=SimpleNamespace(max_item_size=1024 * 1024),
     )
 
@@ -721,11 +747,43 @@ def test_from_config_local_creates_the_cache(server: LocalServer) -> None:
         b.close()
 
 
+def test_local_endpoint_brackets_ipv6_hosts() -> None:
+    """The SDK and the raw channels both make the gRPC target ``f"{host}:{port}"``."""
+    assert mb.Endpoint.local("::1", 5) == mb.Endpoint("[::1]:5", "[::1]:5", False, "")
+    assert mb.Endpoint.local("[::1]", 5) == mb.Endpoint.local("::1", 5)
+    assert mb.Endpoint.local("127.0.0.1", 5) == mb.Endpoint("127.0.0.1:5", "127.0.0.1:5", False, "")
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_from_config_local_ipv6_address() -> None:
+    srv = serve(host="::1", port=0)
+    try:
+        b = mb.from_config(*config(f"[::1]:{srv.port}", cache_name="v6"))  # type: ignore[arg-type]
+        try:
+            assert "v6" in srv.store.list_caches()
+            assert b.store(S.SET, b"k", b"v", 0, 0) is R.STORED  # SDK path
+            assert set(b.get_many([b"k", b"other"])) == {b"k"}  # raw GetBatch
+            assert srv.store.get("v6", b"k") == b"v"
+        finally:
+            b.close()
+    finally:
+        srv.stop(None)
+
+
 def test_from_config_unreachable_local_server_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     srv = serve(host=HOST, port=0)
     port = srv.port
     srv.stop(None)
-    monkeypatch.setattr(mb, "LOCAL_CONNECT_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(factory, "LOCAL_CONNECT_TIMEOUT_SECONDS", 0.5)
     with pytest.raises(BackendError) as err:
         mb.from_config(*config(f"{HOST}:{port}"))  # type: ignore[arg-type]
     assert f"cannot reach the local Momento server at {HOST}:{port} to create cache 'c'" in str(err.value)
@@ -733,11 +791,11 @@ def test_from_config_unreachable_local_server_names_it(monkeypatch: pytest.Monke
 
 def test_from_config_embedded_shares_one_child_and_stops_it() -> None:
     first = mb.from_config(*config("embedded", cache_name="one"))  # type: ignore[arg-type]
-    server = momento_embedded._server
+    server = embedded._server
     assert server is not None
     try:
         second = mb.from_config(*config("embedded", cache_name="two"))  # type: ignore[arg-type]
-        assert momento_embedded._server is server
+        assert embedded._server is server
         first.store(S.SET, b"k", b"1", 0, 0)
         second.store(S.SET, b"k", b"2", 0, 0)
         assert first.get_many([b"k"])[b"k"].value == b"1"
@@ -747,7 +805,7 @@ def test_from_config_embedded_shares_one_child_and_stops_it() -> None:
     finally:
         first.close()
     assert server.process.poll() is not None  # stopped with the last backend
-    assert momento_embedded._server is None
+    assert embedded._server is None
 
 
 def _legacy_key(endpoint: str) -> str:
@@ -763,21 +821,21 @@ def _jwt(claims: dict[str, str]) -> str:
 
 def test_credentials_from_env() -> None:
     with pytest.raises(BackendError) as err:
-        mb.credentials_from_env("MY_KEY", "", environ={})
+        credentials_from_env("MY_KEY", "", environ={})
     assert err.value.code == "authentication"
     assert str(err.value) == "no Momento API key: set the environment variable MY_KEY or MOMENTO_AUTHENTICATION"
-    endpoint = mb.credentials_from_env("MY_KEY", "", environ={"MOMENTO_AUTHENTICATION": _legacy_key("x.example")})
+    endpoint = credentials_from_env("MY_KEY", "", environ={"MOMENTO_AUTHENTICATION": _legacy_key("x.example")})
     assert (endpoint.data_target, endpoint.control_target, endpoint.secure) == ("cache.x.example", "control.x.example", True)
     assert endpoint.auth_token == "secret-token" and "secret" not in repr(endpoint)
     v1 = _jwt({"c": "cache.y.example", "cp": "control.y.example"})
-    assert mb.credentials_from_env("MY_KEY", "", environ={"MY_KEY": v1}).data_target == "cache.y.example"
+    assert credentials_from_env("MY_KEY", "", environ={"MY_KEY": v1}).data_target == "cache.y.example"
     v2 = _jwt({"t": "g"})
-    assert mb.credentials_from_env("MY_KEY", "z.example", environ={"MY_KEY": v2}).data_target == "cache.z.example"
+    assert credentials_from_env("MY_KEY", "z.example", environ={"MY_KEY": v2}).data_target == "cache.z.example"
     with pytest.raises(BackendError) as err:
-        mb.credentials_from_env("MY_KEY", "", environ={"MY_KEY": v2})
+        credentials_from_env("MY_KEY", "", environ={"MY_KEY": v2})
     assert str(err.value) == "invalid Momento API key in MY_KEY: v2 API keys need [momento] endpoint"
     with pytest.raises(BackendError) as err:
-        mb.credentials_from_env("MY_KEY", "z.example", environ={"MY_KEY": v1})
+        credentials_from_env("MY_KEY", "z.example", environ={"MY_KEY": v1})
     assert "secret" not in str(err.value) and "MY_KEY" in str(err.value)
 
 
@@ -787,7 +845,7 @@ def test_sdk_contract_has_not_moved() -> None:
     from momento.internal.synchronous import _scs_grpc_manager
     from momento.internal.synchronous._utilities import make_metadata
 
-    contract = mb.sdk_contract()
+    contract = transport.sdk_contract()
     assert contract.version.startswith("1.29."), (
         f"momento SDK {contract.version} installed; mproxy is verified with 1.29.x: re-check sdk_contract()"
     )
@@ -796,10 +854,10 @@ def test_sdk_contract_has_not_moved() -> None:
         "CredentialProvider fields moved: Endpoint.from_credentials must follow"
     )
     assert mb.Endpoint.from_credentials(provider) == mb.Endpoint("h:1234", "h:1234", False, "")
-    assert make_metadata("c") == [(mb.CACHE_HEADER, "c")], "the SDK's per-call cache metadata changed"
+    assert make_metadata("c") == [(transport.CACHE_HEADER, "c")], "the SDK's per-call cache metadata changed"
     interceptor = _scs_grpc_manager._interceptors("t", ClientType.CACHE, [])[0]
     headers = [h.name for h in interceptor.headers_to_add_every_time + interceptor._headers_to_add_once]
-    assert sorted(headers) == sorted([mb.AUTHORIZATION_HEADER, mb.AGENT_HEADER, mb.RUNTIME_VERSION_HEADER]), (
+    assert sorted(headers) == sorted([transport.AUTHORIZATION_HEADER, transport.AGENT_HEADER, transport.RUNTIME_VERSION_HEADER]), (
         f"the SDK now sends headers {headers}: update the headers MomentoBackend sends"
     )
 
@@ -812,12 +870,12 @@ def test_sdk_contract_cache_client_and_configuration() -> None:
     )
     from momento.retry import FixedCountRetryStrategy
 
-    sdk = mb.sdk_contract()
+    sdk = transport.sdk_contract()
     for name in (*SDK_METHODS, "__exit__"):
         assert callable(getattr(sdk.cache_client, name, None)), f"CacheClient.{name} is gone"
-    assert not hasattr(sdk.cache_client, "close"), "CacheClient.close() appeared: MomentoBackend.close uses it now"
-    assert mb.SDK_MAX_MESSAGE_BYTES == DEFAULT_MAX_MESSAGE_SIZE
-    configuration = mb._sdk_configuration(sdk, 0.3, 7)
+    assert not hasattr(sdk.cache_client, "close"), "CacheClient.close() appeared: transport.Connections.close should use it now"
+    assert transport.SDK_MAX_MESSAGE_BYTES == DEFAULT_MAX_MESSAGE_SIZE
+    configuration = transport.sdk_configuration(sdk, 0.3, 7)
     grpc_config = configuration.get_transport_strategy().get_grpc_configuration()
     preset = sdk.configurations.InRegion.Default.v1().get_transport_strategy().get_grpc_configuration()
     assert grpc_config.get_deadline().total_seconds() == 0.3
@@ -826,7 +884,7 @@ def test_sdk_contract_cache_client_and_configuration() -> None:
                    "get_max_receive_message_length", "get_root_certificates_pem"):
         assert getattr(grpc_config, getter)() == getattr(preset, getter)(), f"{getter} differs from the preset"
     preset_retry = sdk.configurations.InRegion.Default.v1().get_retry_strategy()
-    assert isinstance(preset_retry, FixedCountRetryStrategy) and preset_retry._max_attempts == mb.SDK_MAX_RETRIES
+    assert isinstance(preset_retry, FixedCountRetryStrategy) and preset_retry._max_attempts == transport.SDK_MAX_RETRIES
     assert isinstance(configuration.get_retry_strategy(), sdk.retry_strategy)
     # the SDK's RetryInterceptor reads these props and calls calculate_retry_deadline(overall_deadline)
     from momento.internal.synchronous._retry_interceptor import RetryInterceptor
@@ -835,19 +893,19 @@ def test_sdk_contract_cache_client_and_configuration() -> None:
     assert "calculate_retry_deadline" in RetryInterceptor.intercept_unary_unary.__code__.co_names
     assert {"grpc_status", "grpc_method", "attempt_number", "overall_deadline"} <= set(RetryableProps.__dataclass_fields__)
     # a raw channel must get exactly the arguments of its CacheClient's channel to share its connection
-    assert [*grpc_data_channel_options_from_grpc_config(grpc_config), *mb.RECONNECT_OPTIONS] == mb._channel_options(
+    assert [*grpc_data_channel_options_from_grpc_config(grpc_config), *transport.RECONNECT_OPTIONS] == transport.channel_options(
         grpc_config
-    ), "the SDK builds its data channels differently now: update _channel_options"
+    ), "the SDK builds its data channels differently now: update transport.channel_options"
     # the SDK's channels get the short reconnect backoff through the builder its grpc manager calls
     import importlib
 
-    manager = importlib.import_module(mb.SDK_CHANNEL_OPTIONS_MODULE)
-    builder = getattr(manager, mb.SDK_CHANNEL_OPTIONS_FUNCTION, None)
-    assert builder is not None and f"options={mb.SDK_CHANNEL_OPTIONS_FUNCTION}(" in _source(manager), (
-        f"{mb.SDK_CHANNEL_OPTIONS_MODULE} no longer builds data channel options with {mb.SDK_CHANNEL_OPTIONS_FUNCTION}"
+    manager = importlib.import_module(transport.SDK_CHANNEL_OPTIONS_MODULE)
+    builder = getattr(manager, transport.SDK_CHANNEL_OPTIONS_FUNCTION, None)
+    assert builder is not None and f"options={transport.SDK_CHANNEL_OPTIONS_FUNCTION}(" in _source(manager), (
+        f"{transport.SDK_CHANNEL_OPTIONS_MODULE} no longer builds data channel options with {transport.SDK_CHANNEL_OPTIONS_FUNCTION}"
     )
-    assert list(builder(grpc_config)) == mb._channel_options(grpc_config), (
-        "the SDK's data channels no longer get mproxy's reconnect backoff: update _shorten_sdk_reconnect_backoff"
+    assert list(builder(grpc_config)) == transport.channel_options(grpc_config), (
+        "the SDK's data channels no longer get mproxy's reconnect backoff: update transport._shorten_sdk_reconnect_backoff"
     )
 
 
@@ -876,7 +934,7 @@ def test_sdk_contract_responses_and_error_codes() -> None:
     from momento.errors import InvalidArgumentException, MomentoErrorCode, convert_error
     from momento.internal.services import Service
 
-    sdk = mb.sdk_contract()
+    sdk = transport.sdk_contract()
     assert sdk.cache_get.Hit(b"x").value_bytes == b"x"
     for family, names in (
         (sdk.cache_get, ("Hit", "Miss", "Error")),
@@ -887,21 +945,21 @@ def test_sdk_contract_responses_and_error_codes() -> None:
         (sdk.create_cache, ("Success", "CacheAlreadyExists", "Error")),
     ):
         assert all(isinstance(getattr(family, name, None), type) for name in names), f"{family} changed"
-    assert {name for _, _, names in mb._ERROR_TABLE for name in names} <= set(MomentoErrorCode.__members__)
+    assert {name for _, _, names in errors.ERROR_TABLE for name in names} <= set(MomentoErrorCode.__members__)
     for status in grpc.StatusCode:
         if status is grpc.StatusCode.OK:
             continue
         response = sdk.cache_get.Error(convert_error(_FakeRpcError(status), Service.CACHE))
-        expected = mb._STATUS_CODES.get(status, "internal")
-        err = mb._sdk_error(response, "get", 1.0)
+        expected = errors.STATUS_CODES.get(status, "internal")
+        err = errors.sdk_error(response, "get", 1.0)
         assert isinstance(err, BackendError) and err.code == expected, status
         # error_code alone (used without transport details) says the same, but for the two
         # statuses the SDK calls BAD_REQUEST_ERROR although nothing was wrong with the request
-        by_error_code = mb._SDK_ERROR_CODES.get(response.error_code.name, "internal")
+        by_error_code = errors.SDK_ERROR_CODES.get(response.error_code.name, "internal")
         assert by_error_code == expected or status in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNKNOWN), status
     too_large = _FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, (("err", "item_size_limit_exceeded"),))
-    assert isinstance(mb._sdk_error(sdk.cache_set.Error(convert_error(too_large, Service.CACHE)), "set", 1.0), ValueTooLarge)
-    client_side = mb._sdk_error(sdk.cache_set.Error(InvalidArgumentException("bad ttl", Service.CACHE)), "set", 1.0)
+    assert isinstance(errors.sdk_error(sdk.cache_set.Error(convert_error(too_large, Service.CACHE)), "set", 1.0), ValueTooLarge)
+    client_side = errors.sdk_error(sdk.cache_set.Error(InvalidArgumentException("bad ttl", Service.CACHE)), "set", 1.0)
     assert isinstance(client_side, BackendError) and client_side.code == "invalid_argument"
 
 
@@ -913,10 +971,11 @@ monkey.patch_all()
 import json, sys, time
 import gevent
 from mproxy.backends import momento as mb
+from mproxy.backends.base import StoreMode
 mb.prepare_gevent()
 port, cache, in_flight = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 b = mb.MomentoBackend(mb.Endpoint.local("127.0.0.1", port), cache, max_in_flight=in_flight, connection_count=2)
-b.store(mb.StoreMode.SET, b"k1", b"v", 0, 0)
+b.store(StoreMode.SET, b"k1", b"v", 0, 0)
 b.get_many([b"warm-up"])
 result = {}
 for name, keys in (("get", [b"k1"]), ("multi", [b"k1", b"k2", b"k3"])):
@@ -976,18 +1035,21 @@ from gevent import monkey
 monkey.patch_all()
 import json
 from types import SimpleNamespace as NS
-from mproxy.backends import momento as mb, momento_embedded
+from mproxy.backends import momento as mb
+from mproxy.backends.base import StoreMode
+from mproxy.backends.momento import embedded
+from mproxy.config import MomentoConfig
 cache = NS(cache_name="c", default_ttl=900, max_ttl=86400, connection_count=1, request_timeout=5.0,
            max_in_flight=16, flags=True, allow_flush=True)
-cfg = NS(momento=NS(local="embedded", api_key_env="MOMENTO_API_KEY", endpoint=""), proxy=NS(max_item_size=1 << 20))
+cfg = NS(momento=MomentoConfig(local="embedded"), proxy=NS(max_item_size=1 << 20))
 first = mb.from_config(cache, cfg)
-first.store(mb.StoreMode.SET, b"k", b"v", 3, 0)
+first.store(StoreMode.SET, b"k", b"v", 3, 0)
 assert first.get_many([b"k"])[b"k"].flags == 3
-child = momento_embedded._server.process
+child = embedded._server.process
 first.close()
 assert child.poll() is not None, "the embedded server outlived its last backend"
 second = mb.from_config(cache, cfg)  # a new child, never closed: the atexit hook stops it
-print(json.dumps({"first": child.pid, "second": momento_embedded._server.process.pid}))
+print(json.dumps({"first": child.pid, "second": embedded._server.process.pid}))
 """
 
 

@@ -38,12 +38,7 @@ EXIT_ALLOWED = frozenset({"mproxy.cli", "mproxy.momento_local.__main__"})
 
 #: (importer, imported) pairs that break a rule today and are being fixed by another change.
 #: The test fails when one of them no longer occurs, so that the entry is removed with the fix.
-KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset(
-    {
-        # apply_delta moves to mproxy/backends/counters.py with the Momento package split (issue 7)
-        ("mproxy.backends.momento", "mproxy.backends.memory"),
-    }
-)
+KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass(frozen=True)

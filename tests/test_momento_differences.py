@@ -28,7 +28,7 @@ import pytest
 from momento_wire_types import cacheclient_pb2 as pb
 from momento_wire_types import cacheclient_pb2_grpc as pb_grpc
 
-from mproxy.momento_local.server import control_request
+from mproxy.momento_local.control import control_request
 from tests.conftest import MAX_ITEM_SIZE, MOMENTO_CACHE_NAME, MOMENTO_MAX_TTL, MproxyFactory
 from tests.servers import HOST, LocalMomento, RawSession, Server, start_local_momento
 

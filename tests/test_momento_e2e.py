@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from mproxy.backends.momento_embedded import read_ports
+from mproxy.backends.momento.embedded import read_ports
 from tests.servers import HOST, LocalMomento, RawSession, Server, free_port, start_local_momento, start_mproxy
 
 CACHE = "e2e"

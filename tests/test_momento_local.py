@@ -36,14 +36,10 @@ from momento_wire_types import cacheclient_pb2 as pb
 from momento_wire_types import cacheclient_pb2_grpc as pb_grpc
 from momento_wire_types import common_pb2 as common
 
-from mproxy.momento_local.server import (
-    MAX_ITEM_SIZE_BYTES,
-    FaultSpecError,
-    LocalServer,
-    control_request,
-    parse_fault,
-    serve,
-)
+from mproxy.momento_local.control import control_request
+from mproxy.momento_local.faults import FaultSpecError, parse_fault
+from mproxy.momento_local.gate import MAX_ITEM_SIZE_BYTES
+from mproxy.momento_local.server import LocalServer, serve
 from mproxy.momento_local.store import (
     CacheExistsError,
     CacheNotFoundError,

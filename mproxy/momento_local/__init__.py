@@ -7,8 +7,16 @@ code of ``momento-wire-types``) on one port, so the real ``momento`` SDK and raw
     mproxy-momento-local --port 0 --cache default
 
 or in-process (not under gevent) with ``mproxy.momento_local.server.serve()``.
-See ``server.py`` for the status codes, the fault spec syntax and the control
-port protocol, and ``store.py`` for the data semantics.
+Modules, each importing only those listed before it:
+
+``store``    the caches in memory: the data semantics (no gRPC)
+``faults``   fault rules: the spec syntax, ``parse_fault``, ``FaultInjector``
+``gate``     what every call passes (statistics, faults, authorization, the
+             ``cache`` header, limits) and the status codes of refusals
+``data``     ``cache_client.Scs``: the data RPCs over the store
+``control``  ``control_client.ScsControl``, and the control port (fault rules
+             and statistics at run time, ``control_request``)
+``server``   ``serve()``: both services and the control port, started
 
 Importing this package is cheap: it imports neither grpc nor momento.
 """

@@ -25,7 +25,8 @@ STOP_GRACE_SECONDS = 2.0
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    from mproxy.momento_local.server import DEFAULT_MAX_TTL_SECONDS, DEFAULT_MAX_WORKERS
+    from mproxy.momento_local.gate import DEFAULT_MAX_TTL_SECONDS
+    from mproxy.momento_local.server import DEFAULT_MAX_WORKERS
 
     parser = argparse.ArgumentParser(
         prog="mproxy-momento-local",
@@ -71,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; return the process exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from mproxy.momento_local.server import FaultSpecError, parse_fault, serve
+    from mproxy.momento_local.faults import FaultSpecError, parse_fault
+    from mproxy.momento_local.server import serve
 
     try:
         faults = [parse_fault(spec) for spec in args.fault]

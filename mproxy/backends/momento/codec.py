@@ -1,6 +1,6 @@
 """How memcached items are laid out in Momento: flags, CAS uniques, TTLs.
 
-Stdlib only, no I/O: the pure half of :mod:`mproxy.backends.momento`.
+Stdlib only, no I/O: what :mod:`.backend` stores and reads back.
 
 Flags encoding (``[[cache]] flags = true``)
 -------------------------------------------
