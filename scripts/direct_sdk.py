@@ -71,6 +71,7 @@ class Counts:
     sets: int = 0
     errors: int = 0
     latencies: list[float] = field(default_factory=list)
+    per_conn: list[int] = field(default_factory=list)  # ops each greenlet completed
 
 
 class Load:
@@ -179,8 +180,11 @@ class Runner:
         until = time.monotonic() + duration
 
         def worker() -> None:
+            done = 0
             while time.monotonic() < until:
                 self.batch([self.load.request() for _ in range(depth)], record=True)
+                done += depth
+            self.counts.per_conn.append(done)
 
         start = time.monotonic()
         watchdog = gevent.spawn(self.watch)
@@ -258,6 +262,7 @@ def main() -> int:
         "p99_ms": quantile_ms(latencies, 0.99), "p999_ms": quantile_ms(latencies, 0.999),
         "mean_ms": sum(latencies) / len(latencies) * 1e3 if latencies else 0.0,
         "max_ms": latencies[-1] * 1e3 if latencies else 0.0,
+        "conn_ops_min": min(c.per_conn, default=0), "conn_ops_max": max(c.per_conn, default=0),
         "conns": args.conns, "depth": args.depth, "mget": args.mget,
     }
     print(json.dumps(summary), flush=True)

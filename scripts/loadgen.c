@@ -32,7 +32,9 @@
  * Counts: ops = gets + sets (a multi-get is one op); keys = keys requested by
  * gets; hits = VALUE blocks received; misses = keys - hits of successful gets;
  * errors = replies that were SERVER_ERROR / CLIENT_ERROR / ERROR, or anything
- * but STORED to a set (an error reply's keys count neither hit nor miss).
+ * but STORED to a set (an error reply's keys count neither hit nor miss);
+ * conn_ops_min/max = the fewest and most ops one connection completed (a
+ * server that serves its connections unfairly shows a wide gap).
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -276,6 +278,7 @@ typedef struct {
     int pending, head, cap;
     double batch_start;
     int hits_so_far;   /* VALUE blocks of the get reply being read */
+    uint64_t ops;      /* requests completed in the timed phase (fairness) */
 } conn_t;
 
 static struct {
@@ -466,6 +469,7 @@ static void reply_done(conn_t *c, int is_error, double done_at)
         return;
     }
     count.ops++;
+    c->ops++;
     if (kind == REQ_SET)
         count.sets++;
     else {
@@ -684,6 +688,7 @@ int main(int argc, char **argv)
 {
     conn_t *conns;
     double start, end;
+    uint64_t conn_min = UINT64_MAX, conn_max = 0;
     size_t i;
     int c;
 
@@ -727,8 +732,11 @@ int main(int argc, char **argv)
     puts("stop");
     fflush(stdout);
     wait_stdin(1);
-    for (c = 0; c < opt.conns; c++)
+    for (c = 0; c < opt.conns; c++) {
+        conn_min = conns[c].ops < conn_min ? conns[c].ops : conn_min;
+        conn_max = conns[c].ops > conn_max ? conns[c].ops : conn_max;
         conn_close(&conns[c]);
+    }
 
     {
         double elapsed = end - start > 0 ? end - start : 1e-9;
@@ -736,7 +744,7 @@ int main(int argc, char **argv)
                "\"sets\": %llu, \"errors\": %llu, \"prefill_sets\": %ld, \"elapsed_s\": %.6f, "
                "\"ops_per_s\": %.1f, \"keys_per_s\": %.1f, \"p50_ms\": %.4f, \"p90_ms\": %.4f, "
                "\"p99_ms\": %.4f, \"p999_ms\": %.4f, \"mean_ms\": %.4f, \"max_ms\": %.4f, "
-               "\"conns\": %d, \"depth\": %d, \"mget\": %d}\n",
+               "\"conn_ops_min\": %llu, \"conn_ops_max\": %llu, \"conns\": %d, \"depth\": %d, \"mget\": %d}\n",
                (unsigned long long)count.ops, (unsigned long long)count.gets,
                (unsigned long long)count.keys, (unsigned long long)count.hits,
                (unsigned long long)count.misses, (unsigned long long)count.sets,
@@ -744,7 +752,7 @@ int main(int argc, char **argv)
                (double)(count.keys + count.sets) / elapsed, hist_quantile_ms(0.50),
                hist_quantile_ms(0.90), hist_quantile_ms(0.99), hist_quantile_ms(0.999),
                hist_count ? lat_sum_s / (double)hist_count * 1e3 : 0.0, lat_max_s * 1e3,
-               opt.conns, opt.depth, opt.mget);
+               (unsigned long long)conn_min, (unsigned long long)conn_max, opt.conns, opt.depth, opt.mget);
     }
     return 0;
 }
