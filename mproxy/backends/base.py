@@ -97,6 +97,9 @@ class Backend(Protocol):
 
     #: short name for stats and logs ("memory", "momento", ...)
     kind: str
+    #: most keys one ``get_many`` call should carry: dispatch groups pipelined
+    #: gets up to this many keys into one read (more still work, in one call)
+    max_batch_keys: int
 
     def get_many(self, keys: Sequence[bytes], with_cas: bool = False) -> dict[bytes, Item]:
         """Items for the keys that are present. Duplicate keys allowed.
