@@ -509,6 +509,8 @@ class MomentoBackend:
     """
 
     kind = "momento"
+    #: PLACEHOLDER until s7-momento lands (it owns this attribute): keys of one GetBatch
+    max_batch_keys = GET_BATCH_SIZE
 
     def __init__(
         self,
