@@ -65,7 +65,7 @@ class Failing:
     max_batch_keys = 100
 
     def __getattr__(self, name: str) -> Any:
-        def fail(*args: Any) -> Any:
+        def fail(*args: Any, **kwargs: Any) -> Any:
             raise BackendError("timeout", "momento timeout after 5.0s on " + name)
         return fail
 
