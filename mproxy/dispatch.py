@@ -205,7 +205,7 @@ class Dispatcher:
                 cas_unique=cmd.cas_unique,
             )
         except ValueTooLarge:
-            return r.TOO_LARGE, "too_large"
+            return self._refuse_too_large(cmd.mode, cmd.key)
         except BackendError as err:
             st.observe(cmd.name, time.perf_counter() - start, err.code)
             raise
@@ -220,9 +220,15 @@ class Dispatcher:
         return _STORE_REPLY[result]
 
     def _too_large(self, cmd: c.TooLarge) -> tuple[bytes, str]:
-        # memcached: a failed set must not leave the old value readable
-        if cmd.mode is StoreMode.SET:
-            self._call("delete", self.backend.delete, cmd.key)
+        """A store whose value the parser swallowed: over ``[proxy] max_item_size``."""
+        return self._refuse_too_large(cmd.mode, cmd.key)
+
+    def _refuse_too_large(self, mode: StoreMode, key: bytes) -> tuple[bytes, str]:
+        """The one owner of memcached's rule: a set too large for the cache also
+        removes the key's old value, so that it is not read stale afterwards
+        (whether the parser or the backend found the value too large)."""
+        if mode is StoreMode.SET:
+            self._call("delete", self.backend.delete, key)
         return r.TOO_LARGE, "too_large"
 
     def _delete(self, cmd: c.Delete) -> tuple[bytes, str]:

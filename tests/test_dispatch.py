@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mproxy.backends.base import BackendError, StoreMode
+from mproxy.backends.base import BackendError, StoreMode, ValueTooLarge
 from mproxy.backends.memory import MemoryBackend
 from mproxy.dispatch import Dispatcher
 from mproxy.protocol import commands as c
@@ -147,3 +147,18 @@ def test_a_parse_error_answers_in_place_and_ends_the_group() -> None:
     assert replies[:3] == [b"END\r\n", b"ERROR\r\n", b"END\r\n"] and replies[3].startswith(b"VERSION ")
     assert spy.reads == [((b"a",), False), ((b"b",), False)]
 
+
+class RaisesTooLarge(MemoryBackend):
+    """A backend that only raises on a value it cannot hold (deletes nothing itself)."""
+
+    def store(self, **kwargs: Any) -> Any:
+        if len(kwargs["value"]) > 4:
+            raise ValueTooLarge("too large for this backend")
+        return super().store(**kwargs)
+
+
+def test_a_set_the_backend_finds_too_large_removes_old_value_but_add_does_not() -> None:
+    d, _ = make(RaisesTooLarge())
+    run(d, b"set a 0 0 1\r\n1\r\nset b 0 0 1\r\n2\r\n")
+    assert run(d, b"set a 0 0 5\r\n12345\r\nadd b 0 0 5\r\n12345\r\n") == b"SERVER_ERROR object too large for cache\r\n" * 2
+    assert run(d, b"get a b\r\n") == b"VALUE b 0 1\r\n2\r\nEND\r\n"

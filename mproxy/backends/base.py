@@ -118,7 +118,8 @@ class Backend(Protocol):
         exptime: int,
         cas_unique: int = 0,
     ) -> StoreResult:
-        """set/add/replace/append/prepend/cas. Raises ValueTooLarge."""
+        """set/add/replace/append/prepend/cas. Raises ValueTooLarge when the item
+        does not fit (dispatch then removes the old value of a set: not a backend's job)."""
 
     def delete(self, key: bytes) -> bool:
         """True if the key was there (DELETED), False if not (NOT_FOUND)."""
