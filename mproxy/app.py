@@ -133,9 +133,11 @@ class App:
     def wait(self) -> None:
         self._stop.wait()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Graceful stop: stop accepting, finish commands in hand, close, release."""
+    def stop(self) -> None:
+        """Graceful stop: stop accepting, finish commands in hand (for at most
+        ``[proxy] graceful_timeout`` seconds), close, release."""
         systemd.notify("STOPPING=1")
+        timeout = self.cfg.proxy.graceful_timeout
         jobs = [gevent.spawn(server.stop, timeout) for server in self.servers]
         if self.admin is not None:
             jobs.append(gevent.spawn(self.admin.stop, 1.0))

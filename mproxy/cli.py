@@ -16,9 +16,6 @@ from typing import Any, NoReturn, Sequence
 
 from mproxy import __version__
 
-#: seconds a graceful stop may take before connections are killed
-STOP_TIMEOUT = 10.0
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -77,10 +74,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         app.start()
     except StartupError as err:
-        app.stop(timeout=2.0)
+        app.stop()
         _fail(str(err), code=1)
     app.wait()
-    app.stop(timeout=STOP_TIMEOUT)
+    app.stop()
     sys.exit(0)
 
 

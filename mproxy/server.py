@@ -136,8 +136,8 @@ class CacheServer:
     def start(self) -> None:
         self._server.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Graceful stop: see the module docstring."""
+    def stop(self, timeout: float) -> None:
+        """Graceful stop (see the module docstring); ``timeout`` is ``[proxy] graceful_timeout``."""
         self.stopping = True
         self._server.close()  # stop accepting
         for conn in list(self._conns):
