@@ -150,10 +150,16 @@ def start_mproxy(config_text: str, tmp_path: Path, port: int) -> Server:
 
 
 class RawSession:
-    """A blocking TCP connection for byte-exact protocol conversations."""
+    """A blocking TCP connection for byte-exact protocol conversations.
 
-    def __init__(self, port: int, host: str = HOST) -> None:
-        self.sock = socket.create_connection((host, port), timeout=READ_TIMEOUT)
+    ``connect`` makes the socket: ``gevent.socket.create_connection`` gives a
+    cooperative one, to talk to a server running in the test's own process.
+    """
+
+    def __init__(
+        self, port: int, host: str = HOST, connect: Callable[..., socket.socket] = socket.create_connection
+    ) -> None:
+        self.sock = connect((host, port), timeout=READ_TIMEOUT)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         #: True once the peer closed (EOF or reset) the connection.
         self.closed_by_peer = False
