@@ -89,7 +89,18 @@ class App:
             raise StartupError(f"{cfg.source}: admin: cannot listen on {cfg.admin.host}:{cfg.admin.port}: {err}") from err
         host, port = self.admin.address
         log.info("admin listening on %s:%d", host, port)
-        systemd.notify("READY=1")
+
+    def addresses(self) -> dict[str, Any]:
+        """Where the started listeners are bound (``cli.py --ready-file`` writes it)."""
+        caches = []
+        for server in self.servers:
+            host, port = server.address
+            caches.append({"name": server.stats.name, "host": host, "port": port})
+        admin = None
+        if self.admin is not None:
+            host, port = self.admin.address
+            admin = {"host": host, "port": port}
+        return {"caches": caches, "admin": admin}
 
     # -- signals (handlers only set flags and wake the main greenlet) -------------
 

@@ -28,6 +28,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="validate the configuration, print the effective configuration and exit (0 valid, 2 invalid)",
     )
+    p.add_argument(
+        "--ready-file",
+        metavar="FILE",
+        help="once every listener is bound, write their addresses to FILE as JSON "
+        "(for scripts and tests that let mproxy pick its ports with port = 0)",
+    )
     p.add_argument("--version", action="version", version=f"mproxy {__version__}")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides [debug] log_level")
     p.add_argument("--log-format", choices=["text", "json"], help="overrides [debug] log_format")
@@ -76,9 +82,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     except StartupError as err:
         app.stop()
         _fail(str(err), code=1)
+    if args.ready_file:
+        try:
+            _write_ready_file(args.ready_file, app.addresses())
+        except OSError as err:
+            app.stop()
+            _fail(f"--ready-file {args.ready_file}: {err}", code=1)
+    from mproxy import systemd
+
+    systemd.notify("READY=1")  # every listener is bound (and the ready file written)
     app.wait()
     app.stop()
     sys.exit(0)
+
+
+def _write_ready_file(path: str, addresses: dict[str, Any]) -> None:
+    """``{"pid": ..., "caches": [{"name", "host", "port"}, ...], "admin": {"host", "port"}}``,
+    written whole (a temporary file renamed into place): a reader never sees half of it."""
+    import json
+
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as out:
+        json.dump({"pid": os.getpid(), **addresses}, out)
+        out.write("\n")
+    os.replace(tmp, path)
 
 
 def _install_signals(app: Any) -> None:

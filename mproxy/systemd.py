@@ -1,10 +1,10 @@
 """systemd integration, stdlib only: ``sd_notify`` and socket activation.
 
-``notify("READY=1")`` once the listeners are up (the unit is ``Type=notify``)
-and ``notify("STOPPING=1")`` when a graceful stop begins (both sent by
-:mod:`mproxy.app`). A SIGHUP reload sends nothing: the unit's ``ExecReload``
-only delivers the signal. Outside systemd (``$NOTIFY_SOCKET`` unset) every
-call is a no-op that answers False.
+``notify("READY=1")`` once the listeners are up (the unit is ``Type=notify``;
+sent by :mod:`mproxy.cli`) and ``notify("STOPPING=1")`` when a graceful stop
+begins (sent by :mod:`mproxy.app`). A SIGHUP reload sends nothing: the unit's
+``ExecReload`` only delivers the signal. Outside systemd (``$NOTIFY_SOCKET``
+unset) every call is a no-op that answers False.
 
 :func:`listen_fds` (socket activation) is not wired into the listeners yet.
 """
