@@ -11,27 +11,28 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from pymemcache.client.base import Client
 
-from tests.servers import HOST, RawSession, Server, free_port, start_mproxy
+from tests.servers import HOST, RawSession, Server, start_mproxy
+
+pytestmark = pytest.mark.e2e
 
 
-def memory_toml(port: int, admin_port: int, proxy: str = "") -> str:
+def memory_toml(proxy: str = "") -> str:
     return f"""
 [admin]
 host = "{HOST}"
-port = {admin_port}
+port = 0
 
 [proxy]
 {proxy}
 
 [[cache]]
 host = "{HOST}"
-port = {port}
+port = 0
 cache_name = "e2e"
 backend = "memory"
 """
@@ -39,8 +40,7 @@ backend = "memory"
 
 @pytest.fixture()
 def proxy(tmp_path: Path):
-    port = free_port()
-    server = start_mproxy(memory_toml(port, free_port()), tmp_path, port)
+    server = start_mproxy(memory_toml(), tmp_path)
     yield server
     server.stop()
 
@@ -93,11 +93,10 @@ def test_many_keys_and_large_values(proxy: Server) -> None:
 
 
 def test_sigterm_is_graceful_and_exits_zero(tmp_path: Path) -> None:
-    port = free_port()
-    server = start_mproxy(memory_toml(port, free_port()), tmp_path, port)
-    idle = socket.create_connection((HOST, port), timeout=10)
+    server = start_mproxy(memory_toml(), tmp_path)
+    idle = socket.create_connection((HOST, server.port), timeout=10)
     try:
-        client = Client((HOST, port), timeout=10)
+        client = Client((HOST, server.port), timeout=10)
         assert client.set("k", b"v", noreply=False)
         client.close()
         server.process.send_signal(signal.SIGTERM)
@@ -109,31 +108,16 @@ def test_sigterm_is_graceful_and_exits_zero(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_connection_cap_answers_like_memcached(tmp_path: Path) -> None:
-    port = free_port()
-    server = start_mproxy(memory_toml(port, free_port(), "max_connections = 2"), tmp_path, port)
-    held = [socket.create_connection((HOST, port), timeout=10) for _ in range(2)]
+def test_proxy_limits_reach_the_listeners(tmp_path: Path) -> None:
+    """``[proxy] max_connections`` and ``idle_timeout`` from the file are the ones served."""
+    server = start_mproxy(memory_toml("max_connections = 1\nidle_timeout = 0.5"), tmp_path)
     try:
-        for sock in held:  # make sure both are being served
-            sock.sendall(b"version\r\n")
-            assert sock.recv(100).startswith(b"VERSION")
-        with RawSession(port) as s:
-            data, closed = s.recv_until_closed()
-            assert data == b"ERROR Too many open connections\r\n" and closed
-    finally:
-        for sock in held:
-            sock.close()
-        server.stop()
-
-
-def test_idle_timeout_closes_idle_connections(tmp_path: Path) -> None:
-    port = free_port()
-    server = start_mproxy(memory_toml(port, free_port(), "idle_timeout = 0.5"), tmp_path, port)
-    try:
-        with RawSession(port) as s:
-            start = time.monotonic()
-            _, closed = s.recv_until_closed(timeout=20)
-            assert closed and time.monotonic() - start < 20
+        with RawSession(server.port) as held:
+            held.send(b"version\r\n")
+            assert held.recv_until_terminator(b"\r\n")[0].startswith(b"VERSION ")
+            with RawSession(server.port) as refused:
+                assert refused.recv_until_closed() == (b"ERROR Too many open connections\r\n", True)
+            assert held.recv_until_closed(timeout=20) == (b"", True)  # idle for 0.5 s
     finally:
         server.stop()
 
