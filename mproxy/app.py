@@ -18,7 +18,7 @@ from mproxy import audit as audit_mod
 from mproxy.admin import AdminServer
 from mproxy.config import Config, ConfigError, load
 from mproxy.dispatch import Dispatcher
-from mproxy.server import CacheServer, ConnectionLimit
+from mproxy.server import CacheServer, ConnectionLimit, address_text
 from mproxy.stats import Stats
 
 log = logging.getLogger("mproxy")
@@ -58,7 +58,16 @@ class App:
             log.warning("%s", warning)
         self.audit = audit_mod.from_config(cfg.klog)
         self.stats.attach_audit(self.audit)
-        for cache in cfg.caches:
+        # socket activation: a listener systemd bound already is used, the others are bound here
+        passed = systemd.listen_fds()
+        if passed:
+            log.info("socket activation: %d listening sockets from systemd", len(passed))
+        listeners = [systemd.take_listener(passed, c.host, c.port) or (c.host, c.port) for c in cfg.caches]
+        admin_listener = systemd.take_listener(passed, cfg.admin.host, cfg.admin.port) or (cfg.admin.host, cfg.admin.port)
+        if passed:
+            where = ", ".join(address_text(sock.getsockname()) for sock in passed)
+            raise StartupError(f"{cfg.source}: systemd passed listening sockets that no [[cache]] or [admin] declares: {where}")
+        for cache, listener in zip(cfg.caches, listeners):
             name = cache.name  # config.loads fills it from cache_name when empty
             try:
                 backend = backends.create(cache.backend, cache, cfg)
@@ -68,7 +77,7 @@ class App:
             cache_stats = self.stats.cache(name)
             dispatcher = Dispatcher(backend, cache_stats, self.stats, self.audit, name)
             server = CacheServer(
-                (cache.host, cache.port),
+                listener,
                 dispatcher,
                 cache_stats,
                 limit=self._limit,
@@ -82,7 +91,7 @@ class App:
             self.servers.append(server)
             host, port = server.address
             log.info("cache %s listening on %s:%d (backend %s, cache_name %s)", name, host, port, cache.backend, cache.cache_name)
-        self.admin = AdminServer((cfg.admin.host, cfg.admin.port), self.stats, __version__)
+        self.admin = AdminServer(admin_listener, self.stats, __version__)
         try:
             self.admin.start()
         except OSError as err:

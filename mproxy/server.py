@@ -163,7 +163,7 @@ class CacheServer:
         limit.active += 1
         st.curr_connections += 1
         st.total_connections += 1
-        client = _client_name(address)
+        client = address_text(address)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(self.idle_timeout)
@@ -208,7 +208,8 @@ def _shutdown(sock: socket.socket) -> None:
         pass
 
 
-def _client_name(address: Any) -> str:
+def address_text(address: Any) -> str:
+    """``host:port`` of a socket address (a Unix socket's path as is)."""
     if isinstance(address, tuple) and len(address) >= 2:
         return f"{address[0]}:{address[1]}"
     return str(address)

@@ -99,7 +99,9 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
-def _spawn(name: str, argv: list[str], log_path: Path, ready: Callable[[Server], bool]) -> Server:
+def _spawn(
+    name: str, argv: list[str], log_path: Path, ready: Callable[[Server], bool], pass_fds: tuple[int, ...] = ()
+) -> Server:
     """Start ``argv`` with output to ``log_path``; return once ``ready(server)`` holds.
 
     Raises :class:`ServerStartError` (with the output) when the process exits
@@ -107,7 +109,7 @@ def _spawn(name: str, argv: list[str], log_path: Path, ready: Callable[[Server],
     log = log_path.open("wb")
     try:
         process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, pass_fds=pass_fds
         )
     except BaseException:
         log.close()
@@ -163,13 +165,31 @@ def start_memcached(log_dir: Path, extra_args: tuple[str, ...] = ()) -> Server:
 #: Numbers the config, ready and log files of the mproxy processes of one test.
 _mproxy_count = itertools.count(1)
 
+#: What systemd does between fork and exec for socket activation, as a ``python -c``
+#: script: the sockets (fds in argv[1]) become fds 3, 4, ..., ``LISTEN_FDS`` counts them,
+#: ``LISTEN_PID`` is this process, which then execs mproxy (same pid) with argv[2:].
+_SOCKET_ACTIVATION = """\
+import fcntl, os, sys
+fds = [fcntl.fcntl(int(fd), fcntl.F_DUPFD, 100) for fd in sys.argv[1].split(",")]  # out of the way
+for n, fd in enumerate(fds):
+    os.dup2(fd, 3 + n)
+os.environ.update(LISTEN_FDS=str(len(fds)), LISTEN_PID=str(os.getpid()))
+os.execv(sys.executable, [sys.executable, "-m", "mproxy", *sys.argv[2:]])
+"""
 
-def start_mproxy(config_text: str, tmp_path: Path, extra_args: tuple[str, ...] = ()) -> Server:
+
+def start_mproxy(
+    config_text: str,
+    tmp_path: Path,
+    extra_args: tuple[str, ...] = (),
+    systemd_sockets: tuple[socket.socket, ...] = (),
+) -> Server:
     """Run ``python -m mproxy -c CONFIG`` with ``config_text`` as the TOML config.
 
     Give the listeners ``port = 0``: mproxy binds free ports itself and writes
     them to its ``--ready-file`` once every listener is up; this returns when
     that file is there, with the ports in the :class:`Server`.
+    ``systemd_sockets`` are passed the way systemd's socket activation does.
     """
     n = next(_mproxy_count)
     config_path = tmp_path / f"mproxy-{n}.toml"
@@ -186,8 +206,13 @@ def start_mproxy(config_text: str, tmp_path: Path, extra_args: tuple[str, ...] =
         server.config_path = config_path
         return True
 
-    argv = [sys.executable, "-m", "mproxy", "-c", str(config_path), "--ready-file", str(ready_path), *extra_args]
-    return _spawn("mproxy", argv, tmp_path / f"mproxy-{n}.log", ready)
+    args = ["-c", str(config_path), "--ready-file", str(ready_path), *extra_args]
+    fds = tuple(sock.fileno() for sock in systemd_sockets)
+    if fds:
+        argv = [sys.executable, "-c", _SOCKET_ACTIVATION, ",".join(map(str, fds)), *args]
+    else:
+        argv = [sys.executable, "-m", "mproxy", *args]
+    return _spawn("mproxy", argv, tmp_path / f"mproxy-{n}.log", ready, pass_fds=fds)
 
 
 class RawSession:

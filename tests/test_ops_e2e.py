@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import HOST, RawSession, start_mproxy
+from tests.servers import HOST, RawSession, ServerStartError, start_mproxy
 
 pytestmark = pytest.mark.e2e
 
@@ -179,3 +179,40 @@ def test_unit_file_is_valid() -> None:
     proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     problems = [ln for ln in proc.stderr.splitlines() if "/usr/local/bin/mproxy" not in ln and ln.strip()]
     assert not problems, proc.stderr
+
+
+def test_socket_activation_serves_on_the_sockets_systemd_passes(tmp_path: Path) -> None:
+    """Sockets passed as systemd does (LISTEN_FDS, LISTEN_PID, fds from 3) go to the
+    listener declaring the same address, in whatever order they come."""
+    listening = []
+    for _ in range(2):
+        sock = socket.socket()
+        sock.bind((HOST, 0))
+        sock.listen()
+        listening.append(sock)
+    admin_sock, cache_sock = listening  # not the config's order: matched by address
+    port, admin = cache_sock.getsockname()[1], admin_sock.getsockname()[1]
+    try:
+        server = start_mproxy(config(port=port, admin=admin), tmp_path, systemd_sockets=(admin_sock, cache_sock))
+    finally:
+        for sock in listening:  # only mproxy holds them now (it could not bind these ports itself)
+            sock.close()
+    try:
+        assert (server.port, server.admin_port) == (port, admin)
+        assert talk(port, b"version\r\n", b"\r\n").startswith(b"VERSION ")
+        assert admin_stats(admin)["curr_connections"] == "0"
+        assert "socket activation: 2 listening sockets from systemd" in server.output()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=DEADLINE) == 0
+    finally:
+        server.stop()
+
+
+def test_socket_activation_refuses_a_socket_no_listener_declares(tmp_path: Path) -> None:
+    stray = socket.socket()
+    stray.bind((HOST, 0))
+    stray.listen()
+    where = f"{HOST}:{stray.getsockname()[1]}"
+    with stray, pytest.raises(ServerStartError, match="exited with status 1") as failed:
+        start_mproxy(config(), tmp_path, systemd_sockets=(stray,))
+    assert f"no [[cache]] or [admin] declares: {where}" in str(failed.value)
