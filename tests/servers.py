@@ -310,6 +310,17 @@ class RawSession:
             buffer += chunk
 
 
+def talk(
+    port: int, data: bytes, terminator: bytes, connect: Callable[..., socket.socket] = socket.create_connection
+) -> bytes:
+    """One exchange on a new connection: send ``data``, read until the reply ends with ``terminator``."""
+    with RawSession(port, connect=connect) as s:
+        s.send(data)
+        got, complete = s.recv_until_terminator(terminator)
+    assert complete, got
+    return got
+
+
 @dataclass
 class LocalMomento:
     """A running ``mproxy.momento_local`` child: gRPC port, control port, process."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import HOST, RawSession, ServerStartError, start_mproxy
+from tests.servers import HOST, RawSession, ServerStartError, start_mproxy, talk
 
 pytestmark = pytest.mark.e2e
 
@@ -52,14 +52,6 @@ def admin_stats(admin_port: int, command: bytes = b"stats") -> dict[str, str]:
         _, name, value = line.split(" ", 2)
         out[name] = value
     return out
-
-
-def talk(port: int, data: bytes, terminator: bytes) -> bytes:
-    with RawSession(port) as s:
-        s.send(data)
-        got, complete = s.recv_until_terminator(terminator)
-    assert complete, got
-    return got
 
 
 def wait_for(predicate, what: str, timeout: float = DEADLINE):  # type: ignore[no-untyped-def]

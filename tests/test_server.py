@@ -24,7 +24,8 @@ from mproxy.backends.base import StoreMode
 from mproxy.backends.memory import MemoryBackend
 from mproxy.dispatch import Dispatcher
 from mproxy.server import CacheServer, ConnectionLimit
-from mproxy.stats import CacheStats, Stats
+from mproxy.stats import Stats
+from tests import servers
 from tests.servers import HOST, RawSession
 
 #: Bound for a condition the server reaches on its own (a counter it updates).
@@ -85,11 +86,7 @@ def session(server: CacheServer) -> RawSession:
 
 
 def talk(server: CacheServer, data: bytes, terminator: bytes) -> bytes:
-    with session(server) as s:
-        s.send(data)
-        got, complete = s.recv_until_terminator(terminator)
-    assert complete, got
-    return got
+    return servers.talk(server.address[1], data, terminator, connect=gevent.socket.create_connection)
 
 
 def wait_until(condition: Callable[[], bool], what: str) -> None:
@@ -98,10 +95,6 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         gevent.sleep(0.001)  # a turn of the hub, bounded by the deadline
-
-
-def stats_of(server: CacheServer) -> CacheStats:
-    return server.stats
 
 
 # -- pipelining ---------------------------------------------------------------------
@@ -119,7 +112,7 @@ def test_pipeline_in_one_write_and_error_recovery(start: StartServer) -> None:
         for byte in b"get a\r\n":
             s.send(bytes([byte]))
         assert s.recv_until_terminator(b"END\r\n")[0] == b"VALUE a 0 1\r\n3\r\nEND\r\n"
-    assert stats_of(server).protocol_errors == 2
+    assert server.stats.protocol_errors == 2
 
 
 def test_pipelined_gets_are_grouped_and_answered_in_order(start: StartServer) -> None:
@@ -170,7 +163,7 @@ def test_a_fatal_error_closes_and_drops_what_was_not_sent(start: StartServer) ->
         s.send(b"get a\r\nget b\r\nGET / HTTP/1.1\r\n")
         data, closed = s.recv_until_closed()
     assert (data, closed) == (b"", True)
-    assert stats_of(server).cmd_get == 2 and stats_of(server).protocol_errors == 1
+    assert server.stats.cmd_get == 2 and server.stats.protocol_errors == 1
 
 
 def test_unterminated_long_line_closes_connection_and_server_keeps_serving(start: StartServer) -> None:
@@ -194,9 +187,9 @@ def test_connection_cap_answers_like_memcached(start: StartServer) -> None:
             assert s.recv_until_terminator(b"\r\n")[0].startswith(b"VERSION ")
         with session(server) as s:
             assert s.recv_until_closed() == (TOO_MANY, True)
-        assert stats_of(server).rejected_connections == 1
+        assert server.stats.rejected_connections == 1
         held.pop().close()  # a slot frees once the server saw the close
-        wait_until(lambda: stats_of(server).curr_connections == 1, "the closed connection to be released")
+        wait_until(lambda: server.stats.curr_connections == 1, "the closed connection to be released")
         assert talk(server, b"version\r\n", b"\r\n").startswith(b"VERSION ")
     finally:
         for s in held:
@@ -209,7 +202,7 @@ def test_idle_timeout_closes_idle_connections(start: StartServer) -> None:
         half.send(b"vers")  # half a command, then nothing
         assert silent.recv_until_closed() == (b"", True)
         assert half.recv_until_closed() == (b"", True)
-    wait_until(lambda: stats_of(server).curr_connections == 0, "both connections released")
+    wait_until(lambda: server.stats.curr_connections == 0, "both connections released")
 
 
 def test_a_bound_socket_is_a_listener(start: StartServer) -> None:
@@ -242,7 +235,7 @@ def test_graceful_stop_finishes_the_command_in_hand_and_closes_idle_connections(
         data, closed = busy.recv_until_closed()
         assert closed and data.startswith(b"TOUCHED\r\nVERSION ")  # the whole read was answered
     stopper.get(timeout=DEADLINE)
-    assert stats_of(server).curr_connections == 0
+    assert server.stats.curr_connections == 0
 
 
 def test_graceful_stop_closes_a_command_still_running_after_its_timeout(start: StartServer) -> None:
@@ -253,4 +246,4 @@ def test_graceful_stop_closes_a_command_still_running_after_its_timeout(start: S
         assert gate.entered.wait(DEADLINE)
         server.stop(timeout=0.1)
         assert busy.recv_until_closed() == (b"", True)
-    assert stats_of(server).curr_connections == 0
+    assert server.stats.curr_connections == 0
