@@ -130,8 +130,8 @@ def stack_factory(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
         for stack in stacks:
             try:
                 stack.mproxy.stop()
-            finally:
-                stack.momento.stop()
+            finally:  # no graceful stop: it would wait for calls a fault still delays
+                stack.momento.kill()
 
 
 # ---- talking to mproxy -------------------------------------------------------------
