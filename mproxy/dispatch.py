@@ -92,26 +92,28 @@ class Dispatcher:
         into groups (see the module docstring); each is run by :meth:`_execute`,
         which returns its replies, one group after the other."""
         limit = self.max_batch_keys
+        execute = self._execute
+        Get = c.Get
         gets: list[c.Get] = []
         nkeys = 0
         for cmd in commands:
-            if type(cmd) is c.Get:
+            if type(cmd) is Get:
                 if gets and nkeys + len(cmd.keys) > limit:
-                    yield from self._execute(gets, client)
+                    yield from execute(gets, client)
                     gets, nkeys = [], 0
                 gets.append(cmd)  # a get of more keys than the limit is a group of its own
                 nkeys += len(cmd.keys)
                 continue
             if gets:  # anything else ends the group
-                yield from self._execute(gets, client)
+                yield from execute(gets, client)
                 gets, nkeys = [], 0
             if isinstance(cmd, ProtocolError):
                 if cmd.reply:  # empty under noreply
                     yield cmd.reply
             else:
-                yield from self._execute((cmd,), client)
+                yield from execute((cmd,), client)
         if gets:
-            yield from self._execute(gets, client)
+            yield from execute(gets, client)
 
     def _execute(self, group: Sequence[c.Command], client: str) -> list[bytes]:
         """One group: a run of get/gets (one backend read for all their keys) or
@@ -138,7 +140,7 @@ class Dispatcher:
                 self._audit(cmd, client, outcome, seconds)
         if len(group) == 1:
             return [] if first.noreply else [results[0][0]]
-        return [reply for cmd, (reply, _) in zip(group, results) if not cmd.noreply]
+        return [reply for reply, _ in results]  # a group of many is gets, never noreply
 
     # -- backend calls, timed and counted ----------------------------------
 

@@ -61,6 +61,7 @@ class _Connection:
         that are answered in place. Stops at ``quit`` or at a fatal error,
         noting it in ``ending``; from a fatal error on, nothing more is sent."""
         next_command = parser.next_command
+        need_data, Quit = NEED_DATA, c.Quit
         while True:
             try:
                 cmd = next_command()
@@ -71,9 +72,9 @@ class _Connection:
                     return
                 yield err
                 continue
-            if cmd is NEED_DATA:
+            if cmd is need_data:
                 return
-            if type(cmd) is c.Quit:
+            if type(cmd) is Quit:
                 self.ending = cmd
                 return
             yield cmd  # type: ignore[misc]  # not NEED_DATA: `is` does not narrow for mypy
