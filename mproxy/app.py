@@ -17,7 +17,7 @@ from mproxy import audit as audit_mod
 from mproxy.admin import AdminServer
 from mproxy.config import Config, ConfigError, load, reload
 from mproxy.dispatch import Dispatcher
-from mproxy.server import CacheServer, ConnectionLimit
+from mproxy.server import CacheServer, ConnectionLimit, address_text
 from mproxy.stats import Stats
 
 log = logging.getLogger("mproxy")
@@ -57,7 +57,16 @@ class App:
             log.warning("%s", warning)
         self.audit = audit_mod.from_config(cfg.audit)
         self.stats.attach_audit(self.audit)
-        for cache in cfg.caches:
+        # socket activation: a listener systemd bound already is used, the others are bound here
+        passed = systemd.listen_fds()
+        if passed:
+            log.info("socket activation: %d listening sockets from systemd", len(passed))
+        listeners = [systemd.take_listener(passed, c.host, c.port) or (c.host, c.port) for c in cfg.caches]
+        admin_listener = systemd.take_listener(passed, cfg.admin.host, cfg.admin.port) or (cfg.admin.host, cfg.admin.port)
+        if passed:
+            where = ", ".join(address_text(sock.getsockname()) for sock in passed)
+            raise StartupError(f"{cfg.source}: systemd passed listening sockets that no [[cache]] or [admin] declares: {where}")
+        for cache, listener in zip(cfg.caches, listeners):
             name = cache.name  # config.loads fills it from cache_name when empty
             try:
                 backend = backends.create(cache.backend, cache, cfg)
@@ -68,7 +77,7 @@ class App:
             cache_stats.attach_backend(backend.stats)
             dispatcher = Dispatcher(backend, cache_stats, self.stats, self.audit, name)
             server = CacheServer(
-                (cache.host, cache.port),
+                listener,
                 dispatcher,
                 cache_stats,
                 limit=self._limit,
@@ -82,14 +91,25 @@ class App:
             self.servers.append(server)
             host, port = server.address
             log.info("cache %s listening on %s:%d (backend %s, cache_name %s)", name, host, port, cache.backend, cache.cache_name)
-        self.admin = AdminServer((cfg.admin.host, cfg.admin.port), self.stats, __version__)
+        self.admin = AdminServer(admin_listener, self.stats, __version__)
         try:
             self.admin.start()
         except OSError as err:
             raise StartupError(f"{cfg.source}: admin: cannot listen on {cfg.admin.host}:{cfg.admin.port}: {err}") from err
         host, port = self.admin.address
         log.info("admin listening on %s:%d", host, port)
-        systemd.notify("READY=1")
+
+    def addresses(self) -> dict[str, Any]:
+        """Where the started listeners are bound (``cli.py --ready-file`` writes it)."""
+        caches = []
+        for server in self.servers:
+            host, port = server.address
+            caches.append({"name": server.stats.name, "host": host, "port": port})
+        admin = None
+        if self.admin is not None:
+            host, port = self.admin.address
+            admin = {"host": host, "port": port}
+        return {"caches": caches, "admin": admin}
 
     # -- signals (handlers only set flags and wake the main greenlet) -------------
 
@@ -129,9 +149,11 @@ class App:
     def wait(self) -> None:
         self._stop.wait()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Graceful stop: stop accepting, finish commands in hand, close, release."""
+    def stop(self) -> None:
+        """Graceful stop: stop accepting, finish commands in hand (for at most
+        ``[proxy] graceful_timeout`` seconds), close, release."""
         systemd.notify("STOPPING=1")
+        timeout = self.cfg.proxy.graceful_timeout
         jobs = [gevent.spawn(server.stop, timeout) for server in self.servers]
         if self.admin is not None:
             jobs.append(gevent.spawn(self.admin.stop, 1.0))

@@ -15,9 +15,7 @@ import sys
 from typing import Any, NoReturn, Sequence
 
 from mproxy import __version__
-
-#: seconds a graceful stop may take before connections are killed
-STOP_TIMEOUT = 10.0
+from mproxy.config import LOG_FORMATS, LOG_LEVELS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,9 +29,15 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="validate the configuration, print the effective configuration and exit (0 valid, 2 invalid)",
     )
+    p.add_argument(
+        "--ready-file",
+        metavar="FILE",
+        help="once every listener is bound, write their addresses to FILE as JSON "
+        "(for scripts and tests that let mproxy pick its ports with port = 0)",
+    )
     p.add_argument("--version", action="version", version=f"mproxy {__version__}")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides [debug] log_level")
-    p.add_argument("--log-format", choices=["text", "json"], help="overrides [debug] log_format")
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="overrides [debug] log_level")
+    p.add_argument("--log-format", choices=LOG_FORMATS, help="overrides [debug] log_format")
     return p
 
 
@@ -77,11 +81,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         app.start()
     except StartupError as err:
-        app.stop(timeout=2.0)
+        app.stop()
         _fail(str(err), code=1)
+    if args.ready_file:
+        try:
+            _write_ready_file(args.ready_file, app.addresses())
+        except OSError as err:
+            app.stop()
+            _fail(f"--ready-file {args.ready_file}: {err}", code=1)
+    from mproxy import systemd
+
+    systemd.notify("READY=1")  # every listener is bound (and the ready file written)
     app.wait()
-    app.stop(timeout=STOP_TIMEOUT)
+    app.stop()
     sys.exit(0)
+
+
+def _write_ready_file(path: str, addresses: dict[str, Any]) -> None:
+    """``{"pid": ..., "caches": [{"name", "host", "port"}, ...], "admin": {"host", "port"}}``,
+    written whole (a temporary file renamed into place): a reader never sees half of it."""
+    import json
+
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as out:
+        json.dump({"pid": os.getpid(), **addresses}, out)
+        out.write("\n")
+    os.replace(tmp, path)
 
 
 def _install_signals(app: Any) -> None:

@@ -365,6 +365,13 @@ class ProxyConfig:
     idle_timeout: float = _option(
         0.0, _SECONDS, "Close a client connection idle this long; 0 = never.", min=0
     )
+    graceful_timeout: float = _option(
+        10.0,
+        _SECONDS,
+        "On a graceful stop (SIGTERM), how long connections may take to finish the "
+        "command in hand; those still busy then are closed regardless.",
+        min=0,
+    )
     max_item_size: int = _option(
         DEFAULT_MAX_ITEM_SIZE,
         _INT,

@@ -1,17 +1,24 @@
 """The one place memcached semantics meet a Backend. No sockets here.
 
-``Dispatcher.execute(cmd, client)`` runs one parsed command against the
-backend and returns the exact reply bytes (``b""`` under ``noreply``). Backend
-failures become ``SERVER_ERROR <reason>`` replies, never exceptions that kill
-a connection. Counters are bumped here (O(1) each); one audit record per
-command when the audit log is on.
+``Dispatcher.run(commands, client)`` takes the commands of one read, in
+order, and yields their exact replies in the same order (nothing under
+``noreply``). Consecutive get/gets are grouped into one backend read of up to
+``backend.max_batch_keys`` keys; every other command is a group of its own.
+A parse error that does not end the connection (a
+:class:`~mproxy.protocol.errors.ProtocolError`) arrives in its place among
+the commands and answers its own reply.
+
+Each group goes through one path: backend failures become
+``SERVER_ERROR <reason>`` replies for every command of the group, never
+exceptions that kill a connection; counters are bumped here (O(1) each); one
+audit record per command when the audit log is on.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from mproxy import __version__
 from mproxy.audit import AuditLog, NullAudit
@@ -28,6 +35,7 @@ from mproxy.backends.base import (
 from mproxy.protocol import commands as c
 from mproxy.protocol.commands import StoreMode
 from mproxy.protocol import replies as r
+from mproxy.protocol.errors import ProtocolError
 from mproxy.stats import CacheStats, Stats
 
 log = logging.getLogger(__name__)
@@ -60,8 +68,9 @@ class Dispatcher:
         self.root_stats = root_stats
         self.audit = audit if audit is not None else NullAudit()
         self.cache_name = cache_name or stats.name
+        #: keys one backend read takes: the size of a group of pipelined gets
+        self.max_batch_keys: int = backend.max_batch_keys
         self._handlers: dict[type, Callable[[Any], tuple[bytes, str]]] = {
-            c.Get: self._get,
             c.Gat: self._gat,
             c.Store: self._store,
             c.TooLarge: self._too_large,
@@ -75,44 +84,63 @@ class Dispatcher:
             c.MetaNoop: lambda cmd: (r.MN, "ok"),
         }
 
-    def execute_gets(self, cmds: Sequence[c.Get], client: str = "") -> list[bytes]:
-        """Consecutive pipelined get/gets: one backend read for all their keys
-        (on Momento, one batched call instead of one round trip per command).
-        Replies, counters and audit lines stay per command."""
-        if len(cmds) == 1:
-            return [self.execute(cmds[0], client)]
+    def run(self, commands: Iterable[c.Command | ProtocolError], client: str = "") -> Iterator[bytes]:
+        """Replies to ``commands`` (those of one read), in order, as they are ready.
+
+        A generator, so that the caller can send what is ready before the rest
+        runs (the server flushes early past its buffer size). The read is cut
+        into groups (see the module docstring); each is run by :meth:`_execute`,
+        which returns its replies, one group after the other."""
+        limit = self.max_batch_keys
+        execute = self._execute
+        Get = c.Get
+        gets: list[c.Get] = []
+        nkeys = 0
+        for cmd in commands:
+            if type(cmd) is Get:
+                if gets and nkeys + len(cmd.keys) > limit:
+                    yield from execute(gets, client)
+                    gets, nkeys = [], 0
+                gets.append(cmd)  # a get of more keys than the limit is a group of its own
+                nkeys += len(cmd.keys)
+                continue
+            if gets:  # anything else ends the group
+                yield from execute(gets, client)
+                gets, nkeys = [], 0
+            if isinstance(cmd, ProtocolError):
+                if cmd.reply:  # empty under noreply
+                    yield cmd.reply
+            else:
+                yield from execute((cmd,), client)
+        if gets:
+            yield from execute(gets, client)
+
+    def _execute(self, group: Sequence[c.Command], client: str) -> list[bytes]:
+        """One group: a run of get/gets (one backend read for all their keys) or
+        one other command. Returns the replies to send (none under ``noreply``).
+        Counters and audit lines stay per command; a failure answers every
+        command of the group."""
         audit = self.audit
         start = time.perf_counter() if audit.enabled else 0.0
-        keys = tuple(key for cmd in cmds for key in cmd.keys)
+        first = group[0]
         results: list[tuple[bytes, str]]
         try:
-            found = self._call("get", self.backend.get_many, keys, any(cmd.cas for cmd in cmds))
+            if type(first) is c.Get:
+                results = self._gets(group)  # type: ignore[arg-type]  # a group with a get holds only gets
+            else:
+                results = [self._handlers[type(first)](first)]
         except BackendError as err:
-            results = [(r.server_error(str(err)), err.code)] * len(cmds)
+            results = [(r.server_error(str(err)), err.code)] * len(group)
         except Exception:  # a bug must cost replies, not the connection
-            log.exception("internal error executing %d pipelined gets on cache %s", len(cmds), self.cache_name)
-            results = [(r.server_error("internal error"), "internal")] * len(cmds)
-        else:
-            results = [self._answer_get(cmd, found) for cmd in cmds]
+            log.exception("internal error executing %s on cache %s", first.name, self.cache_name)
+            results = [(r.server_error("internal error"), "internal")] * len(group)
         if audit.enabled:
             seconds = time.perf_counter() - start
-            for cmd, (_, outcome) in zip(cmds, results):
+            for cmd, (_, outcome) in zip(group, results):
                 self._audit(cmd, client, outcome, seconds)
-        return [reply for reply, _ in results]
-
-    def execute(self, cmd: c.Command, client: str = "") -> bytes:
-        audit = self.audit
-        start = time.perf_counter() if audit.enabled else 0.0
-        try:
-            reply, outcome = self._handlers[type(cmd)](cmd)
-        except BackendError as err:
-            reply, outcome = r.server_error(str(err)), err.code
-        except Exception:  # a bug must cost one reply, not the connection
-            log.exception("internal error executing %s on cache %s", cmd.name, self.cache_name)
-            reply, outcome = r.server_error("internal error"), "internal"
-        if audit.enabled:
-            self._audit(cmd, client, outcome, time.perf_counter() - start)
-        return b"" if cmd.noreply else reply
+        if len(group) == 1:
+            return [] if first.noreply else [results[0][0]]
+        return [reply for reply, _ in results]  # a group of many is gets, never noreply
 
     # -- backend calls, timed and counted ----------------------------------
 
@@ -137,8 +165,13 @@ class Dispatcher:
         parts.append(r.END)
         return b"".join(parts)
 
-    def _get(self, cmd: c.Get) -> tuple[bytes, str]:
-        return self._answer_get(cmd, self._call("get", self.backend.get_many, cmd.keys, cmd.cas))
+    def _gets(self, cmds: Sequence[c.Get]) -> list[tuple[bytes, str]]:
+        if len(cmds) == 1:
+            cmd = cmds[0]
+            return [self._answer_get(cmd, self._call("get", self.backend.get_many, cmd.keys, cmd.cas))]
+        keys = tuple(key for cmd in cmds for key in cmd.keys)
+        found = self._call("get", self.backend.get_many, keys, any(cmd.cas for cmd in cmds))
+        return [self._answer_get(cmd, found) for cmd in cmds]
 
     def _answer_get(self, cmd: c.Get, found: dict[bytes, Item]) -> tuple[bytes, str]:
         st = self.stats
@@ -165,12 +198,20 @@ class Dispatcher:
     def _store(self, cmd: c.Store) -> tuple[bytes, str]:
         st = self.stats
         st.cmd_set += 1
+        # by keyword, as Backend.store's argument order is not Store's; timed here, not
+        # through _call, whose **kwargs would cost a dict per command
+        start = time.perf_counter()
         try:
-            result = self._call(
-                cmd.mode.value, self.backend.store, cmd.mode, cmd.key, cmd.value, cmd.flags, cmd.exptime, cmd.cas_unique
+            result = self.backend.store(
+                mode=cmd.mode, key=cmd.key, value=cmd.value, flags=cmd.flags, exptime=cmd.exptime,
+                cas_unique=cmd.cas_unique,
             )
         except ValueTooLarge:
-            return r.TOO_LARGE, "too_large"
+            return self._refuse_too_large(cmd.mode, cmd.key)
+        except BackendError as err:
+            st.observe(cmd.name, time.perf_counter() - start, err.code)
+            raise
+        st.observe(cmd.name, time.perf_counter() - start)
         if cmd.mode is StoreMode.CAS:
             if result is StoreResult.STORED:
                 st.cas_hits += 1
@@ -181,9 +222,15 @@ class Dispatcher:
         return _STORE_REPLY[result]
 
     def _too_large(self, cmd: c.TooLarge) -> tuple[bytes, str]:
-        # memcached: a failed set must not leave the old value readable
-        if cmd.mode is StoreMode.SET:
-            self._call("delete", self.backend.delete, cmd.key)
+        """A store whose value the parser swallowed: over ``[proxy] max_item_size``."""
+        return self._refuse_too_large(cmd.mode, cmd.key)
+
+    def _refuse_too_large(self, mode: StoreMode, key: bytes) -> tuple[bytes, str]:
+        """The one owner of memcached's rule: a set too large for the cache also
+        removes the key's old value, so that it is not read stale afterwards
+        (whether the parser or the backend found the value too large)."""
+        if mode is StoreMode.SET:
+            self._call("delete", self.backend.delete, key)
         return r.TOO_LARGE, "too_large"
 
     def _delete(self, cmd: c.Delete) -> tuple[bytes, str]:

@@ -1,10 +1,13 @@
 """gevent TCP server: one StreamServer per ``[[cache]]`` listener, one
 greenlet per connection. The only place that calls ``recv``/``sendall``.
 
-A connection handles everything one read delivered before it writes: every
-complete command in the buffer is parsed and executed in order, and the
+A connection handles everything one read delivered before it writes: the
+complete commands in the buffer go to ``Dispatcher.run`` in order, and their
 replies go out in one ``sendall`` (flushed early past ``FLUSH_BYTES`` so a
-pipeline of large gets cannot pile up memory).
+pipeline of large gets cannot pile up memory). The loop knows bytes, ``quit``
+(the replies before it are sent, then the connection closes) and fatal parse
+errors (the connection closes at once, unsent replies are dropped, as
+memcached does); what commands mean, and which run together, is dispatch's.
 
 Graceful stop (``CacheServer.stop``): stop accepting, let every connection
 finish the command in hand and send its reply, close idle connections, and
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Any
+from typing import Any, Iterator
 
 from gevent.pool import Pool
 from gevent.server import StreamServer
@@ -26,7 +29,7 @@ from mproxy.dispatch import Dispatcher
 from mproxy.protocol import commands as c
 from mproxy.protocol import replies as r
 from mproxy.protocol.errors import ProtocolError
-from mproxy.protocol.parser import NeedData, Parser
+from mproxy.protocol.parser import NEED_DATA, Parser
 from mproxy.stats import CacheStats
 
 log = logging.getLogger(__name__)
@@ -35,17 +38,63 @@ log = logging.getLogger(__name__)
 READ_SIZE = 64 * 1024
 #: replies of one read are sent early once they reach this size
 FLUSH_BYTES = 1024 * 1024
-#: consecutive pipelined get/gets run as one backend read, up to this many keys
-#: (as many as one GetBatch carries)
-MAX_PIPELINED_KEYS = 100
 
 
 class _Connection:
-    __slots__ = ("sock", "busy")
+    """One client connection: its socket, and the replies of the read in hand,
+    sent with one ``sendall`` (early past ``FLUSH_BYTES``)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    __slots__ = ("sock", "stats", "busy", "parts", "size", "ending")
+
+    def __init__(self, sock: socket.socket, stats: CacheStats) -> None:
         self.sock = sock
+        self.stats = stats
+        #: between a read and the sendall of its replies (a graceful stop lets it finish)
         self.busy = False
+        self.parts: list[bytes] = []
+        self.size = 0
+        #: why the connection ends after this read: ``quit``, or the fatal ProtocolError
+        self.ending: c.Quit | ProtocolError | None = None
+
+    def commands(self, parser: Parser) -> Iterator[c.Command | ProtocolError]:
+        """The complete commands in the parser's buffer, with the parse errors
+        that are answered in place. Stops at ``quit`` or at a fatal error,
+        noting it in ``ending``; from a fatal error on, nothing more is sent."""
+        next_command = parser.next_command
+        need_data, Quit = NEED_DATA, c.Quit
+        while True:
+            try:
+                cmd = next_command()
+            except ProtocolError as err:
+                self.stats.protocol_errors += 1
+                if err.fatal:
+                    self.ending = err
+                    return
+                yield err
+                continue
+            if cmd is need_data:
+                return
+            if type(cmd) is Quit:
+                self.ending = cmd
+                return
+            yield cmd  # type: ignore[misc]  # not NEED_DATA: `is` does not narrow for mypy
+
+    def add(self, reply: bytes) -> None:
+        self.parts.append(reply)
+        self.size += len(reply)
+        if self.size >= FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        parts = self.parts
+        if not parts:
+            return
+        self.parts, self.size = [], 0
+        if isinstance(self.ending, ProtocolError):
+            return  # memcached drops the connection and what it had not sent yet
+        payload = b"".join(parts)
+        self.sock.sendall(payload)
+        self.stats.bytes_written += len(payload)
 
 
 class ConnectionLimit:
@@ -88,8 +137,8 @@ class CacheServer:
     def start(self) -> None:
         self._server.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Graceful stop: see the module docstring."""
+    def stop(self, timeout: float) -> None:
+        """Graceful stop (see the module docstring); ``timeout`` is ``[proxy] graceful_timeout``."""
         self.stopping = True
         self._server.close()  # stop accepting
         for conn in list(self._conns):
@@ -110,12 +159,12 @@ class CacheServer:
                 pass
             sock.close()
             return
-        conn = _Connection(sock)
+        conn = _Connection(sock, st)
         self._conns.add(conn)
         limit.active += 1
         st.curr_connections += 1
         st.total_connections += 1
-        client = _client_name(address)
+        client = address_text(address)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(self.idle_timeout)
@@ -134,9 +183,7 @@ class CacheServer:
         sock = conn.sock
         st = self.stats
         parser = Parser(self.max_item_size)
-        execute = self.dispatcher.execute
-        execute_gets = self.dispatcher.execute_gets
-        out = _Output(sock, st)
+        run = self.dispatcher.run
         while not self.stopping:
             data = sock.recv(READ_SIZE)
             if not data:
@@ -144,75 +191,15 @@ class CacheServer:
             conn.busy = True
             st.bytes_read += len(data)
             parser.feed(data)
-            close = False
-            #: consecutive get/gets of this read, run as one backend read
-            gets: list[c.Get] = []
-            nkeys = 0
-            while True:
-                cmd: c.Command | NeedData | None
-                try:
-                    cmd = parser.next_command()
-                except ProtocolError as err:
-                    st.protocol_errors += 1
-                    if err.fatal:
-                        if gets:  # their effects happen (as in memcached), their replies are dropped
-                            execute_gets(gets, client)
-                        # memcached drops the connection and what it had not sent yet
-                        log.debug("closing connection from %s: %s", client, err)
-                        return
-                    error: bytes | None = err.reply
-                    cmd = None
-                else:
-                    error = None
-                if type(cmd) is c.Get and nkeys + len(cmd.keys) <= MAX_PIPELINED_KEYS:
-                    gets.append(cmd)
-                    nkeys += len(cmd.keys)
-                    continue
-                if gets:  # anything else ends the group
-                    for reply in execute_gets(gets, client):
-                        out.add(reply)
-                    gets, nkeys = [], 0
-                if type(cmd) is c.Get:  # too many keys to join the group: it starts the next
-                    gets, nkeys = [cmd], len(cmd.keys)
-                elif error is not None:
-                    out.add(error)
-                elif cmd is None or isinstance(cmd, NeedData):
-                    break
-                elif type(cmd) is c.Quit:
-                    close = True
-                    break
-                else:
-                    out.add(execute(cmd, client))
-            out.flush()
-            conn.busy = False
-            if close:
+            for reply in run(conn.commands(parser), client):
+                conn.add(reply)
+            if isinstance(conn.ending, ProtocolError):
+                log.debug("closing connection from %s: %s", client, conn.ending)
                 return
-
-
-class _Output:
-    """Replies of one read, sent with one ``sendall`` (early past ``FLUSH_BYTES``)."""
-
-    __slots__ = ("sock", "stats", "parts", "size")
-
-    def __init__(self, sock: socket.socket, stats: CacheStats) -> None:
-        self.sock = sock
-        self.stats = stats
-        self.parts: list[bytes] = []
-        self.size = 0
-
-    def add(self, reply: bytes) -> None:
-        if reply:  # noreply commands answer b""
-            self.parts.append(reply)
-            self.size += len(reply)
-            if self.size >= FLUSH_BYTES:
-                self.flush()
-
-    def flush(self) -> None:
-        if self.parts:
-            payload = b"".join(self.parts)
-            self.parts, self.size = [], 0
-            self.sock.sendall(payload)
-            self.stats.bytes_written += len(payload)
+            conn.flush()
+            conn.busy = False
+            if conn.ending is not None:  # quit, once the replies before it are sent
+                return
 
 
 def _shutdown(sock: socket.socket) -> None:
@@ -222,8 +209,8 @@ def _shutdown(sock: socket.socket) -> None:
         pass
 
 
-def _client_name(address: Any) -> str:
+def address_text(address: Any) -> str:
+    """``host:port`` of a socket address (a Unix socket's path as is)."""
     if isinstance(address, tuple) and len(address) >= 2:
         return f"{address[0]}:{address[1]}"
     return str(address)
-

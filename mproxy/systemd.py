@@ -1,16 +1,19 @@
 """systemd integration, stdlib only: ``sd_notify`` and socket activation.
 
-``notify("READY=1")`` once the listeners are up (the unit is ``Type=notify``)
-and ``notify("STOPPING=1")`` when a graceful stop begins (both sent by
-:mod:`mproxy.app`). A SIGHUP reload sends nothing: the unit's ``ExecReload``
-only delivers the signal. Outside systemd (``$NOTIFY_SOCKET`` unset) every
-call is a no-op that answers False.
+``notify("READY=1")`` once the listeners are up (the unit is ``Type=notify``;
+sent by :mod:`mproxy.cli`) and ``notify("STOPPING=1")`` when a graceful stop
+begins (sent by :mod:`mproxy.app`). A SIGHUP reload sends nothing: the unit's
+``ExecReload`` only delivers the signal. Outside systemd (``$NOTIFY_SOCKET``
+unset) every call is a no-op that answers False.
 
-:func:`listen_fds` (socket activation) is not wired into the listeners yet.
+Socket activation: :func:`listen_fds` takes the listening sockets systemd
+passed (a ``.socket`` unit), and :func:`take_listener` hands each listener of
+the configuration the one bound to its address (see docs/operations.md).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 
@@ -60,3 +63,33 @@ def listen_fds(unset_environment: bool = True) -> list[socket.socket]:
         os.set_inheritable(fd, False)
         socks.append(socket.socket(fileno=fd))
     return socks
+
+
+def take_listener(socks: list[socket.socket], host: str, port: int) -> socket.socket | None:
+    """The stream socket of ``socks`` bound to ``host:port``, removed from ``socks``; None if none is.
+
+    ``host`` is resolved as for binding. The unspecified addresses ``0.0.0.0``
+    and ``::`` match each other: a ``.socket`` unit's ``ListenStream=11211``
+    binds ``[::]:11211``, which also serves IPv4, where a config says ``0.0.0.0``.
+    """
+    if not socks or port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return None  # binding it will say what is wrong
+    wanted = {_ip(str(info[4][0])) for info in infos}
+    any_address = any(ip.is_unspecified for ip in wanted)
+    for sock in socks:
+        if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        bound_host, bound_port = sock.getsockname()[:2]
+        ip = _ip(bound_host)
+        if bound_port == port and (ip in wanted or (any_address and ip.is_unspecified)):
+            socks.remove(sock)
+            return sock
+    return None
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(text.partition("%")[0])  # without an IPv6 scope

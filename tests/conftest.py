@@ -6,8 +6,8 @@ Fixtures
                       is missing, except under ``CI`` where that is a failure.
 ``mproxy_factory``    (module scope) ``factory(backend, **options) -> Server``
                       starting ``python -m mproxy -c CONFIG`` with the config built by
-                      ``MPROXY_CONFIGS[backend](port, admin_port, **options)``; every
-                      server is stopped at teardown.
+                      ``MPROXY_CONFIGS[backend](**options)`` (ports picked by mproxy);
+                      every server is stopped at teardown.
 
 Backends: ``memory`` and ``momento`` (the latter on the bundled local Momento
 server, ``[momento] local = "embedded"``). The differential tests run against the
@@ -22,31 +22,32 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import Server, free_port, memcached_binary, start_memcached, start_mproxy
+from mproxy.protocol.commands import DEFAULT_MAX_ITEM_SIZE as MAX_ITEM_SIZE
+from tests.servers import Server, memcached_binary, start_memcached, start_mproxy
 
-#: memcached 1.6's default item size limit (``-I 1m``), mirrored in every mproxy config.
-MAX_ITEM_SIZE = 1024 * 1024
+# MAX_ITEM_SIZE: memcached 1.6's default item size limit (``-I 1m``), mirrored in every mproxy config.
 
 
-def _config(port: int, admin_port: int, cache_keys: str) -> str:
-    """TOML config: memcached's item size limit, the admin port, one ``[[cache]]``."""
+def _config(cache_keys: str) -> str:
+    """TOML config: memcached's item size limit, the admin port, one ``[[cache]]``;
+    port 0 everywhere (mproxy picks, ``start_mproxy`` reads what it picked)."""
     return f"""\
 [proxy]
 max_item_size = {MAX_ITEM_SIZE}
 
 [admin]
 host = "127.0.0.1"
-port = {admin_port}
+port = 0
 
 [[cache]]
 host = "127.0.0.1"
-port = {port}
+port = 0
 {cache_keys}"""
 
 
-def memory_config(port: int, admin_port: int) -> str:
+def memory_config() -> str:
     """TOML config: one cache served from the in-process memory backend."""
-    return _config(port, admin_port, 'cache_name = "differential"\nbackend = "memory"\n')
+    return _config('cache_name = "differential"\nbackend = "memory"\n')
 
 
 #: Options of every reference memcached. ``no_lru_maintainer`` turns off the segmented
@@ -66,8 +67,6 @@ MOMENTO_CACHE_NAME = "differential"
 
 
 def momento_config(
-    port: int,
-    admin_port: int,
     *,
     local: str = "embedded",
     default_ttl: int = MOMENTO_MAX_TTL,
@@ -83,8 +82,6 @@ def momento_config(
     Momento allows for exptime 0, flags stored with the value, flush_all allowed.
     """
     return _config(
-        port,
-        admin_port,
         f"""\
 cache_name = "{MOMENTO_CACHE_NAME}"
 backend = "momento"
@@ -99,8 +96,7 @@ local = "{local}"
     )
 
 
-#: Backend name -> builder of the mproxy TOML config from (data port, admin port,
-#: **backend-specific keyword options).
+#: Backend name -> builder of the mproxy TOML config from backend-specific keyword options.
 MPROXY_CONFIGS: dict[str, Callable[..., str]] = {
     "memory": memory_config,
     "momento": momento_config,
@@ -140,13 +136,8 @@ def mproxy_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MproxyF
         if backend not in MPROXY_CONFIGS:
             known = sorted(MPROXY_CONFIGS)
             raise ValueError(f"no mproxy config for backend {backend!r}; known: {known}")
-        port = free_port()
-        admin_port = free_port()
-        while admin_port == port:
-            admin_port = free_port()
         tmp_path: Path = tmp_path_factory.mktemp(f"mproxy-{backend}")
-        config = MPROXY_CONFIGS[backend](port, admin_port, **options)
-        server = start_mproxy(config, tmp_path, port)
+        server = start_mproxy(MPROXY_CONFIGS[backend](**options), tmp_path)
         started.append(server)
         return server
 

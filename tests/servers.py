@@ -1,7 +1,8 @@
 """Start and stop real servers for integration tests, and talk raw bytes to them.
 
 * :func:`start_memcached` runs the real ``memcached`` binary (the reference).
-* :func:`start_mproxy` runs ``python -m mproxy -c CONFIG`` as a subprocess.
+* :func:`start_mproxy` runs ``python -m mproxy -c CONFIG`` as a subprocess, its
+  ports picked by mproxy (``port = 0``) and read from its ``--ready-file``.
 * :func:`start_local_momento` runs the bundled Momento-compatible server.
 * :class:`RawSession` is a blocking socket wrapper that sends bytes and reads
   replies until a caller-given condition, the peer closing, or a deadline.
@@ -12,6 +13,8 @@ SIGTERM and kills after a bound, so a test never leaves a process behind.
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import shutil
 import signal
@@ -65,13 +68,20 @@ def memcached_binary() -> str | None:
 
 @dataclass
 class Server:
-    """A server subprocess listening on ``HOST:port``."""
+    """A server subprocess listening on ``HOST:port``.
+
+    For mproxy, ``port`` is its first ``[[cache]]`` listener, ``ports`` maps
+    every cache name to its port, and ``config_path`` is the file it runs.
+    """
 
     name: str
     port: int
     process: subprocess.Popen[bytes]
     log_path: Path
     _log: IO[bytes] = field(repr=False)
+    admin_port: int = 0
+    ports: dict[str, int] = field(default_factory=dict)
+    config_path: Path | None = None
 
     def stop(self) -> None:
         """Terminate the process (SIGTERM, then SIGKILL after ``STOP_TIMEOUT``)."""
@@ -89,43 +99,58 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
-def _spawn(name: str, argv: list[str], port: int, log_path: Path) -> Server:
-    """Start ``argv`` with output to ``log_path``; return once ``port`` accepts."""
+def _spawn(
+    name: str, argv: list[str], log_path: Path, ready: Callable[[Server], bool], pass_fds: tuple[int, ...] = ()
+) -> Server:
+    """Start ``argv`` with output to ``log_path``; return once ``ready(server)`` holds.
+
+    Raises :class:`ServerStartError` (with the output) when the process exits
+    first or ``START_TIMEOUT`` passes."""
     log = log_path.open("wb")
     try:
         process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, pass_fds=pass_fds
         )
     except BaseException:
         log.close()
         raise
-    server = Server(name=name, port=port, process=process, log_path=log_path, _log=log)
+    server = Server(name=name, port=0, process=process, log_path=log_path, _log=log)
     deadline = time.monotonic() + START_TIMEOUT
-    while True:
+    while not ready(server):
         if process.poll() is not None:
             server.stop()
             raise ServerStartError(
-                f"{name} exited with status {process.returncode} before accepting "
-                f"connections; command {argv!r}; output:\n{server.output()}"
+                f"{name} exited with status {process.returncode} before it was ready; "
+                f"command {argv!r}; output:\n{server.output()}"
             )
+        if time.monotonic() > deadline:
+            server.stop()
+            raise ServerStartError(
+                f"{name} was not ready within {START_TIMEOUT} s; command {argv!r}; output:\n{server.output()}"
+            )
+        time.sleep(0.02)  # polling interval while the server starts
+    return server
+
+
+def _accepts(port: int) -> Callable[[Server], bool]:
+    def ready(server: Server) -> bool:
         try:
             socket.create_connection((HOST, port), timeout=1.0).close()
-            return server
         except OSError:
-            if time.monotonic() > deadline:
-                server.stop()
-                raise ServerStartError(
-                    f"{name} did not accept connections on port {port} within "
-                    f"{START_TIMEOUT} s; command {argv!r}; output:\n{server.output()}"
-                ) from None
-            time.sleep(0.02)  # polling interval while the server starts
+            return False
+        server.port = port
+        return True
+
+    return ready
 
 
 def start_memcached(log_dir: Path, extra_args: tuple[str, ...] = ()) -> Server:
     """Run the real memcached on a free loopback port (TCP only, one thread).
 
-    Raises :class:`FileNotFoundError` when the binary is missing: the caller
-    decides whether that is a skip or a failure (see ``conftest.py``).
+    memcached cannot report a port it picked, so this one comes from
+    :func:`free_port`. Raises :class:`FileNotFoundError` when the binary is
+    missing: the caller decides whether that is a skip or a failure (see
+    ``conftest.py``).
     """
     binary = memcached_binary()
     if binary is None:
@@ -134,26 +159,73 @@ def start_memcached(log_dir: Path, extra_args: tuple[str, ...] = ()) -> Server:
     argv = [binary, "-l", HOST, "-p", str(port), "-U", "0", "-t", "1", *extra_args]
     if os.geteuid() == 0:
         argv += ["-u", "root"]  # memcached refuses to run as root without -u
-    return _spawn("memcached", argv, port, log_dir / f"memcached-{port}.log")
+    return _spawn("memcached", argv, log_dir / f"memcached-{port}.log", _accepts(port))
 
 
-def start_mproxy(config_text: str, tmp_path: Path, port: int) -> Server:
+#: Numbers the config, ready and log files of the mproxy processes of one test.
+_mproxy_count = itertools.count(1)
+
+#: What systemd does between fork and exec for socket activation, as a ``python -c``
+#: script: the sockets (fds in argv[1]) become fds 3, 4, ..., ``LISTEN_FDS`` counts them,
+#: ``LISTEN_PID`` is this process, which then execs mproxy (same pid) with argv[2:].
+_SOCKET_ACTIVATION = """\
+import fcntl, os, sys
+fds = [fcntl.fcntl(int(fd), fcntl.F_DUPFD, 100) for fd in sys.argv[1].split(",")]  # out of the way
+for n, fd in enumerate(fds):
+    os.dup2(fd, 3 + n)
+os.environ.update(LISTEN_FDS=str(len(fds)), LISTEN_PID=str(os.getpid()))
+os.execv(sys.executable, [sys.executable, "-m", "mproxy", *sys.argv[2:]])
+"""
+
+
+def start_mproxy(
+    config_text: str,
+    tmp_path: Path,
+    extra_args: tuple[str, ...] = (),
+    systemd_sockets: tuple[socket.socket, ...] = (),
+) -> Server:
     """Run ``python -m mproxy -c CONFIG`` with ``config_text`` as the TOML config.
 
-    ``port`` is the data port the config declares (pick it with
-    :func:`free_port`); the function returns once it accepts connections.
+    Give the listeners ``port = 0``: mproxy binds free ports itself and writes
+    them to its ``--ready-file`` once every listener is up; this returns when
+    that file is there, with the ports in the :class:`Server`.
+    ``systemd_sockets`` are passed the way systemd's socket activation does.
     """
-    config_path = tmp_path / f"mproxy-{port}.toml"
+    n = next(_mproxy_count)
+    config_path = tmp_path / f"mproxy-{n}.toml"
     config_path.write_text(config_text)
-    argv = [sys.executable, "-m", "mproxy", "-c", str(config_path)]
-    return _spawn("mproxy", argv, port, tmp_path / f"mproxy-{port}.log")
+    ready_path = tmp_path / f"mproxy-{n}.ready.json"
+
+    def ready(server: Server) -> bool:
+        if not ready_path.exists():
+            return False
+        report = json.loads(ready_path.read_text())
+        server.ports = {cache["name"]: cache["port"] for cache in report["caches"]}
+        server.port = report["caches"][0]["port"]
+        server.admin_port = report["admin"]["port"]
+        server.config_path = config_path
+        return True
+
+    args = ["-c", str(config_path), "--ready-file", str(ready_path), *extra_args]
+    fds = tuple(sock.fileno() for sock in systemd_sockets)
+    if fds:
+        argv = [sys.executable, "-c", _SOCKET_ACTIVATION, ",".join(map(str, fds)), *args]
+    else:
+        argv = [sys.executable, "-m", "mproxy", *args]
+    return _spawn("mproxy", argv, tmp_path / f"mproxy-{n}.log", ready, pass_fds=fds)
 
 
 class RawSession:
-    """A blocking TCP connection for byte-exact protocol conversations."""
+    """A blocking TCP connection for byte-exact protocol conversations.
 
-    def __init__(self, port: int, host: str = HOST) -> None:
-        self.sock = socket.create_connection((host, port), timeout=READ_TIMEOUT)
+    ``connect`` makes the socket: ``gevent.socket.create_connection`` gives a
+    cooperative one, to talk to a server running in the test's own process.
+    """
+
+    def __init__(
+        self, port: int, host: str = HOST, connect: Callable[..., socket.socket] = socket.create_connection
+    ) -> None:
+        self.sock = connect((host, port), timeout=READ_TIMEOUT)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         #: True once the peer closed (EOF or reset) the connection.
         self.closed_by_peer = False
@@ -236,6 +308,17 @@ class RawSession:
             if not chunk:
                 return buffer
             buffer += chunk
+
+
+def talk(
+    port: int, data: bytes, terminator: bytes, connect: Callable[..., socket.socket] = socket.create_connection
+) -> bytes:
+    """One exchange on a new connection: send ``data``, read until the reply ends with ``terminator``."""
+    with RawSession(port, connect=connect) as s:
+        s.send(data)
+        got, complete = s.recv_until_terminator(terminator)
+    assert complete, got
+    return got
 
 
 @dataclass

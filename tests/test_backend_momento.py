@@ -332,7 +332,7 @@ def test_too_large_set_through_dispatch_drops_the_old_value(server: LocalServer,
         parser.feed(b"set k 0 0 101\r\n" + b"x" * 101 + b"\r\n")
         command = parser.next_command()
         assert isinstance(command, Store)  # within the parser's limit: the backend refuses it
-        assert dispatcher.execute(command) == b"SERVER_ERROR object too large for cache\r\n"
+        assert list(dispatcher.run([command])) == [b"SERVER_ERROR object too large for cache\r\n"]
         assert raw(server, cache, b"k") is None
     finally:
         b.close()

@@ -19,18 +19,19 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MPROXY_CONFIGS
-from tests.servers import HOST, Server, free_port, start_mproxy
+from tests.servers import HOST, Server, start_mproxy
 
 try:
     import pylibmc
 except ImportError:  # no wheel for this platform: setup.cfg installs it on x86_64 only
     pylibmc = None
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module", params=sorted(MPROXY_CONFIGS))
 def proxy(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    port = free_port()
-    server = start_mproxy(MPROXY_CONFIGS[request.param](port, free_port()), tmp_path_factory.mktemp("clients"), port)
+    server = start_mproxy(MPROXY_CONFIGS[request.param](), tmp_path_factory.mktemp("clients"))
     yield server
     server.stop()
 

@@ -74,6 +74,8 @@ import pytest
 from tests.conftest import MEMCACHED_ARGS, MproxyFactory
 from tests.servers import RawSession, Server, start_memcached
 
+pytestmark = pytest.mark.e2e
+
 CORPUS_DIR = Path(__file__).parent / "differential"
 TARGET_ENV = "MPROXY_DIFF_TARGET"
 #: Targets run when ``MPROXY_DIFF_TARGET`` is unset: every mproxy backend.

@@ -1,4 +1,9 @@
-"""End to end: ``python -m mproxy -c FILE`` as a subprocess, real clients over TCP."""
+"""End to end: ``python -m mproxy -c FILE`` as a subprocess, real clients over TCP.
+
+The connection loop itself (pipelining, quit, fatal errors, the connection cap,
+idle timeout, graceful stop) is tested in-process in ``test_server.py``; here
+what only the whole process shows: the command line, signals, exit codes, and
+configuration reaching the listeners."""
 
 from __future__ import annotations
 
@@ -6,27 +11,28 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from pymemcache.client.base import Client
 
-from tests.servers import HOST, RawSession, Server, free_port, start_mproxy
+from tests.servers import HOST, RawSession, Server, start_mproxy
+
+pytestmark = pytest.mark.e2e
 
 
-def memory_toml(port: int, admin_port: int, proxy: str = "") -> str:
+def memory_toml(proxy: str = "") -> str:
     return f"""
 [admin]
 host = "{HOST}"
-port = {admin_port}
+port = 0
 
 [proxy]
 {proxy}
 
 [[cache]]
 host = "{HOST}"
-port = {port}
+port = 0
 cache_name = "e2e"
 backend = "memory"
 """
@@ -34,8 +40,7 @@ backend = "memory"
 
 @pytest.fixture()
 def proxy(tmp_path: Path):
-    port = free_port()
-    server = start_mproxy(memory_toml(port, free_port()), tmp_path, port)
+    server = start_mproxy(memory_toml(), tmp_path)
     yield server
     server.stop()
 
@@ -87,42 +92,11 @@ def test_many_keys_and_large_values(proxy: Server) -> None:
         client.close()
 
 
-def test_pipeline_in_one_write_and_error_recovery(proxy: Server) -> None:
-    with RawSession(proxy.port) as s:
-        s.send(b"set a 0 0 1\r\n1\r\nbogus\r\nincr a 2\r\nget a\r\nset a x 0 1\r\n")
-        got = s.recv_until_terminator(b"CLIENT_ERROR bad command line format\r\n")[0]
-        assert got == (
-            b"STORED\r\nERROR\r\n3\r\nVALUE a 0 1\r\n3\r\nEND\r\nCLIENT_ERROR bad command line format\r\n"
-        )
-        # one command split across many writes
-        for byte in b"get a\r\n":
-            s.send(bytes([byte]))
-        assert s.recv_until_terminator(b"END\r\n")[0] == b"VALUE a 0 1\r\n3\r\nEND\r\n"
-
-
-def test_unterminated_long_line_closes_connection_and_server_keeps_serving(proxy: Server) -> None:
-    with RawSession(proxy.port) as s:
-        s.send(b"set " + b"x" * 5000)
-        _, closed = s.recv_until_closed()
-        assert closed
-    with RawSession(proxy.port) as s:
-        s.send(b"version\r\n")
-        assert s.recv_until_terminator(b"\r\n")[0].startswith(b"VERSION ")
-
-
-def test_quit_sends_pending_replies_then_closes(proxy: Server) -> None:
-    with RawSession(proxy.port) as s:
-        s.send(b"version\r\nquit\r\nversion\r\n")
-        data, closed = s.recv_until_closed()
-        assert closed and data.count(b"VERSION") == 1
-
-
 def test_sigterm_is_graceful_and_exits_zero(tmp_path: Path) -> None:
-    port = free_port()
-    server = start_mproxy(memory_toml(port, free_port()), tmp_path, port)
-    idle = socket.create_connection((HOST, port), timeout=10)
+    server = start_mproxy(memory_toml(), tmp_path)
+    idle = socket.create_connection((HOST, server.port), timeout=10)
     try:
-        client = Client((HOST, port), timeout=10)
+        client = Client((HOST, server.port), timeout=10)
         assert client.set("k", b"v", noreply=False)
         client.close()
         server.process.send_signal(signal.SIGTERM)
@@ -134,31 +108,16 @@ def test_sigterm_is_graceful_and_exits_zero(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_connection_cap_answers_like_memcached(tmp_path: Path) -> None:
-    port = free_port()
-    server = start_mproxy(memory_toml(port, free_port(), "max_connections = 2"), tmp_path, port)
-    held = [socket.create_connection((HOST, port), timeout=10) for _ in range(2)]
+def test_proxy_limits_reach_the_listeners(tmp_path: Path) -> None:
+    """``[proxy] max_connections`` and ``idle_timeout`` from the file are the ones served."""
+    server = start_mproxy(memory_toml("max_connections = 1\nidle_timeout = 0.5"), tmp_path)
     try:
-        for sock in held:  # make sure both are being served
-            sock.sendall(b"version\r\n")
-            assert sock.recv(100).startswith(b"VERSION")
-        with RawSession(port) as s:
-            data, closed = s.recv_until_closed()
-            assert data == b"ERROR Too many open connections\r\n" and closed
-    finally:
-        for sock in held:
-            sock.close()
-        server.stop()
-
-
-def test_idle_timeout_closes_idle_connections(tmp_path: Path) -> None:
-    port = free_port()
-    server = start_mproxy(memory_toml(port, free_port(), "idle_timeout = 0.5"), tmp_path, port)
-    try:
-        with RawSession(port) as s:
-            start = time.monotonic()
-            _, closed = s.recv_until_closed(timeout=20)
-            assert closed and time.monotonic() - start < 20
+        with RawSession(server.port) as held:
+            held.send(b"version\r\n")
+            assert held.recv_until_terminator(b"\r\n")[0].startswith(b"VERSION ")
+            with RawSession(server.port) as refused:
+                assert refused.recv_until_closed() == (b"ERROR Too many open connections\r\n", True)
+            assert held.recv_until_closed(timeout=20) == (b"", True)  # idle for 0.5 s
     finally:
         server.stop()
 

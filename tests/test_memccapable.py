@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MPROXY_CONFIGS
-from tests.servers import HOST, free_port, start_mproxy
+from tests.servers import HOST, start_mproxy
+
+pytestmark = pytest.mark.e2e
 
 BINARY = shutil.which("memccapable")
 
@@ -26,10 +28,9 @@ def test_memccapable_ascii_passes(backend: str, tmp_path: Path) -> None:
         if os.environ.get("CI"):
             pytest.fail("memccapable missing: .ci/run installs libmemcached-tools")
         pytest.skip("memccapable not installed (apt-get install libmemcached-tools)")
-    port = free_port()
-    server = start_mproxy(MPROXY_CONFIGS[backend](port, free_port()), tmp_path, port)
+    server = start_mproxy(MPROXY_CONFIGS[backend](), tmp_path)
     try:
-        proc = subprocess.run([BINARY, "-a", "-h", HOST, "-p", str(port)], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([BINARY, "-a", "-h", HOST, "-p", str(server.port)], capture_output=True, text=True, timeout=120)
     finally:
         server.stop()
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -32,6 +32,8 @@ from mproxy.momento_local.control import control_request
 from tests.conftest import MAX_ITEM_SIZE, MOMENTO_CACHE_NAME, MOMENTO_MAX_TTL, MproxyFactory
 from tests.servers import HOST, LocalMomento, RawSession, Server, start_local_momento
 
+pytestmark = pytest.mark.e2e
+
 #: ``default_ttl`` of the shared proxies: distinct from ``max_ttl`` so a test can tell them apart.
 SHARED_DEFAULT_TTL = 600
 #: Bound on the time between a command and reading the TTL it set (ms): a loaded CI machine.

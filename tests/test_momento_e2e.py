@@ -35,7 +35,9 @@ from pathlib import Path
 import pytest
 
 from mproxy.backends.momento.embedded import read_ports
-from tests.servers import HOST, LocalMomento, RawSession, Server, free_port, start_local_momento, start_mproxy
+from tests.servers import HOST, LocalMomento, RawSession, Server, start_local_momento, start_mproxy
+
+pytestmark = pytest.mark.e2e
 
 CACHE = "e2e"
 #: How long the local server may take to print its listening line.
@@ -58,18 +60,18 @@ RECOVERY_DEADLINE = 15.0
 POLL_INTERVAL = 0.05
 
 
-def mproxy_config(port: int, admin_port: int, momento_port: int, request_timeout: float) -> str:
+def mproxy_config(momento_port: int, request_timeout: float) -> str:
     return f"""\
 [admin]
 host = "{HOST}"
-port = {admin_port}
+port = 0
 
 [debug]
 log_level = "warning"
 
 [[cache]]
 host = "{HOST}"
-port = {port}
+port = 0
 cache_name = "{CACHE}"
 backend = "momento"
 request_timeout = {request_timeout}
@@ -83,12 +85,15 @@ local = "{HOST}:{momento_port}"
 class Stack:
     momento: LocalMomento
     mproxy: Server
-    admin_port: int
     tmp_path: Path
 
     @property
     def port(self) -> int:
         return self.mproxy.port
+
+    @property
+    def admin_port(self) -> int:
+        return self.mproxy.admin_port
 
     def admin_stats(self) -> dict[str, str]:
         with RawSession(self.admin_port) as admin:
@@ -111,15 +116,11 @@ def stack_factory(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
     def factory(request_timeout: float, faults: tuple[str, ...] = ()) -> Stack:
         momento = start_local_momento(tmp_path, CACHE, faults=faults)
         try:
-            port, admin_port = free_port(), free_port()
-            while admin_port == port:
-                admin_port = free_port()
-            config = mproxy_config(port, admin_port, momento.port, request_timeout)
-            proxy = start_mproxy(config, tmp_path, port)
+            proxy = start_mproxy(mproxy_config(momento.port, request_timeout), tmp_path)
         except BaseException:
             momento.stop()
             raise
-        stack = Stack(momento, proxy, admin_port, tmp_path)
+        stack = Stack(momento, proxy, tmp_path)
         stacks.append(stack)
         return stack
 
@@ -129,8 +130,8 @@ def stack_factory(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
         for stack in stacks:
             try:
                 stack.mproxy.stop()
-            finally:
-                stack.momento.stop()
+            finally:  # no graceful stop: it would wait for calls a fault still delays
+                stack.momento.kill()
 
 
 # ---- talking to mproxy -------------------------------------------------------------
@@ -356,17 +357,15 @@ def test_request_timeout_covers_sdk_retries(stack_factory, command: bytes) -> No
 
 def test_auth_token_mismatch_stops_the_start(tmp_path: Path) -> None:
     """A local server requiring a token mproxy does not send: mproxy exits 1 naming the problem."""
-    momento_port = free_port()
     argv = [
-        sys.executable, "-m", "mproxy.momento_local", "--host", HOST, "--port", str(momento_port),
+        sys.executable, "-m", "mproxy.momento_local", "--host", HOST, "--port", "0",
         "--control-port", "0", "--cache", CACHE, "--auth-token", "not-the-proxy-token",
     ]
     server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
-        read_ports(server, LOCAL_START_TIMEOUT)
-        port, admin_port = free_port(), free_port()
+        momento_port, _ = read_ports(server, LOCAL_START_TIMEOUT)
         config = tmp_path / "auth.toml"
-        config.write_text(mproxy_config(port, admin_port, momento_port, REQUEST_TIMEOUT))
+        config.write_text(mproxy_config(momento_port, REQUEST_TIMEOUT))
         result = subprocess.run(
             [sys.executable, "-m", "mproxy", "-c", str(config)],
             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,

@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import HOST, RawSession, free_port, start_mproxy
+from tests.servers import HOST, RawSession, ServerStartError, start_mproxy, talk
+
+pytestmark = pytest.mark.e2e
 
 DEADLINE = 20.0
 
 
-def config(port: int, admin: int, klog: str = "", debug: str = "") -> str:
+def config(klog: str = "", debug: str = "", port: int = 0, admin: int = 0) -> str:
     return f"""
 [admin]
 host = "{HOST}"
@@ -52,14 +54,6 @@ def admin_stats(admin_port: int, command: bytes = b"stats") -> dict[str, str]:
     return out
 
 
-def talk(port: int, data: bytes, terminator: bytes) -> bytes:
-    with RawSession(port) as s:
-        s.send(data)
-        got, complete = s.recv_until_terminator(terminator)
-    assert complete, got
-    return got
-
-
 def wait_for(predicate, what: str, timeout: float = DEADLINE):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -71,8 +65,8 @@ def wait_for(predicate, what: str, timeout: float = DEADLINE):  # type: ignore[n
 
 
 def test_exact_stats_after_a_scripted_workload_and_metrics(tmp_path: Path) -> None:
-    port, admin = free_port(), free_port()
-    server = start_mproxy(config(port, admin), tmp_path, port)
+    server = start_mproxy(config(), tmp_path)
+    port, admin = server.port, server.admin_port
     try:
         talk(port, b"set a 0 0 1\r\n1\r\nset b 0 0 1\r\n2\r\nget a b c\r\nincr a 5\r\nincr zz 1\r\n"
                    b"delete b\r\ndelete b\r\ntouch a 10\r\nbogus\r\nmn\r\n", b"MN\r\n")
@@ -80,7 +74,7 @@ def test_exact_stats_after_a_scripted_workload_and_metrics(tmp_path: Path) -> No
         expected = {"cmd_get": "3", "get_hits": "2", "get_misses": "1", "cmd_set": "2", "incr_hits": "1",
                     "incr_misses": "1", "delete_hits": "1", "delete_misses": "1", "cmd_touch": "1",
                     "touch_hits": "1", "protocol_errors": "1",
-                    "total_connections": "2"}  # start_mproxy's readiness probe, then ours
+                    "total_connections": "1"}
         assert {k: st[k] for k in expected} == expected
         assert int(st["backend_get_p50_us"]) >= 0 and st["version"]
         per_cache = admin_stats(admin, b"stats cache")
@@ -98,9 +92,9 @@ def test_exact_stats_after_a_scripted_workload_and_metrics(tmp_path: Path) -> No
 
 
 def test_audit_log_one_json_line_per_command_without_values(tmp_path: Path) -> None:
-    port, admin = free_port(), free_port()
     audit = tmp_path / "audit.log"
-    server = start_mproxy(config(port, admin, klog=f'file = "{audit}"\nsample = 1'), tmp_path, port)
+    server = start_mproxy(config(klog=f'file = "{audit}"\nsample = 1'), tmp_path)
+    port, admin = server.port, server.admin_port
     try:
         secret = b"s3cr3t-value"
         talk(port, b"set k1 7 60 12\r\n" + secret + b"\r\nget k1 k2\r\ndelete k1\r\nmn\r\n", b"MN\r\n")
@@ -128,11 +122,12 @@ def test_audit_log_one_json_line_per_command_without_values(tmp_path: Path) -> N
 
 
 def test_sighup_reloads_log_level_and_keeps_serving(tmp_path: Path) -> None:
-    port, admin = free_port(), free_port()
-    text = config(port, admin, debug='log_level = "info"')
-    server = start_mproxy(text, tmp_path, port)
+    text = config(debug='log_level = "info"')
+    server = start_mproxy(text, tmp_path)
+    port = server.port
     try:
-        cfg = tmp_path / f"mproxy-{port}.toml"
+        cfg = server.config_path
+        assert cfg is not None
         cfg.write_text(text.replace('log_level = "info"', 'log_level = "debug"'))
         server.process.send_signal(signal.SIGHUP)
         wait_for(lambda: "configuration reloaded" in server.output(), "reload log line")
@@ -145,18 +140,19 @@ def test_sighup_reloads_log_level_and_keeps_serving(tmp_path: Path) -> None:
 
 
 def test_sd_notify_ready_after_bind_and_stopping_on_sigterm(tmp_path: Path) -> None:
-    port, admin = free_port(), free_port()
     cfg = tmp_path / "notify.toml"
-    cfg.write_text(config(port, admin))
+    cfg.write_text(config())
+    ready_file = tmp_path / "ready.json"
     notify_path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(notify_path))
     sock.settimeout(DEADLINE)
     env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
-    proc = subprocess.Popen([sys.executable, "-m", "mproxy", "-c", str(cfg)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "mproxy", "-c", str(cfg), "--ready-file", str(ready_file)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert sock.recv(4096) == b"READY=1"
+        port = json.loads(ready_file.read_text())["caches"][0]["port"]  # written before READY
         with socket.create_connection((HOST, port), timeout=10):  # bound before READY was sent
             pass
         proc.send_signal(signal.SIGTERM)
@@ -175,3 +171,40 @@ def test_unit_file_is_valid() -> None:
     proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     problems = [ln for ln in proc.stderr.splitlines() if "/usr/local/bin/mproxy" not in ln and ln.strip()]
     assert not problems, proc.stderr
+
+
+def test_socket_activation_serves_on_the_sockets_systemd_passes(tmp_path: Path) -> None:
+    """Sockets passed as systemd does (LISTEN_FDS, LISTEN_PID, fds from 3) go to the
+    listener declaring the same address, in whatever order they come."""
+    listening = []
+    for _ in range(2):
+        sock = socket.socket()
+        sock.bind((HOST, 0))
+        sock.listen()
+        listening.append(sock)
+    admin_sock, cache_sock = listening  # not the config's order: matched by address
+    port, admin = cache_sock.getsockname()[1], admin_sock.getsockname()[1]
+    try:
+        server = start_mproxy(config(port=port, admin=admin), tmp_path, systemd_sockets=(admin_sock, cache_sock))
+    finally:
+        for sock in listening:  # only mproxy holds them now (it could not bind these ports itself)
+            sock.close()
+    try:
+        assert (server.port, server.admin_port) == (port, admin)
+        assert talk(port, b"version\r\n", b"\r\n").startswith(b"VERSION ")
+        assert admin_stats(admin)["curr_connections"] == "0"
+        assert "socket activation: 2 listening sockets from systemd" in server.output()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=DEADLINE) == 0
+    finally:
+        server.stop()
+
+
+def test_socket_activation_refuses_a_socket_no_listener_declares(tmp_path: Path) -> None:
+    stray = socket.socket()
+    stray.bind((HOST, 0))
+    stray.listen()
+    where = f"{HOST}:{stray.getsockname()[1]}"
+    with stray, pytest.raises(ServerStartError, match="exited with status 1") as failed:
+        start_mproxy(config(), tmp_path, systemd_sockets=(stray,))
+    assert f"no [[cache]] or [admin] declares: {where}" in str(failed.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,42 @@ def test_listen_fds_takes_fd_3(monkeypatch: pytest.MonkeyPatch) -> None:
             os.dup2(saved, systemd.LISTEN_FDS_START)
             os.close(saved)
         listener.close()
+
+
+@pytest.fixture
+def bound() -> Iterator[Callable[..., socket.socket]]:
+    """``bound(host, family=AF_INET, port=0) -> socket``: a listening socket, closed after the test."""
+    socks: list[socket.socket] = []
+
+    def make(host: str, family: socket.AddressFamily = socket.AF_INET, port: int = 0) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        socks.append(sock)
+        sock.bind((host, port))
+        sock.listen()
+        return sock
+
+    yield make
+    for sock in socks:
+        sock.close()
+
+
+def test_take_listener_matches_the_bound_address(bound: Callable[..., socket.socket]) -> None:
+    a, b = bound("127.0.0.1"), bound("127.0.0.1")
+    passed = [a, b]
+    port_b = b.getsockname()[1]
+    assert systemd.take_listener(passed, "127.0.0.1", port_b) is b and passed == [a]
+    assert systemd.take_listener(passed, "127.0.0.1", port_b) is None  # taken once
+    assert systemd.take_listener(passed, "127.0.0.2", a.getsockname()[1]) is None  # another address
+    assert systemd.take_listener(passed, "localhost", a.getsockname()[1]) is a and passed == []
+    assert systemd.take_listener([bound("127.0.0.1")], "127.0.0.1", 0) is None  # port 0: bind a new one
+
+
+def test_take_listener_wildcards_match_each_other(bound: Callable[..., socket.socket]) -> None:
+    """``ListenStream=PORT`` binds [::]:PORT (dual stack) where a config says 0.0.0.0."""
+    v6 = bound("::", socket.AF_INET6)
+    port = v6.getsockname()[1]
+    assert systemd.take_listener([v6], "0.0.0.0", port) is v6
+    v4 = bound("0.0.0.0")
+    assert systemd.take_listener([v4], "::", v4.getsockname()[1]) is v4
+    loopback = bound("127.0.0.1")
+    assert systemd.take_listener([loopback], "0.0.0.0", loopback.getsockname()[1]) is None  # not a wildcard

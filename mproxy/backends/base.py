@@ -90,6 +90,9 @@ class Backend(Protocol):
 
     #: short name for stats and logs ("memory", "momento", ...)
     kind: str
+    #: most keys one ``get_many`` call should carry: dispatch groups pipelined
+    #: gets up to this many keys into one read (more still work, in one call)
+    max_batch_keys: int
 
     def get_many(self, keys: Sequence[bytes], with_cas: bool = False) -> dict[bytes, Item]:
         """Items for the keys that are present. Duplicate keys allowed.
@@ -108,7 +111,8 @@ class Backend(Protocol):
         exptime: int,
         cas_unique: int = 0,
     ) -> StoreResult:
-        """set/add/replace/append/prepend/cas. Raises ValueTooLarge."""
+        """set/add/replace/append/prepend/cas. Raises ValueTooLarge when the item
+        does not fit (dispatch then removes the old value of a set: not a backend's job)."""
 
     def delete(self, key: bytes) -> bool:
         """True if the key was there (DELETED), False if not (NOT_FOUND)."""

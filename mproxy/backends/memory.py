@@ -95,6 +95,9 @@ class MemoryBackend:
     """
 
     kind = "memory"
+    #: an in-process read costs the same per key however many come at once: this
+    #: only bounds how many pipelined gets dispatch groups into one call
+    max_batch_keys = 100
 
     def __init__(
         self,
