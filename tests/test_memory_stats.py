@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import MproxyFactory
 from tests.servers import RawSession, Server
 
-pytestmark = pytest.mark.memcached
+pytestmark = [pytest.mark.memcached, pytest.mark.e2e]
 
 FIGURES = ("curr_items", "bytes", "limit_maxbytes", "evictions", "get_expired", "get_flushed")
 

@@ -492,6 +492,7 @@ def read_line(stream: object, timeout: float) -> str:
         pytest.fail(f"no line within {timeout} s")
 
 
+@pytest.mark.e2e
 def test_console_script_prints_ports_and_exits_zero_on_sigterm() -> None:
     argv = [sys.executable, "-m", "mproxy.momento_local", "--port", "0", "--control-port", "0",
             "--cache", CACHE, "--fault", "Increment:error=INTERNAL:count=1"]
@@ -520,6 +521,7 @@ def test_console_script_prints_ports_and_exits_zero_on_sigterm() -> None:
         proc.stderr.close()  # type: ignore[union-attr]
 
 
+@pytest.mark.e2e
 def test_console_script_exits_one_when_port_is_taken() -> None:
     with socket.socket() as taken:
         taken.bind((HOST, 0))
@@ -529,6 +531,7 @@ def test_console_script_exits_one_when_port_is_taken() -> None:
     assert result.returncode == 1 and "cannot bind" in result.stderr and result.stdout == ""
 
 
+@pytest.mark.e2e
 def test_console_script_rejects_bad_fault() -> None:
     argv = [sys.executable, "-m", "mproxy.momento_local", "--fault", "Get:delay=soon"]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=DEADLINE)
