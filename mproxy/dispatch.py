@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from mproxy import __version__
 from mproxy.audit import AuditLog, NullAudit
+from mproxy.dispatch_admin import AdminCommands
+from mproxy.dispatch_meta import MetaCommands
 from mproxy.backends.base import (
     Backend,
     BackendError,
@@ -62,6 +64,7 @@ class Dispatcher:
         root_stats: Stats | None = None,
         audit: AuditLog | NullAudit | None = None,
         cache_name: str = "",
+        settings: Mapping[str, object] | None = None,
     ) -> None:
         self.backend = backend
         self.stats = stats
@@ -79,10 +82,14 @@ class Dispatcher:
             c.Touch: self._touch,
             c.FlushAll: self._flush_all,
             c.Version: lambda cmd: (r.version(VERSION_TEXT), "ok"),
-            c.Verbosity: lambda cmd: (r.OK, "ok"),
             c.Stats: self._stats,
             c.MetaNoop: lambda cmd: (r.MN, "ok"),
         }
+        #: memcached's admin commands (stats <what>, cache_memlimit, slabs, lru, ...)
+        #: and the meta commands, each from its own module
+        self.admin = AdminCommands(self, settings)
+        self._handlers.update(self.admin.handlers())
+        self._handlers.update(MetaCommands(self).handlers())
 
     def run(self, commands: Iterable[c.Command | ProtocolError], client: str = "") -> Iterator[bytes]:
         """Replies to ``commands`` (those of one read), in order, as they are ready.
@@ -279,13 +286,13 @@ class Dispatcher:
         if not cmd.args:
             source = self.root_stats.snapshot() if self.root_stats is not None else self.stats.snapshot()
             return r.stats(source), "ok"
-        if cmd.args == (b"reset",):
+        if cmd.args[0] == b"reset":
             if self.root_stats is not None:
                 self.root_stats.reset()
             else:
                 self.stats.reset()
             return r.RESET, "ok"
-        return r.ERROR, "error"
+        return self.admin.stats(cmd.args)
 
     # -- audit ----------------------------------------------------------------
 
