@@ -377,11 +377,15 @@ class MemoryBackend:
             return MetaArithResult(MetaStatus.EXISTS)
         ttl = self._remaining(entry, now)
         number, new = self._apply(key, entry, request.delta, request.incr, now)
-        if request.touch is not None and new is entry:
-            # memcached applies T to the item it changed in place; an incr that
-            # lengthens the value links a new item and T is lost (1.6.18)
-            entry[1] = self._expires_at(request.touch, now)
-        return MetaArithResult(MetaStatus.DONE, number, new[0].cas, ttl, self._remaining(new, now))
+        new_ttl = ttl
+        if request.touch is not None:
+            expires_at = self._expires_at(request.touch, now)
+            new_ttl = self._remaining([None, expires_at], now)
+            if new is entry:
+                entry[1] = expires_at
+            # else memcached 1.6.18 sets T on the item it replaced (and reports it):
+            # the new item, holding a longer number, keeps the old TTL
+        return MetaArithResult(MetaStatus.DONE, number, new[0].cas, ttl, new_ttl)
 
     # -- internals -------------------------------------------------------
 
