@@ -92,8 +92,9 @@ class MetaItem:
     token_sent: bool = False
     #: the command created the item (vivify)
     created: bool = False
-    #: stored by a meta set with a base64 key (memcached echoes its key base64)
-    binary_key: bool = False
+    #: stored by a meta set with a base64 key (memcached echoes its key base64);
+    #: None: not known (the echo then follows the request)
+    binary_key: bool | None = False
     #: bytes the item takes, as memcached counts them, and its slab class
     size: int | None = None
     slab_class: int | None = None
