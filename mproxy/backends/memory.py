@@ -224,7 +224,7 @@ class MemoryBackend:
         exptime: int,
         cas_unique: int = 0,
     ) -> StoreResult:
-        return self._store(mode, key, value, flags, exptime, cas_unique)[0]
+        return self._store(mode, key, value, flags, exptime, cas_unique)
 
     def delete(self, key: bytes) -> bool:
         entry = self._live(key, self._now())
@@ -328,10 +328,11 @@ class MemoryBackend:
         return result
 
     def meta_store(self, key: bytes, value: bytes, request: MetaStore) -> tuple[StoreResult, int]:
-        return self._store(
+        result = self._store(
             request.mode, key, value, request.flags, request.exptime,
             request.compare_cas or 0, request.invalidate, request.binary_key,
         )
+        return result, self._cas if result is StoreResult.STORED else 0
 
     def meta_delete(self, key: bytes, request: MetaDelete) -> MetaStatus:
         now = self._now()
@@ -471,8 +472,9 @@ class MemoryBackend:
         cas_unique: int = 0,
         invalidate: bool = False,
         binary_key: bool = False,
-    ) -> tuple[StoreResult, int]:
-        """memcached's ``do_store_item``; the CAS unique of the stored item, or 0."""
+    ) -> StoreResult:
+        """memcached's ``do_store_item``. A stored item takes the next CAS unique
+        (``self._cas`` after the call)."""
         now = self._now()
         size = item_size(key, len(value), flags)
         if size > self._max_item_size:
@@ -487,9 +489,9 @@ class MemoryBackend:
         bits = KEY_BINARY if binary_key else 0
         if old is None:
             if mode is StoreMode.CAS:
-                return StoreResult.NOT_FOUND, 0
+                return StoreResult.NOT_FOUND
             if mode is not StoreMode.SET and mode is not StoreMode.ADD:
-                return StoreResult.NOT_STORED, 0
+                return StoreResult.NOT_STORED
             expires_at = self._expires_at(exptime, now)
         elif mode is StoreMode.SET or mode is StoreMode.REPLACE:
             expires_at = self._expires_at(exptime, now)
@@ -497,7 +499,7 @@ class MemoryBackend:
             data.move_to_end(key)
             if old[3] < now - UPDATE_INTERVAL:  # memcached's do_item_update
                 old[3] = now
-            return StoreResult.NOT_STORED, 0
+            return StoreResult.NOT_STORED
         elif mode is StoreMode.CAS:
             old_cas = old[0].cas
             if cas_unique and old_cas == cas_unique:
@@ -507,26 +509,26 @@ class MemoryBackend:
                 expires_at = old[1]
                 bits |= STALE | (old[4] & TOKEN_SENT)
             else:
-                return StoreResult.EXISTS, 0
+                return StoreResult.EXISTS
         else:  # APPEND / PREPEND keep the old flags and expiry
             item = old[0]
             if cas_unique and item.cas != cas_unique:
-                return StoreResult.EXISTS, 0
+                return StoreResult.EXISTS
             value = item.value + value if mode is StoreMode.APPEND else value + item.value
             flags = item.flags
             expires_at = old[1]
             bits = 0
             size = item_size(key, len(value), flags)
             if size > self._max_item_size:
-                return StoreResult.NOT_STORED, 0
+                return StoreResult.NOT_STORED
         self._cas += 1
         if expires_at <= now:
             # Stored already expired: nothing visible, but the old value is gone.
             if old is not None:
                 self._unlink(key, old)
-            return StoreResult.STORED, self._cas
+            return StoreResult.STORED
         self._link(key, [Item(value, flags, self._cas), expires_at, size, now, bits], old, now)
-        return StoreResult.STORED, self._cas
+        return StoreResult.STORED
 
     def _apply(self, key: bytes, entry: _Entry, delta: int, incr: bool, now: float) -> tuple[int, _Entry]:
         """memcached's ``do_add_delta`` on a live entry: the new number and the entry
