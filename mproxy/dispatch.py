@@ -55,7 +55,11 @@ _STORE_REPLY = {
 
 
 class Dispatcher:
-    """Executes commands of one ``[[cache]]`` listener."""
+    """Executes commands of one ``[[cache]]`` listener.
+
+    ``settings`` are the configuration figures ``stats settings`` shows, under
+    memcached's names (``maxconns``, ``tcpport``, ``item_size_max``,
+    ``idle_timeout``, ``flush_enabled``, ...): see :mod:`mproxy.dispatch_admin`."""
 
     def __init__(
         self,
@@ -220,12 +224,7 @@ class Dispatcher:
             raise
         st.observe(cmd.name, time.perf_counter() - start)
         if cmd.mode is StoreMode.CAS:
-            if result is StoreResult.STORED:
-                st.cas_hits += 1
-            elif result is StoreResult.EXISTS:
-                st.cas_badval += 1
-            elif result is StoreResult.NOT_FOUND:
-                st.cas_misses += 1
+            count_cas(st, result)
         return _STORE_REPLY[result]
 
     def _too_large(self, cmd: c.TooLarge) -> tuple[bytes, str]:
@@ -305,6 +304,8 @@ class Dispatcher:
             keys, flags, exptime, nbytes = (cmd.key,), cmd.flags, cmd.exptime, len(cmd.value)
         elif isinstance(cmd, c.TooLarge):
             keys, flags, exptime, nbytes = (cmd.key,), cmd.flags, cmd.exptime, cmd.nbytes
+        elif isinstance(cmd, c.Ms):
+            keys, flags, exptime, nbytes = (cmd.key,), cmd.client_flags, cmd.exptime, len(cmd.value)
         else:
             key = getattr(cmd, "key", None)
             keys = (key,) if key is not None else ()
@@ -319,6 +320,16 @@ class Dispatcher:
             exptime=exptime,
             nbytes=nbytes,
         )
+
+
+def count_cas(st: CacheStats, result: StoreResult) -> None:
+    """memcached's counters of a compare-and-swap store (cas, or ms with C)."""
+    if result is StoreResult.STORED:
+        st.cas_hits += 1
+    elif result is StoreResult.EXISTS:
+        st.cas_badval += 1
+    elif result is StoreResult.NOT_FOUND:
+        st.cas_misses += 1
 
 
 def _hit_outcome(hits: int, total: int) -> str:

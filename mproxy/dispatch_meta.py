@@ -89,7 +89,10 @@ class MetaCommands:
     counters and timed calls)."""
 
     def __init__(self, dispatcher: Dispatcher) -> None:
+        from mproxy.dispatch import count_cas  # dispatch imports this module first
+
         self._dispatcher = dispatcher
+        self._count_cas = count_cas
         self.backend = dispatcher.backend
         self.stats = dispatcher.stats
 
@@ -201,12 +204,7 @@ class MetaCommands:
         except ValueTooLarge:
             return self._too_large(cmd.key)
         if cmd.mode is StoreMode.CAS:
-            if result is StoreResult.STORED:
-                st.cas_hits += 1
-            elif result is StoreResult.EXISTS:
-                st.cas_badval += 1
-            elif result is StoreResult.NOT_FOUND:
-                st.cas_misses += 1
+            self._count_cas(st, result)
         code, outcome = _STORE_CODE[result]
         if result is StoreResult.STORED and cmd.quiet:
             return b"", outcome

@@ -12,29 +12,13 @@ import pytest
 from mproxy.backends.memory import MemoryBackend
 from mproxy.dispatch import Dispatcher
 from mproxy.protocol import commands as c
-from mproxy.protocol.errors import ProtocolError
 from mproxy.protocol.parser import NEED_DATA, Parser
 from mproxy.stats import Stats
 from tests.conftest import MproxyFactory
 from tests.servers import RawSession, Server
+from tests.wire import replies as run
 
 STAT_LINE = re.compile(rb"STAT [a-z_]+ [^ \r\n]+\r\n")
-
-
-def run(dispatcher: Dispatcher, data: bytes) -> bytes:
-    parser = Parser()
-    parser.feed(data)
-    commands: list[object] = []
-    while True:
-        try:
-            cmd = parser.next_command()
-        except ProtocolError as err:
-            commands.append(err)
-            continue
-        if cmd is NEED_DATA:
-            break
-        commands.append(cmd)
-    return b"".join(dispatcher.run(commands, "test:1"))  # type: ignore[arg-type]
 
 
 def make(settings: dict[str, object] | None = None) -> Dispatcher:

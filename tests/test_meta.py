@@ -15,10 +15,9 @@ from mproxy.backends.base import MetaArith, MetaDelete, MetaGet, MetaStatus, Met
 from mproxy.backends.memory import UPDATE_INTERVAL, MemoryBackend
 from mproxy.dispatch import Dispatcher
 from mproxy.protocol.commands import StoreMode
-from mproxy.protocol.errors import ProtocolError
-from mproxy.protocol.parser import NEED_DATA, Parser
 from mproxy.stats import Stats
 from tests.servers import FakeClock
+from tests.wire import replies
 
 
 @pytest.fixture
@@ -36,22 +35,7 @@ def run(backend: MemoryBackend) -> object:
     stats = Stats()
     dispatcher = Dispatcher(backend, stats.cache("c"), stats)
 
-    def run(data: bytes) -> bytes:
-        parser = Parser()
-        parser.feed(data)
-        commands: list[object] = []
-        while True:
-            try:
-                cmd = parser.next_command()
-            except ProtocolError as err:
-                commands.append(err)
-                continue
-            if cmd is NEED_DATA:
-                break
-            commands.append(cmd)
-        return b"".join(dispatcher.run(commands, "test:1"))  # type: ignore[arg-type]
-
-    return run
+    return lambda data: replies(dispatcher, data)
 
 
 def test_t_is_the_ttl_left_before_or_after_t_as_sent(run, clock) -> None:  # type: ignore[no-untyped-def]

@@ -186,13 +186,28 @@ def _preparse(key: bytes, flags: list[bytes], default_error: str) -> _Flags:
     return out
 
 
-def parse_mg(tokens: list[bytes], ntokens: int) -> c.Command:
+def _check_line(tokens: list[bytes], ntokens: int, too_many: str) -> None:
+    """What mg, ms, md and ma check before their flags: a key (else ``ERROR``), not
+    over 250 bytes, and not too many tokens (each words that differently)."""
     if ntokens < 3:
         raise CommandError()
     if len(tokens[1]) > c.KEY_MAX_LENGTH:
         raise ClientError(BAD_FORMAT)
     if ntokens > MFLAG_MAX_OPT_LENGTH:
-        raise ClientError("options flags are too long")
+        raise ClientError(too_many)
+
+
+def _md_ma_flags(tokens: list[bytes], ntokens: int) -> _Flags:
+    """md and ma answer every error of their flag pass the same way."""
+    _check_line(tokens, ntokens, "options flags too long")
+    try:
+        return _preparse(tokens[1], tokens[2:], BAD_FORMAT)
+    except ClientError:
+        raise ClientError(INVALID_OR_DUPLICATE) from None
+
+
+def parse_mg(tokens: list[bytes], ntokens: int) -> c.Command:
+    _check_line(tokens, ntokens, "options flags are too long")
     flags = tokens[2:]
     f = _preparse(tokens[1], flags, BAD_FORMAT)
     return c.Mg(
@@ -203,37 +218,17 @@ def parse_mg(tokens: list[bytes], ntokens: int) -> c.Command:
 
 
 def parse_md(tokens: list[bytes], ntokens: int) -> c.Command:
-    if ntokens < 3:
-        raise CommandError()
-    if len(tokens[1]) > c.KEY_MAX_LENGTH:
-        raise ClientError(BAD_FORMAT)
-    if ntokens > MFLAG_MAX_OPT_LENGTH:
-        raise ClientError("options flags too long")
-    flags = tokens[2:]
-    try:
-        f = _preparse(tokens[1], flags, BAD_FORMAT)
-    except ClientError:
-        raise ClientError(INVALID_OR_DUPLICATE) from None
+    f = _md_ma_flags(tokens, ntokens)
     if f.long_opaque >= 0:
         raise ClientError(OPAQUE_TOO_LONG)
     return c.Md(
-        key=f.key, flags=tuple(flags), binary=f.binary, quiet=f.quiet,
+        key=f.key, flags=tuple(tokens[2:]), binary=f.binary, quiet=f.quiet,
         compare_cas=f.compare_cas, invalidate=f.invalidate, touch=f.touch,
     )
 
 
 def parse_ma(tokens: list[bytes], ntokens: int) -> c.Command:
-    if ntokens < 3:
-        raise CommandError()
-    if len(tokens[1]) > c.KEY_MAX_LENGTH:
-        raise ClientError(BAD_FORMAT)
-    if ntokens > MFLAG_MAX_OPT_LENGTH:
-        raise ClientError("options flags too long")
-    flags = tokens[2:]
-    try:
-        f = _preparse(tokens[1], flags, BAD_FORMAT)
-    except ClientError:
-        raise ClientError(INVALID_OR_DUPLICATE) from None
+    f = _md_ma_flags(tokens, ntokens)
     incr = True
     if f.mode:
         mode = MA_MODES.get(f.mode)
@@ -241,7 +236,7 @@ def parse_ma(tokens: list[bytes], ntokens: int) -> c.Command:
             raise ClientError("invalid mode for ma M token")
         incr = mode
     return c.Ma(
-        key=f.key, flags=tuple(flags), binary=f.binary, quiet=f.quiet, value=f.value,
+        key=f.key, flags=tuple(tokens[2:]), binary=f.binary, quiet=f.quiet, value=f.value,
         incr=incr, delta=f.delta, initial=f.initial, vivify=f.vivify, touch=f.touch,
         compare_cas=f.compare_cas or 0, long_opaque=f.long_opaque,
     )
@@ -295,12 +290,9 @@ class MsError(ProtocolError):
 def parse_ms(tokens: list[bytes], ntokens: int) -> MsHeader:
     """The header of an ``ms``; raises ProtocolError (nothing to swallow) or
     :class:`MsError` (the data block follows and is swallowed)."""
-    if ntokens < 3:
-        raise CommandError()
-    if len(tokens[1]) > c.KEY_MAX_LENGTH or ntokens == 3:
+    _check_line(tokens, ntokens, "options flags too long")
+    if ntokens == 3:  # a key and no length
         raise ClientError(BAD_FORMAT)
-    if ntokens > MFLAG_MAX_OPT_LENGTH:
-        raise ClientError("options flags too long")
     nbytes = parse_i32(tokens[2])
     if nbytes is None or nbytes < 0 or nbytes > 2**31 - 3:
         raise ClientError(BAD_FORMAT)
