@@ -117,6 +117,15 @@ def test_cache_memlimit_resizes_the_memory_backend() -> None:
     assert backend.stats()["limit_maxbytes"] == 9 * 2**20
 
 
+def test_slabs_reassign_finds_no_page_to_move() -> None:
+    """No class holds a spare page: a valid pair is NOSPARE, "any class" (-1) finds none."""
+    d = make()
+    assert run(d, b"slabs reassign 1 2\r\n") == b"NOSPARE source class has no spare pages\r\n"
+    assert run(d, b"slabs reassign -1 2\r\n") == b"BADCLASS invalid src or dst class id\r\n"
+    assert run(d, b"slabs reassign 39 0\r\n") == b"NOSPARE source class has no spare pages\r\n"
+    assert run(d, b"slabs reassign 40 0\r\n") == b"BADCLASS invalid src or dst class id\r\n"
+
+
 def test_lru_crawler_state() -> None:
     d = make()
     assert run(d, b"lru_crawler enable\r\n") == b"ERROR failed to start lru crawler thread\r\n"
