@@ -21,7 +21,15 @@ memcached 1.6.18 (see ``tests/test_backend_memory.py``):
   one, whatever the command), or until it leaves as least recently used;
 * items are sized as memcached sizes them (:data:`ITEM_OVERHEAD`) and the
   least recently used are evicted to stay within ``max_bytes`` (``evictions``
-  counts the live ones, as memcached does).
+  counts the live ones, as memcached does); ``resize`` (``cache_memlimit``)
+  changes ``max_bytes`` and evicts down to it at once;
+* the meta operations keep memcached's item state (``items.c``): a read or
+  touch marks the item fetched and moves its access time when that is over
+  :data:`UPDATE_INTERVAL` old; ``meta_delete`` with invalidate marks it stale
+  with a new CAS unique; the first reader of a stale item, a vivified one or
+  one inside its recache window wins the right to recache it (the token is
+  then sent, and the others see it); an item stored by a meta set with a
+  base64 key keeps that mark until a store replaces it.
 
 Unlike memcached, nothing reclaims expired items in the background (its LRU
 crawler) or while allocating (memcached frees expired items it finds at the
