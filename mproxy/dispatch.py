@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from mproxy import __version__
 from mproxy.audit import AuditLog, NullAudit
+from mproxy.dispatch_admin import AdminCommands
+from mproxy.dispatch_meta import MetaCommands
 from mproxy.backends.base import (
     Backend,
     BackendError,
@@ -53,7 +55,11 @@ _STORE_REPLY = {
 
 
 class Dispatcher:
-    """Executes commands of one ``[[cache]]`` listener."""
+    """Executes commands of one ``[[cache]]`` listener.
+
+    ``settings`` are the configuration figures ``stats settings`` shows, under
+    memcached's names (``maxconns``, ``tcpport``, ``item_size_max``,
+    ``idle_timeout``, ``flush_enabled``, ...): see :mod:`mproxy.dispatch_admin`."""
 
     def __init__(
         self,
@@ -62,6 +68,7 @@ class Dispatcher:
         root_stats: Stats | None = None,
         audit: AuditLog | NullAudit | None = None,
         cache_name: str = "",
+        settings: Mapping[str, object] | None = None,
     ) -> None:
         self.backend = backend
         self.stats = stats
@@ -79,10 +86,14 @@ class Dispatcher:
             c.Touch: self._touch,
             c.FlushAll: self._flush_all,
             c.Version: lambda cmd: (r.version(VERSION_TEXT), "ok"),
-            c.Verbosity: lambda cmd: (r.OK, "ok"),
             c.Stats: self._stats,
             c.MetaNoop: lambda cmd: (r.MN, "ok"),
         }
+        #: memcached's admin commands (stats <what>, cache_memlimit, slabs, lru, ...)
+        #: and the meta commands, each from its own module
+        self.admin = AdminCommands(self, settings)
+        self._handlers.update(self.admin.handlers())
+        self._handlers.update(MetaCommands(self).handlers())
 
     def run(self, commands: Iterable[c.Command | ProtocolError], client: str = "") -> Iterator[bytes]:
         """Replies to ``commands`` (those of one read), in order, as they are ready.
@@ -213,12 +224,7 @@ class Dispatcher:
             raise
         st.observe(cmd.name, time.perf_counter() - start)
         if cmd.mode is StoreMode.CAS:
-            if result is StoreResult.STORED:
-                st.cas_hits += 1
-            elif result is StoreResult.EXISTS:
-                st.cas_badval += 1
-            elif result is StoreResult.NOT_FOUND:
-                st.cas_misses += 1
+            count_cas(st, result)
         return _STORE_REPLY[result]
 
     def _too_large(self, cmd: c.TooLarge) -> tuple[bytes, str]:
@@ -279,13 +285,13 @@ class Dispatcher:
         if not cmd.args:
             source = self.root_stats.snapshot() if self.root_stats is not None else self.stats.snapshot()
             return r.stats(source), "ok"
-        if cmd.args == (b"reset",):
+        if cmd.args[0] == b"reset":
             if self.root_stats is not None:
                 self.root_stats.reset()
             else:
                 self.stats.reset()
             return r.RESET, "ok"
-        return r.ERROR, "error"
+        return self.admin.stats(cmd.args)
 
     # -- audit ----------------------------------------------------------------
 
@@ -298,6 +304,8 @@ class Dispatcher:
             keys, flags, exptime, nbytes = (cmd.key,), cmd.flags, cmd.exptime, len(cmd.value)
         elif isinstance(cmd, c.TooLarge):
             keys, flags, exptime, nbytes = (cmd.key,), cmd.flags, cmd.exptime, cmd.nbytes
+        elif isinstance(cmd, c.Ms):
+            keys, flags, exptime, nbytes = (cmd.key,), cmd.client_flags, cmd.exptime, len(cmd.value)
         else:
             key = getattr(cmd, "key", None)
             keys = (key,) if key is not None else ()
@@ -312,6 +320,16 @@ class Dispatcher:
             exptime=exptime,
             nbytes=nbytes,
         )
+
+
+def count_cas(st: CacheStats, result: StoreResult) -> None:
+    """memcached's counters of a compare-and-swap store (cas, or ms with C)."""
+    if result is StoreResult.STORED:
+        st.cas_hits += 1
+    elif result is StoreResult.EXISTS:
+        st.cas_badval += 1
+    elif result is StoreResult.NOT_FOUND:
+        st.cas_misses += 1
 
 
 def _hit_outcome(hits: int, total: int) -> str:

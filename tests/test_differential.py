@@ -25,17 +25,21 @@ escapes ``\r \n \t \s`` (space: makes trailing spaces visible) ``\\`` and ``\xHH
 
 * ``{rep:N:TEXT}`` is TEXT repeated N times; ``$i`` in TEXT becomes the repetition
   index 0..N-1 (``get{rep:3: k$i}`` is ``get k0 k1 k2``). TEXT has no braces.
-* ``{cas}`` is the CAS unique of the last ``VALUE`` line carrying one that the same
-  server sent in an earlier step of this session; ``{cas:KEY}`` the last one for KEY.
-  Substituted per server, so each server is sent its own CAS.
+* ``{cas}`` is the CAS unique of the last ``VALUE`` line carrying one, or of the last
+  meta reply carrying a ``c`` flag, that the same server sent in an earlier step of
+  this session; ``{cas:KEY}`` the last one for KEY (a meta reply names its key by
+  its ``k`` flag, as sent: base64 for a binary key). Substituted per server, so each
+  server is sent its own CAS.
 
 Reading rule: after a ``send`` step's bytes the harness sends the meta no-op
-``mn\r\n`` and reads until the reply ends with ``MN\r\n``: that is deterministic
-whatever the step sends, as long as the step leaves the server at a command
-boundary (not inside a data block). Hence the corpus must not send ``mn`` itself
-nor store values whose data ends with ``MN``. If the reference memcached does not
-answer the sentinel (or does not close on ``send-close``), the session file is wrong
-and the test fails with a corpus error.
+``mn\r\n`` and reads until the reply holds one ``MN\r\n`` line more than the
+step's own ``mn\r\n`` lines (a step may end a pipeline of quiet meta commands
+with ``mn``): that is deterministic whatever the step sends, as long as the step
+leaves the server at a command boundary (not inside a data block). Hence the corpus
+must not send ``mn`` with arguments (also answered ``MN``) nor store values whose
+data is or ends with a line ``MN``. If the reference memcached does not answer the
+sentinel (or does not close on ``send-close``), the session file is wrong and the
+test fails with a corpus error.
 
 Header comments (anywhere in the file):
 
@@ -45,11 +49,17 @@ Header comments (anywhere in the file):
 
 The memcached self-test target ignores both headers and runs every session.
 
-Normalisation: CAS uniques in ``VALUE`` lines become ``<cas#N>`` numbered by first
-appearance per server (so equal/unequal CAS patterns must match, a bijection);
-consecutive ``STAT`` lines become one ``STAT <...>`` line (only the shape of stats
-output is compared); ``VERSION x`` becomes ``VERSION <version>``. Every session starts
-with ``flush_all`` on both servers.
+Normalisation: CAS uniques in ``VALUE`` lines, in the ``c`` flag of meta replies
+(``VA HD NS EX NF EN``) and in the ``cas=`` of ``me`` become ``<cas#N>`` numbered by
+first appearance per server (so equal/unequal CAS patterns must match, a bijection);
+figures that depend on the second the server's clock ticks (a meta reply's ``t`` and
+``l`` flags, ``me``'s ``exp`` and ``la``) become ``t<ttl>``, ``l<la>``, ``exp=<exp>``,
+``la=<la>``, except a TTL of -1 (no expiry), which is compared; their values are
+checked by ``tests/test_meta.py`` on a settable clock. Consecutive ``STAT`` lines
+become one ``STAT <...>`` line (only the shape of stats output is compared);
+``VERSION x`` becomes ``VERSION <version>``. A ``VA <size>`` line, like a ``VALUE``
+line, is one unit with its data block. Every session starts with ``flush_all`` on
+both servers.
 
 Targets: env ``MPROXY_DIFF_TARGET`` is a comma-separated list of mproxy backends
 (keys of ``tests.conftest.MPROXY_CONFIGS``; default ``memory,momento``: both backends,
@@ -210,12 +220,45 @@ def _value_header(unit: bytes) -> list[bytes] | None:
     return None
 
 
-def value_cas(units: list[bytes]) -> Iterator[tuple[bytes, bytes]]:
-    """``(key, cas unique)`` of every VALUE unit that carries a CAS."""
+#: Return codes of meta replies whose flags are normalised (``VA`` carries a data block).
+META_CODES = (b"VA ", b"HD", b"NS", b"EX", b"NF", b"EN")
+
+
+def _meta_fields(unit: bytes) -> list[bytes] | None:
+    """The fields of ``unit``'s first line if it is a meta reply (``VA 3 c5 k...``), else None."""
+    if not unit.startswith(META_CODES):
+        return None
+    fields = unit[: unit.find(b"\n")].rstrip(b"\r").split(b" ")
+    if len(fields[0]) != 2 or (fields[0] == b"VA" and (len(fields) < 2 or not fields[1].isdigit())):
+        return None
+    return fields
+
+
+def _data_length(unit: bytes) -> int | None:
+    """Bytes of the data block following ``unit``'s first line (VALUE or VA), or None."""
+    fields = _value_header(unit)
+    if fields is not None:
+        return int(fields[3])
+    fields = _meta_fields(unit)
+    if fields is not None and fields[0] == b"VA":
+        return int(fields[1])
+    return None
+
+
+def value_cas(units: list[bytes]) -> Iterator[tuple[bytes | None, bytes]]:
+    """``(key, cas unique)`` of every VALUE unit that carries a CAS, and of every
+    meta reply with a ``c`` flag (its key from its ``k`` flag, else None)."""
     for unit in units:
         fields = _value_header(unit)
         if fields is not None and len(fields) == 5:
             yield fields[1], fields[4]
+            continue
+        fields = _meta_fields(unit)
+        if fields is None:
+            continue
+        cas = next((f[1:] for f in fields[1:] if f[:1] == b"c" and f[1:].isdigit()), None)
+        if cas is not None:
+            yield next((f[1:] for f in fields[1:] if f[:1] == b"k"), None), cas
 
 
 def split_units(buffer: bytes) -> tuple[list[bytes], bytes]:
@@ -227,14 +270,18 @@ def split_units(buffer: bytes) -> tuple[list[bytes], bytes]:
     pos = 0
     while (end := buffer.find(b"\n", pos)) != -1:
         line_end = end + 1
-        fields = _value_header(buffer[pos:line_end])
-        if fields is not None:
-            line_end += int(fields[3]) + 2
+        length = _data_length(buffer[pos:line_end])
+        if length is not None:
+            line_end += length + 2
             if line_end > len(buffer):
                 break
         units.append(buffer[pos:line_end])
         pos = line_end
     return units, buffer[pos:]
+
+
+_ME_CAS = re.compile(rb"(?<= )cas=(\d+)")
+_ME_CLOCK = re.compile(rb"(?<= )(exp=(?!-1 )-?\d+|la=\d+)")
 
 
 @dataclass
@@ -243,16 +290,38 @@ class Normaliser:
 
     cas_ids: dict[bytes, int] = field(default_factory=dict)
 
+    def cas_id(self, cas: bytes) -> bytes:
+        return b"<cas#%d>" % self.cas_ids.setdefault(cas, len(self.cas_ids) + 1)
+
+    def _meta_flag(self, flag: bytes) -> bytes:
+        letter, rest = flag[:1], flag[1:]
+        if letter == b"c" and rest.isdigit():
+            return b"c" + self.cas_id(rest)
+        if letter == b"t" and rest.isdigit():
+            return b"t<ttl>"
+        if letter == b"l" and rest.isdigit():
+            return b"l<la>"
+        return flag
+
     def __call__(self, units: list[bytes]) -> bytes:
         out: list[bytes] = []
         for unit in units:
             fields = _value_header(unit)
+            meta = None if fields is not None else _meta_fields(unit)
             if fields is not None and len(fields) == 5:
-                number = self.cas_ids.setdefault(fields[4], len(self.cas_ids) + 1)
                 header_len = unit.index(b"\n") + 1
                 ending = b"\r\n" if unit[header_len - 2 : header_len] == b"\r\n" else b"\n"
-                header = b" ".join([*fields[:4], b"<cas#%d>" % number]) + ending
+                header = b" ".join([*fields[:4], self.cas_id(fields[4])]) + ending
                 out.append(header + unit[header_len:])
+            elif meta is not None:
+                header_len = unit.index(b"\n") + 1
+                ending = b"\r\n" if unit[header_len - 2 : header_len] == b"\r\n" else b"\n"
+                skip = 2 if meta[0] == b"VA" else 1
+                header = b" ".join([*meta[:skip], *(self._meta_flag(f) for f in meta[skip:])]) + ending
+                out.append(header + unit[header_len:])
+            elif unit.startswith(b"ME "):
+                unit = _ME_CAS.sub(lambda m: b"cas=" + self.cas_id(m[1]), unit)
+                out.append(_ME_CLOCK.sub(lambda m: (name := m[1].split(b"=")[0]) + b"=<" + name + b">", unit))
             elif unit.startswith(b"STAT "):
                 if not out or out[-1] != b"STAT <...>\r\n":
                     out.append(b"STAT <...>\r\n")
@@ -311,7 +380,9 @@ class Conversation:
 
     def _remember_cas(self, units: list[bytes]) -> None:
         for key, cas in value_cas(units):
-            self.cas_by_key[key] = self.last_cas = cas
+            self.last_cas = cas
+            if key is not None:
+                self.cas_by_key[key] = cas
 
     def _render(self, units: list[bytes], rest: bytes = b"") -> bytes:
         self._remember_cas(units)
@@ -337,7 +408,11 @@ class Conversation:
             marker = b"<closed>" if closed else b"<still open>"
             return Outcome(self._render(units, rest) + marker, closed)
         self.conn.send(payload + SENTINEL)
-        buffer, complete = self.conn.recv_until_terminator(SENTINEL_REPLY, STEP_TIMEOUT)
+        expected = own_noops(payload) + 1
+        buffer, complete = self.conn.recv_until(
+            lambda buf: buf.endswith(SENTINEL_REPLY) and split_units(buf)[0].count(SENTINEL_REPLY) >= expected,
+            STEP_TIMEOUT,
+        )
         units, rest = split_units(buffer)
         if complete and units and units[-1] == SENTINEL_REPLY and not rest:
             return Outcome(self._render(units[:-1]), True)
@@ -347,6 +422,11 @@ class Conversation:
         self.close()
         marker = b"<closed>" if closed else b"<no reply to the sentinel>"
         return Outcome(self._render(units, rest) + marker, False)
+
+
+def own_noops(payload: bytes) -> int:
+    """The ``mn`` commands a step sends itself (lines ``mn`` exactly)."""
+    return len(re.findall(rb"(?<![^\n])mn\r?\n", payload))
 
 
 @dataclass(frozen=True)
@@ -481,6 +561,20 @@ def test_split_units_keeps_value_blocks_whole() -> None:
     assert units == [b"VALUE k 0 5 7\r\nMN\r\nx\r\n", b"END\r\n", b"MN\r\n"]
     assert rest == b"VALUE k 0 9\r\npart"
     assert list(value_cas(units)) == [(b"k", b"7")]
+
+
+def test_meta_replies_are_units_and_normalised() -> None:
+    stream = b"VA 4 c17 t30 kfoo O1\r\nMN\r\n\r\nHD c0 l5 t-1\r\nME k exp=-7 la=3 cas=17 fetch=no cls=1\r\nMN\r\n"
+    units, rest = split_units(stream)
+    assert rest == b"" and units[0] == b"VA 4 c17 t30 kfoo O1\r\nMN\r\n\r\n"
+    assert list(value_cas(units)) == [(b"foo", b"17"), (None, b"0")]
+    assert Normaliser()(units) == (
+        b"VA 4 c<cas#1> t<ttl> kfoo O1\r\nMN\r\n\r\nHD c<cas#2> l<la> t-1\r\n"
+        b"ME k exp=<exp> la=<la> cas=<cas#1> fetch=no cls=1\r\nMN\r\n"
+    )
+    assert Normaliser()([b"ME k exp=-1 la=0 cas=1\r\n"]) == b"ME k exp=-1 la=<la> cas=<cas#1>\r\n"
+    assert own_noops(b"mg a q\r\nmn\r\nmn\r\nmg b\r\nmn foo\r\n") == 2
+    assert own_noops(b"mn\r\n") == 1
 
 
 def test_normaliser_requires_the_same_cas_pattern() -> None:

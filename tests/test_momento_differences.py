@@ -285,3 +285,104 @@ def test_failed_backend_call_answers_server_error(shared_a: Server, local_moment
         conn.send(b"get k\r\n")
         reply, _ = conn.recv_until(lambda buf: buf.endswith(b"END\r\n"))
         assert reply == b"VALUE k 0 1\r\nv\r\nEND\r\n"
+
+
+# ---- meta commands: what the Momento backend does not serve yet -------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        b"mg k t",  # remaining TTL: ItemGetTtl
+        b"mg k v R30",  # recache window: ItemGetTtl
+        b"mg k N30",  # vivify: SetIfNotExists
+        b"mg k h",  # hit before: Momento keeps no such bit
+        b"mg k l",  # last access: nor this time
+        b"ms k 1 C5 I\r\nx",  # stale items
+        b"ms k 1 MA C5\r\nx",  # CAS compare on append: GetWithHash + SetIfHash
+        b"ms k 1 MP c\r\nx",  # CAS of an appended item
+    ],
+)
+def test_meta_flags_not_served_yet_are_unknown_flags(embedded: Server, command: bytes) -> None:
+    """mg and ms flags the Momento backend cannot serve yet are refused before any call,
+    with memcached's answer to a flag it does not know (compatibility.md, "Meta commands").
+
+    memcached: serves them (t20, W, h1, ...).
+    """
+    exchange(embedded.port, b"set k 0 0 1\r\n5\r\n")
+    assert exchange(embedded.port, command + b"\r\n") == b"CLIENT_ERROR invalid flag\r\n"
+    assert exchange(embedded.port, b"mg k v\r\n") == b"VA 1\r\n5\r\n"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        b"md k I",  # stale items
+        b"md k C5",  # CAS compare on delete: GetWithHash, then Delete
+        b"ma k N0",  # vivify: SetIfNotExists
+        b"ma k C5",  # CAS compare on incr: GetWithHash + SetIfHash
+        b"ma k t",  # remaining TTL: ItemGetTtl
+        b"ma k c",  # CAS of the new value
+    ],
+)
+def test_md_ma_flags_not_served_yet_are_unknown_flags(embedded: Server, command: bytes) -> None:
+    """md and ma: memcached's words for an unknown flag of these commands; nothing changed.
+
+    memcached: serves them.
+    """
+    exchange(embedded.port, b"set k 0 0 1\r\n5\r\n")
+    assert exchange(embedded.port, command + b"\r\n") == b"CLIENT_ERROR invalid or duplicate flag\r\n"
+    assert exchange(embedded.port, b"mg k v\r\n") == b"VA 1\r\n5\r\n"
+
+
+def test_meta_key_echo_follows_the_request(embedded: Server) -> None:
+    """``k`` echoes the key base64 when the request came base64 (``b``), not by how it was stored.
+
+    memcached: base64 when the item was stored by an ms with ``b``, whatever the mg sends.
+    """
+    exchange(embedded.port, b"ms Zm9v 1 b\r\nx\r\n")
+    assert exchange(embedded.port, b"mg foo k v\r\n") == b"VA 1 kfoo\r\nx\r\n"
+    assert exchange(embedded.port, b"mg Zm9v b k\r\n") == b"HD kZm9v b\r\n"
+
+
+def test_me_shows_the_figures_momento_has(embedded: Server) -> None:
+    """``me`` shows the CAS unique only: Momento keeps no access time, fetch bit or slab class
+    (its TTL is not read yet).
+
+    memcached: ``ME k exp=-1 la=0 cas=7 fetch=no cls=1 size=61``.
+    """
+    exchange(embedded.port, b"set k 0 0 1\r\nx\r\n")
+    assert exchange(embedded.port, b"me k\r\n") == b"ME k cas=%d\r\n" % content_unique(b"x")
+    assert exchange(embedded.port, b"me nothere\r\n") == b"EN\r\n"
+
+
+def test_ms_c_is_the_content_unique(embedded: Server) -> None:
+    """``ms ... c`` answers the unique gets will show, known without a read (a content digest).
+
+    memcached: a new number from its counter.
+    """
+    assert exchange(embedded.port, b"ms k 2 c F3\r\nab\r\n") == b"HD c%d\r\n" % content_unique(
+        FLAGS_MAGIC + (3).to_bytes(4, "big") + b"ab"
+    )
+    assert gets_unique(embedded.port, b"k") == content_unique(FLAGS_MAGIC + (3).to_bytes(4, "big") + b"ab")
+
+
+def test_ma_t_sets_the_ttl_after_the_incr(shared_a: Server, momento_stub: pb_grpc.ScsStub) -> None:
+    """``ma ... T`` is an incr, then an UpdateTtl: not one atomic step (a write in between
+    keeps the new TTL).
+
+    memcached: one step under the item lock.
+    """
+    exchange(shared_a.port, b"set n 0 0 1\r\n1\r\n")
+    assert exchange(shared_a.port, b"ma n T100 v\r\n") == b"VA 1\r\n2\r\n"
+    assert 100_000 - TTL_SLACK_MS < remaining_ttl_ms(momento_stub, b"n") <= 100_000
+
+
+def test_cache_memlimit_cannot_adjust(embedded: Server) -> None:
+    """A Momento cache has no byte budget of mproxy's to set.
+
+    memcached: ``OK`` (its item memory becomes N MiB).
+    """
+    assert exchange(embedded.port, b"cache_memlimit 64\r\n") == (
+        b"MEMLIMIT_ADJUST_FAILED out of bounds or unable to adjust\r\n"
+    )

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from mproxy.protocol import commands as c
 from mproxy.protocol.commands import StoreMode
 from mproxy.protocol.errors import ClientError, CommandError, ConnectionClosed, ProtocolError
+from mproxy.protocol.meta import MsError, b64decode, b64encode
 from mproxy.protocol.parser import NEED_DATA, Parser, parse_i32, parse_u32, parse_u64
 
 NEXT = b"version\r\n"
@@ -111,6 +112,61 @@ CASES: list[tuple[bytes, object]] = [
     (b"delete a 10\r\n", ClientError("bad command line format.  Usage: delete <key> [noreply]")),
     (b"cas a 0 0 1 x\r\n", ClientError("bad command line format")),
     (b"PUT / HTTP/1.1\r\n", ConnectionClosed("http")),
+    # meta commands
+    (b"mn\r\n", c.MetaNoop()),
+    (b"mn x y\r\n", c.MetaNoop()),
+    (b"mg k\r\n", c.Mg(b"k")),
+    (b"mg k v k O12 q\r\n", c.Mg(b"k", (b"v", b"k", b"O12", b"q"), quiet=True, value=True)),
+    (b"mg k T30 N-1 R5 u h\r\n",
+     c.Mg(b"k", (b"T30", b"N-1", b"R5", b"u", b"h"), touch=30, vivify=-1, recache=5, no_update=True, locked=True)),
+    (b"mg Zm9v b v\r\n", c.Mg(b"foo", (b"b", b"v"), binary=True, value=True)),
+    (b"mg k O" + b"x" * 32 + b" v\r\n", c.Mg(b"k", (b"O" + b"x" * 32, b"v"), value=True, long_opaque=0)),
+    (b"ms k 3 T5 F7 c\r\nabc\r\n", c.Ms(b"k", b"abc", (b"T5", b"F7", b"c"), client_flags=7, exptime=5)),
+    (b"ms k 0 MA\r\n\r\n", c.Ms(b"k", b"", (b"MA",), mode=StoreMode.APPEND)),
+    (b"ms k 1 C9 I q\r\nx\r\n",
+     c.Ms(b"k", b"x", (b"C9", b"I", b"q"), quiet=True, mode=StoreMode.CAS, compare_cas=9, invalidate=True)),
+    (b"ms k 1 C9 ME\r\nx\r\n", c.Ms(b"k", b"x", (b"C9", b"ME"), mode=StoreMode.ADD, compare_cas=9)),
+    (b"md k q C3 I T9\r\n", c.Md(b"k", (b"q", b"C3", b"I", b"T9"), quiet=True, compare_cas=3, invalidate=True, touch=9)),
+    (b"ma k MD D5 N0 J3 v\r\n",
+     c.Ma(b"k", (b"MD", b"D5", b"N0", b"J3", b"v"), value=True, incr=False, delta=5, initial=3, vivify=0)),
+    (b"me k\r\n", c.Me(b"k")),
+    (b"me Zm9v b\r\n", c.Me(b"foo", binary=True)),
+    (b"me k x y\r\n", c.Me(b"k")),
+    (b"mg\r\n", CommandError()),
+    (b"mx k\r\n", CommandError()),
+    (b"me\r\n", ClientError("bad command line format")),
+    (b"mg k Z\r\n", ClientError("invalid flag")),
+    (b"mg k v v\r\n", ClientError("duplicate flag")),
+    (b"mg k \xff\r\n", ClientError("duplicate flag")),
+    (b"mg k Tx Rx\r\n", ClientError("bad token in command line format")),
+    (b"mg !!! b\r\n", ClientError("error decoding key")),
+    (b"mg " + b"k" * 251 + b"\r\n", ClientError("bad command line format")),
+    (b"mg k" + b" v" * 18 + b"\r\n", ClientError("options flags are too long")),
+    (b"md k Z\r\n", ClientError("invalid or duplicate flag")),
+    (b"md k O" + b"x" * 32 + b"\r\n", ClientError("opaque token too long")),
+    (b"ma k Mx\r\n", ClientError("invalid mode for ma M token")),
+    (b"ma k Dx\r\n", ClientError("invalid or duplicate flag")),
+    (b"ms k\r\n", ClientError("bad command line format")),
+    (b"ms k x\r\n", ClientError("bad command line format")),
+    (b"ms k 1 Z\r\nx\r\n", MsError("CLIENT_ERROR invalid flag", 1)),
+    (b"ms k 2 Mx\r\n\r\n\r\n", MsError("CLIENT_ERROR invalid mode for ms M token", 2)),
+    (b"ms k 1 Fx Tx\r\nx\r\n", MsError("CLIENT_ERROR bad token in command line format", 1)),
+    (b"ms k 1 O" + b"x" * 32 + b"\r\nx\r\n", MsError("CLIENT_ERROR opaque token too long", 1)),
+    # admin commands
+    (b"slabs automove 1\r\n", c.Admin("slabs", (b"automove", b"1"))),
+    (b"slabs reassign 1 2\r\n", c.Admin("slabs", (b"reassign", b"1", b"2"))),
+    (b"slabs automove 3\r\n", ProtocolError(b"ERROR\r\n")),
+    (b"slabs automove x noreply\r\n", ClientError("bad command line format", noreply=True)),
+    (b"lru tune 10 25 0.1 2.0\r\n", c.Admin("lru", (b"tune", b"10", b"25", b"0.1", b"2.0"))),
+    (b"lru tune 50 50 0.1 2\r\n", ProtocolError(b"ERROR hot and warm pcts must not exceed 80\r\n")),
+    (b"lru mode flat\r\n", ProtocolError(b"ERROR\r\n")),
+    (b"lru_crawler crawl 1,2\r\n", c.Admin("lru_crawler", (b"crawl", b"1,2"))),
+    (b"lru_crawler sleep 1000001\r\n", ClientError("sleep must be one second or less")),
+    (b"lru_crawler\r\n", CommandError()),
+    (b"watch bogus\r\n", ProtocolError(b"ERROR\r\n")),
+    (b"cache_memlimit 64 noreply\r\n", c.CacheMemlimit(64, noreply=True)),
+    (b"cache_memlimit 7\r\n", ProtocolError(b"MEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m\r\n")),
+    (b"cache_memlimit x\r\n", ProtocolError(b"ERROR\r\n")),
 ]
 
 
@@ -123,6 +179,34 @@ def test_case_whole_bytewise_and_followed(data: bytes, expected: object) -> None
         return
     assert same(feed_whole(data + NEXT), want + [c.Version()])
     assert same(feed_bytewise(data + NEXT), want + [c.Version()])
+
+
+def test_watch_ends_the_reading() -> None:
+    for out in (feed_whole(b"watch\r\n" + NEXT), feed_bytewise(b"watch\r\n" + NEXT)):
+        assert out == [c.Admin("watch", (b"fetchers",))]
+
+
+def test_ms_too_large_swallows_data_then_continues() -> None:
+    data = b"ms big 101 T5\r\n" + b"v" * 101 + b"\r\n" + NEXT
+    for out in (feed_whole(data, max_item_size=100), feed_bytewise(data, max_item_size=100)):
+        assert out == [c.MsTooLarge(b"big", 101), c.Version()]
+
+
+def test_ms_bad_data_chunk_is_never_silenced() -> None:
+    out = feed_whole(b"ms k 1 q\r\nxy\r\n")
+    assert isinstance(out[0], ClientError) and out[0].reply == b"CLIENT_ERROR bad data chunk\r\n"
+
+
+@pytest.mark.parametrize(
+    "token,decoded",
+    [(b"Zm9v", b"foo"), (b"Zm9vYg==", b"foob"), (b"Zm9vYmE=", b"fooba"), (b"Zm9v!", b"foo"), (b"Zm=v", b"f`"),
+     (b"Zg==Zm9v", b"f"), (b"Zm9", None), (b"A===", None), (b"====", None), (b"!!!!", None)],
+)
+def test_base64_keys_decode_as_memcached(token: bytes, decoded: bytes | None) -> None:
+    """memcached's decoder: stray bytes skipped, groups of 4, decoding stops at padding."""
+    assert b64decode(token) == decoded
+    if decoded is not None and b"=" not in token and b"!" not in token:
+        assert b64encode(decoded) == token
 
 
 def test_bad_data_chunk_then_rest_of_line_is_a_command() -> None:
@@ -219,7 +303,11 @@ def test_long_line_in_pieces_is_scanned_once() -> None:
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.binary(max_size=64) | st.sampled_from(
     [b"set a 0 0 1\r\n", b"x\r\n", b"get a b\r\n", b"\r\n", b"gat 1 a\r\n", b"noreply", b" ", b"cas a 0 0 1 1\r\n",
-     b"incr a 1\r\n", b"delete a 0\r\n", b"flush_all 1\r\n", b"HTTP/1.1\r\n"]), max_size=30))
+     b"incr a 1\r\n", b"delete a 0\r\n", b"flush_all 1\r\n", b"HTTP/1.1\r\n",
+     b"mg a v k O1 q t T5 N0 R9 u h l\r\n", b"ms a 1 T0 c F3 MA C2 I\r\n", b"ms a 1", b"md a q C1 I T3\r\n",
+     b"ma a N0 J1 D2 MD v\r\n", b"me a\r\n", b"mn\r\n", b" b", b" Zm9v", b" M", b" O", b"ms Zm9v 3 b\r\n",
+     b"slabs automove 1\r\n", b"lru tune 1 2 0.1 2\r\n", b"lru_crawler crawl 1\r\n", b"cache_memlimit 64\r\n",
+     b"stats detail on\r\n"]), max_size=30))
 def test_arbitrary_bytes_only_yield_commands_or_protocol_errors(chunks: list[bytes]) -> None:
     p = Parser(max_item_size=64)
     for chunk in chunks:
@@ -235,4 +323,5 @@ def test_arbitrary_bytes_only_yield_commands_or_protocol_errors(chunks: list[byt
             if cmd is NEED_DATA:
                 break
             assert isinstance(cmd, (c.Get, c.Gat, c.Store, c.TooLarge, c.Delete, c.Arith, c.Touch,
-                                    c.FlushAll, c.Version, c.Verbosity, c.Quit, c.Stats, c.MetaNoop))
+                                    c.FlushAll, c.Version, c.Verbosity, c.Quit, c.Stats, c.MetaNoop,
+                                    c.Mg, c.Ms, c.MsTooLarge, c.Md, c.Ma, c.Me, c.Admin, c.CacheMemlimit))

@@ -38,6 +38,128 @@ class StoreResult(enum.Enum):
     NOT_FOUND = b"NOT_FOUND"
 
 
+class MetaStatus(enum.Enum):
+    """Outcome of :meth:`Backend.meta_delete` and :meth:`Backend.meta_arith`."""
+
+    DONE = "done"
+    NOT_FOUND = "not_found"
+    #: the item's CAS unique is not the one the request compared with
+    EXISTS = "exists"
+
+
+@dataclass(frozen=True, slots=True)
+class MetaGet:
+    """What a meta get asks besides the item (memcached's ``mg`` flags).
+
+    Exptimes are memcached's raw values (:func:`ttl_seconds`). The ``with_*``
+    fields say which metadata the caller will use, so that a backend fetches
+    only those (and refuses, before doing anything, those it cannot serve)."""
+
+    #: new exptime for a hit (``T``)
+    touch: int | None = None
+    #: on a miss, create an empty item with this exptime and make the caller the
+    #: winner of the right to recache it (``N``)
+    vivify: int | None = None
+    #: win the right to recache when the remaining TTL is below this exptime (``R``)
+    recache: int | None = None
+    #: leave the item's LRU position, hit bit and access time alone (``u``)
+    no_bump: bool = False
+    with_ttl: bool = False
+    #: hit-before bit and seconds since last access (``h``, ``l``)
+    with_access: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MetaItem:
+    """An item as a meta command sees it. Metadata a backend does not keep is None."""
+
+    value: bytes
+    flags: int
+    cas: int
+    #: remaining seconds before the command (-1: never expires)
+    ttl: int | None = None
+    #: remaining seconds after the command's touch or vivify (as ``ttl`` if none)
+    new_ttl: int | None = None
+    #: fetched before this command
+    hit_before: bool | None = None
+    #: seconds since the item was last accessed, before this command
+    last_access: int | None = None
+    #: marked stale (md with invalidate), to be recached
+    stale: bool = False
+    #: this command won the right to recache (vivified, recache window, stale)
+    won: bool = False
+    #: another client won it already
+    token_sent: bool = False
+    #: the command created the item (vivify)
+    created: bool = False
+    #: stored by a meta set with a base64 key (memcached echoes its key base64);
+    #: None: not known (the echo then follows the request)
+    binary_key: bool | None = False
+    #: bytes the item takes, as memcached counts them, and its slab class
+    size: int | None = None
+    slab_class: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MetaStore:
+    """A meta set: ``mode`` as ``store``'s (CAS compares ``compare_cas``), plus:"""
+
+    mode: StoreMode = StoreMode.SET
+    flags: int = 0
+    exptime: int = 0
+    #: compare with the item's CAS unique (SET/REPLACE become CAS; APPEND/PREPEND
+    #: compare unless 0; ADD ignores it)
+    compare_cas: int | None = None
+    #: with CAS: a unique lower than the item's still stores, marking the item stale
+    invalidate: bool = False
+    #: remember that the key came base64-encoded (see ``MetaItem.binary_key``)
+    binary_key: bool = False
+    #: the caller will use the CAS unique of the stored item
+    with_cas: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MetaDelete:
+    """A meta delete: remove the item, or with ``invalidate`` keep it, marked stale,
+    with a new CAS unique (and ``touch`` as its exptime when given)."""
+
+    compare_cas: int | None = None
+    invalidate: bool = False
+    touch: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MetaArith:
+    """A meta incr/decr."""
+
+    incr: bool = True
+    delta: int = 1
+    #: 0: no check (memcached's rule for ``ma``)
+    compare_cas: int = 0
+    #: on a miss, create the item holding ``initial`` with this exptime
+    vivify: int | None = None
+    initial: int = 0
+    #: new exptime on success
+    touch: int | None = None
+    with_ttl: bool = False
+    with_cas: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MetaArithResult:
+    status: MetaStatus
+    number: int = 0
+    cas: int = 0
+    ttl: int | None = None
+    new_ttl: int | None = None
+    created: bool = False
+
+
+class MetaUnsupported(Exception):
+    """A backend cannot serve what a meta request asks (dispatch answers as
+    memcached does for a flag it does not know). ``str()`` says what and why."""
+
+
 class BackendError(Exception):
     """The store behind a backend failed.
 
@@ -126,6 +248,26 @@ class Backend(Protocol):
 
     def flush_all(self, delay: int = 0) -> None:
         """Invalidate every item now, or ``delay`` seconds from now. Raises FlushDisabled."""
+
+    # -- meta commands: each raises MetaUnsupported, before doing anything, for what
+    # -- it cannot serve
+
+    def meta_get(self, key: bytes, request: MetaGet) -> MetaItem | None:
+        """The item (after the request's touch or vivify), or None on a miss."""
+
+    def meta_store(self, key: bytes, value: bytes, request: MetaStore) -> tuple[StoreResult, int]:
+        """Store as ``store`` does; also the new CAS unique when STORED (else 0).
+        Raises ValueTooLarge (the caller then removes the key's item)."""
+
+    def meta_delete(self, key: bytes, request: MetaDelete) -> MetaStatus:
+        """Delete or invalidate."""
+
+    def meta_arith(self, key: bytes, request: MetaArith) -> MetaArithResult:
+        """incr/decr as ``incr_decr``, with CAS check, vivify and touch. Raises NonNumericValue."""
+
+    def resize(self, max_bytes: int) -> bool:
+        """Set the byte budget (``cache_memlimit``), evicting down to it; False
+        when the backend has no budget of its own to set."""
 
     def stats(self) -> dict[str, int]:
         """Figures the store keeps itself, under memcached's stat names (``curr_items``,

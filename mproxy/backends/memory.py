@@ -21,7 +21,15 @@ memcached 1.6.18 (see ``tests/test_backend_memory.py``):
   one, whatever the command), or until it leaves as least recently used;
 * items are sized as memcached sizes them (:data:`ITEM_OVERHEAD`) and the
   least recently used are evicted to stay within ``max_bytes`` (``evictions``
-  counts the live ones, as memcached does).
+  counts the live ones, as memcached does); ``resize`` (``cache_memlimit``)
+  changes ``max_bytes`` and evicts down to it at once;
+* the meta operations keep memcached's item state (``items.c``): a read or
+  touch marks the item fetched and moves its access time when that is over
+  :data:`UPDATE_INTERVAL` old; ``meta_delete`` with invalidate marks it stale
+  with a new CAS unique; the first reader of a stale item, a vivified one or
+  one inside its recache window wins the right to recache it (the token is
+  then sent, and the others see it); an item stored by a meta set with a
+  base64 key keeps that mark until a store replaces it.
 
 Unlike memcached, nothing reclaims expired items in the background (its LRU
 crawler) or while allocating (memcached frees expired items it finds at the
@@ -44,12 +52,20 @@ from mproxy.backends.base import (
     COUNTER_MAX,
     FlushDisabled,
     Item,
+    MetaArith,
+    MetaArithResult,
+    MetaDelete,
+    MetaGet,
+    MetaItem,
+    MetaStatus,
+    MetaStore,
+    NonNumericValue,
     StoreResult,
     ValueTooLarge,
     ttl_seconds,
 )
 from mproxy.backends.counters import apply_delta
-from mproxy.protocol.commands import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEM_SIZE, StoreMode
+from mproxy.protocol.commands import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEM_SIZE, StoreMode, slab_class
 
 #: Bytes memcached 1.6 (64-bit build) spends on an item besides its key and
 #: value: 48-byte header, 8-byte CAS, the NUL after the key and the CRLF after
@@ -69,9 +85,23 @@ _NEVER = math.inf
 #: The states of a held entry (:meth:`MemoryBackend._state`).
 _LIVE, _EXPIRED, _FLUSHED = range(3)
 
-#: A stored entry: the item handed to callers, its absolute expiry time
-#: (:data:`_NEVER` if none) and its size as counted against ``max_bytes``.
-_Entry = tuple[Item, float, int]
+#: memcached ``ITEM_UPDATE_INTERVAL``: an access moves an item's access time (and,
+#: in memcached, its LRU position) only when that time is older than this.
+UPDATE_INTERVAL = 60.0
+
+#: A stored entry, a list (updated in place): the item handed to callers, its
+#: absolute expiry time (:data:`_NEVER` if none), its size as counted against
+#: ``max_bytes``, its last access time, and memcached's item bits below.
+_Entry = list  # [Item, float, int, float, int]
+_ITEM, _EXP, _SIZE, _TIME, _BITS = range(5)
+#: memcached ``ITEM_FETCHED``: read since stored
+FETCHED = 1
+#: ``ITEM_STALE``: invalidated by a meta delete, served until recached
+STALE = 2
+#: ``ITEM_TOKEN_SENT``: a client won the right to recache it
+TOKEN_SENT = 4
+#: ``ITEM_KEY_BINARY``: stored by a meta set with a base64 key
+KEY_BINARY = 8
 
 
 def item_size(key: bytes, value_length: int, flags: int) -> int:
@@ -162,15 +192,21 @@ class MemoryBackend:
         data = self._data
         flushed_cas = self._flushed_cas
         found: dict[bytes, Item] = {}
+        stale_time = now - UPDATE_INTERVAL
         for key in keys:
             entry = data.get(key)
             if entry is None:
                 continue
-            if entry[1] <= now or entry[0].cas <= flushed_cas:
+            item = entry[0]
+            if entry[1] <= now or item.cas <= flushed_cas:
                 self._reclaim(key, entry, now)
                 continue
             data.move_to_end(key)
-            found[key] = entry[0]
+            found[key] = item
+            if not entry[4] & 1:  # FETCHED (memcached's do_item_bump)
+                entry[4] |= 1
+            if entry[3] < stale_time:
+                entry[3] = now
         return found
 
     def touch_many(self, keys: Sequence[bytes], exptime: int, with_cas: bool = False) -> dict[bytes, Item]:
@@ -183,6 +219,7 @@ class MemoryBackend:
             entry = self._live(key, now)
             if entry is not None:
                 self._retime(key, entry, expires_at, now)
+                self._bump(entry, now)
                 found[key] = entry[0]
         return found
 
@@ -195,52 +232,7 @@ class MemoryBackend:
         exptime: int,
         cas_unique: int = 0,
     ) -> StoreResult:
-        now = self._now()
-        size = item_size(key, len(value), flags)
-        if size > self._max_item_size:
-            if mode is StoreMode.SET:
-                # memcached: "Avoid stale data persisting in cache because we failed alloc."
-                self.delete(key)
-            raise ValueTooLarge(
-                f"item of {size} bytes exceeds the {self._max_item_size}-byte item size"
-            )
-        data = self._data
-        old = self._live(key, now)
-        if mode is StoreMode.SET:
-            expires_at = self._expires_at(exptime, now)
-        elif mode is StoreMode.ADD:
-            if old is not None:
-                data.move_to_end(key)
-                return StoreResult.NOT_STORED
-            expires_at = self._expires_at(exptime, now)
-        elif mode is StoreMode.REPLACE:
-            if old is None:
-                return StoreResult.NOT_STORED
-            expires_at = self._expires_at(exptime, now)
-        elif mode is StoreMode.CAS:
-            if old is None:
-                return StoreResult.NOT_FOUND
-            if old[0].cas != cas_unique:
-                return StoreResult.EXISTS
-            expires_at = self._expires_at(exptime, now)
-        else:  # APPEND / PREPEND keep the old flags and expiry
-            if old is None:
-                return StoreResult.NOT_STORED
-            item = old[0]
-            value = item.value + value if mode is StoreMode.APPEND else value + item.value
-            flags = item.flags
-            expires_at = old[1]
-            size = item_size(key, len(value), flags)
-            if size > self._max_item_size:
-                return StoreResult.NOT_STORED
-        if expires_at <= now:
-            # Stored already expired: nothing visible, but the old value is gone.
-            if old is not None:
-                self._unlink(key, old)
-            return StoreResult.STORED
-        self._cas += 1
-        self._link(key, (Item(value, flags, self._cas), expires_at, size), old, now)
-        return StoreResult.STORED
+        return self._store(mode, key, value, flags, exptime, cas_unique)
 
     def delete(self, key: bytes) -> bool:
         entry = self._live(key, self._now())
@@ -256,12 +248,7 @@ class MemoryBackend:
         entry = self._live(key, now)
         if entry is None:
             return None
-        item = entry[0]
-        number, value = apply_delta(item.value, delta, incr)
-        self._cas += 1
-        new = Item(value, item.flags, self._cas)
-        self._link(key, (new, entry[1], item_size(key, len(value), item.flags)), entry, now)
-        return number
+        return self._apply(key, entry, delta, incr, now)[0]
 
     def touch(self, key: bytes, exptime: int) -> bool:
         now = self._now()
@@ -269,6 +256,7 @@ class MemoryBackend:
         if entry is None:
             return False
         self._retime(key, entry, self._expires_at(exptime, now), now)
+        self._bump(entry, now)
         return True
 
     def flush_all(self, delay: int = 0) -> None:
@@ -287,6 +275,126 @@ class MemoryBackend:
     def close(self) -> None:
         """Drop every item. Idempotent."""
         self._clear()
+
+    def resize(self, max_bytes: int) -> bool:
+        """``cache_memlimit``: the new byte budget, least recently used items evicted
+        down to it at once. False (nothing changed) below ``max_item_size``."""
+        if max_bytes < self._max_item_size:
+            return False
+        self._max_bytes = max_bytes
+        self._evict(self._now())
+        return True
+
+    # -- meta commands (memcached 1.6.18's proto_text.c and items.c) ----------------
+
+    def meta_get(self, key: bytes, request: MetaGet) -> MetaItem | None:
+        now = self._now()
+        entry = self._live(key, now)
+        created = False
+        if entry is None:
+            if request.vivify is None:
+                return None
+            # an empty item of flags 0 (memcached: item_alloc then do_item_link)
+            self._cas += 1
+            entry = [Item(b"", 0, self._cas), _NEVER, item_size(key, 0, 0), now, 0]
+            self._link(key, entry, None, now)
+            created = True
+        bits = entry[4]
+        ttl = self._remaining(entry, now)
+        if created:
+            entry[1] = self._expires_at(request.vivify, now)  # type: ignore[arg-type]
+        if request.touch is not None:
+            entry[1] = self._expires_at(request.touch, now)
+        token_sent = bool(bits & TOKEN_SENT)
+        won = created
+        if request.recache is not None and not token_sent and not created:
+            threshold = ttl_seconds(request.recache, now)
+            won = threshold is not None and threshold > 0 and entry[1] != _NEVER and entry[1] < now + threshold
+        if bits & STALE and not token_sent:
+            won = True
+        if won:
+            entry[4] |= TOKEN_SENT
+        result = MetaItem(
+            value=entry[0].value,
+            flags=entry[0].flags,
+            cas=entry[0].cas,
+            ttl=ttl,
+            new_ttl=self._remaining(entry, now),
+            hit_before=bool(bits & FETCHED),
+            last_access=int(now - entry[3]),
+            stale=bool(bits & STALE),
+            won=won,
+            token_sent=token_sent,
+            created=created,
+            binary_key=bool(bits & KEY_BINARY),
+            size=entry[2],
+            slab_class=slab_class(entry[2]),
+        )
+        if not request.no_bump:
+            self._data.move_to_end(key)
+            self._bump(entry, now)
+        return result
+
+    def meta_store(self, key: bytes, value: bytes, request: MetaStore) -> tuple[StoreResult, int]:
+        result = self._store(
+            request.mode, key, value, request.flags, request.exptime,
+            request.compare_cas or 0, request.invalidate, request.binary_key,
+        )
+        return result, self._cas if result is StoreResult.STORED else 0
+
+    def meta_delete(self, key: bytes, request: MetaDelete) -> MetaStatus:
+        now = self._now()
+        entry = self._live(key, now)
+        if entry is None:
+            return MetaStatus.NOT_FOUND
+        item = entry[0]
+        if request.compare_cas is not None and item.cas != request.compare_cas:
+            return MetaStatus.EXISTS
+        if not request.invalidate:
+            self._unlink(key, entry)
+            return MetaStatus.DONE
+        if request.touch is not None:
+            entry[1] = self._expires_at(request.touch, now)
+        entry[4] = (entry[4] | STALE) & ~TOKEN_SENT
+        self._cas += 1
+        entry[0] = Item(item.value, item.flags, self._cas)
+        return MetaStatus.DONE
+
+    def meta_arith(self, key: bytes, request: MetaArith) -> MetaArithResult:
+        if not 0 <= request.delta <= COUNTER_MAX:
+            raise ValueError(f"delta must be a u64, got {request.delta}")
+        now = self._now()
+        entry = self._live(key, now)
+        if entry is None:
+            if request.vivify is None:
+                return MetaArithResult(MetaStatus.NOT_FOUND)
+            value = b"%d" % request.initial
+            self._cas += 1
+            entry = [Item(value, 0, self._cas), _NEVER, item_size(key, len(value), 0), now, 0]
+            self._link(key, entry, None, now)
+            ttl = -1
+            entry[1] = self._expires_at(request.vivify, now)
+            if request.touch is not None:
+                entry[1] = self._expires_at(request.touch, now)
+            return MetaArithResult(
+                MetaStatus.DONE, request.initial, entry[0].cas, ttl, self._remaining(entry, now), created=True
+            )
+        item = entry[0]
+        if not item.value:
+            raise NonNumericValue("cannot increment or decrement non-numeric value")
+        if request.compare_cas and item.cas != request.compare_cas:
+            return MetaArithResult(MetaStatus.EXISTS)
+        ttl = self._remaining(entry, now)
+        number, new = self._apply(key, entry, request.delta, request.incr, now)
+        new_ttl = ttl
+        if request.touch is not None:
+            expires_at = self._expires_at(request.touch, now)
+            new_ttl = self._remaining([None, expires_at], now)
+            if new is entry:
+                entry[1] = expires_at
+            # else memcached 1.6.18 sets T on the item it replaced (and reports it):
+            # the new item, holding a longer number, keeps the old TTL
+        return MetaArithResult(MetaStatus.DONE, number, new[0].cas, ttl, new_ttl)
 
     # -- internals -------------------------------------------------------
 
@@ -343,8 +451,108 @@ class MemoryBackend:
     def _retime(self, key: bytes, entry: _Entry, expires_at: float, now: float) -> None:
         """Give a live entry a new expiry (touch/gat: CAS unchanged). One in the
         past stays held, expired, until the next lookup (memcached's way)."""
-        self._data[key] = (entry[0], expires_at, entry[2])
+        entry[1] = expires_at
         self._data.move_to_end(key)
+
+    @staticmethod
+    def _bump(entry: _Entry, now: float) -> None:
+        """memcached's ``do_item_bump``: fetched, and the access time if older than
+        :data:`UPDATE_INTERVAL`."""
+        entry[4] |= FETCHED
+        if entry[3] < now - UPDATE_INTERVAL:
+            entry[3] = now
+
+    @staticmethod
+    def _remaining(entry: _Entry, now: float) -> int:
+        """Whole seconds left (rounded up, as memcached's second clock shows a
+        fresh TTL), -1 for no expiry; wraps as a u32 when already past."""
+        if entry[1] == _NEVER:
+            return -1
+        return math.ceil(entry[1] - now) & 0xFFFFFFFF
+
+    def _store(
+        self,
+        mode: StoreMode,
+        key: bytes,
+        value: bytes,
+        flags: int,
+        exptime: int,
+        cas_unique: int = 0,
+        invalidate: bool = False,
+        binary_key: bool = False,
+    ) -> StoreResult:
+        """memcached's ``do_store_item``. A stored item takes the next CAS unique
+        (``self._cas`` after the call)."""
+        now = self._now()
+        size = item_size(key, len(value), flags)
+        if size > self._max_item_size:
+            # memcached: "Avoid stale data persisting in cache because we failed alloc."
+            if mode is StoreMode.SET:
+                self.delete(key)
+            raise ValueTooLarge(
+                f"item of {size} bytes exceeds the {self._max_item_size}-byte item size"
+            )
+        data = self._data
+        old = self._live(key, now)
+        bits = KEY_BINARY if binary_key else 0
+        if old is None:
+            if mode is StoreMode.CAS:
+                return StoreResult.NOT_FOUND
+            if mode is not StoreMode.SET and mode is not StoreMode.ADD:
+                return StoreResult.NOT_STORED
+            expires_at = self._expires_at(exptime, now)
+        elif mode is StoreMode.SET or mode is StoreMode.REPLACE:
+            expires_at = self._expires_at(exptime, now)
+        elif mode is StoreMode.ADD:
+            data.move_to_end(key)
+            if old[3] < now - UPDATE_INTERVAL:  # memcached's do_item_update
+                old[3] = now
+            return StoreResult.NOT_STORED
+        elif mode is StoreMode.CAS:
+            old_cas = old[0].cas
+            if cas_unique and old_cas == cas_unique:
+                expires_at = self._expires_at(exptime, now)
+            elif invalidate and cas_unique and cas_unique < old_cas:
+                # a stale write: keeps the expiry, marked stale (and the recache token)
+                expires_at = old[1]
+                bits |= STALE | (old[4] & TOKEN_SENT)
+            else:
+                return StoreResult.EXISTS
+        else:  # APPEND / PREPEND keep the old flags and expiry
+            item = old[0]
+            if cas_unique and item.cas != cas_unique:
+                return StoreResult.EXISTS
+            value = item.value + value if mode is StoreMode.APPEND else value + item.value
+            flags = item.flags
+            expires_at = old[1]
+            bits = 0
+            size = item_size(key, len(value), flags)
+            if size > self._max_item_size:
+                return StoreResult.NOT_STORED
+        self._cas += 1
+        if expires_at <= now:
+            # Stored already expired: nothing visible, but the old value is gone.
+            if old is not None:
+                self._unlink(key, old)
+            return StoreResult.STORED
+        self._link(key, [Item(value, flags, self._cas), expires_at, size, now, bits], old, now)
+        return StoreResult.STORED
+
+    def _apply(self, key: bytes, entry: _Entry, delta: int, incr: bool, now: float) -> tuple[int, _Entry]:
+        """memcached's ``do_add_delta`` on a live entry: the new number and the entry
+        now holding it (the same one, rewritten in place, when its digits fit)."""
+        item = entry[0]
+        number, value = apply_delta(item.value, delta, incr)
+        self._cas += 1
+        if len(value) == len(item.value):  # in place: bits kept, access time bumped
+            entry[0] = Item(value, item.flags, self._cas)
+            self._data.move_to_end(key)
+            if entry[3] < now - UPDATE_INTERVAL:
+                entry[3] = now
+            return number, entry
+        new = [Item(value, item.flags, self._cas), entry[1], item_size(key, len(value), item.flags), now, 0]
+        self._link(key, new, entry, now)
+        return number, new
 
     def _link(self, key: bytes, entry: _Entry, old: _Entry | None, now: float) -> None:
         """Store ``entry`` as most recently used, replacing ``old`` (the
@@ -357,6 +565,11 @@ class MemoryBackend:
         self._bytes += entry[2]
         # The new entry is last and at most max_item_size <= max_bytes, so it
         # survives (a counter may outgrow it by a few bytes, never in practice).
+        self._evict(now)
+
+    def _evict(self, now: float) -> None:
+        """Remove least recently used items until the budget holds them."""
+        data = self._data
         while self._bytes > self._max_bytes:
             _, evicted = data.popitem(last=False)
             self._bytes -= evicted[2]

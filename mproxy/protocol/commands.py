@@ -29,6 +29,38 @@ DEFAULT_MAX_ITEM_SIZE = 1024 * 1024
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
 
+#: memcached 1.6's slab classes with its defaults (``-n 48 -f 1.25``, 1 MiB pages, 512 KiB
+#: largest chunk): the chunk size of class 1, 2, ... (``slabs_init``; ``memcached -vv`` lists
+#: them). An item goes to the first class whose chunk holds it (:func:`slab_class`).
+SLAB_CHUNK_SIZES: tuple[int, ...]
+#: memcached ``MAX_NUMBER_OF_SLAB_CLASSES``: class ids are below it.
+MAX_NUMBER_OF_SLAB_CLASSES = 64
+#: memcached ``settings.slab_page_size``, the memory a slab class takes at a time.
+SLAB_PAGE_SIZE = 1024 * 1024
+
+
+def _slab_chunk_sizes(factor: float = 1.25, chunk_max: int = SLAB_PAGE_SIZE // 2) -> tuple[int, ...]:
+    sizes: list[int] = []
+    size = 48 + 48  # sizeof(item) + settings.chunk_size
+    while len(sizes) < MAX_NUMBER_OF_SLAB_CLASSES - 2 and size < chunk_max / factor:
+        size += -size % 8  # CHUNK_ALIGN_BYTES
+        sizes.append(size)
+        size = int(size * factor)
+    return (*sizes, chunk_max)
+
+
+SLAB_CHUNK_SIZES = _slab_chunk_sizes()
+
+
+def slab_class(item_bytes: int) -> int:
+    """memcached's ``slabs_clsid``: the class (1-based) of an item of ``item_bytes``
+    (items over the largest chunk are chained from its class)."""
+    for clsid, size in enumerate(SLAB_CHUNK_SIZES, start=1):
+        if item_bytes <= size:
+            return clsid
+    return len(SLAB_CHUNK_SIZES)
+
+
 class StoreMode(enum.Enum):
     """The six storage commands; the value is the command's name."""
 
@@ -168,6 +200,26 @@ class Stats:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheMemlimit:
+    """``cache_memlimit <megabytes> [noreply]`` (already checked: 8 and up)."""
+
+    megabytes: int
+    noreply: bool = False
+    name = "cache_memlimit"
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    """memcached's tuning commands (``slabs``, ``lru``, ``lru_crawler``, ``watch``),
+    their arguments already checked as memcached checks them: ``name`` is the
+    command, ``args`` its tokens after it (without ``noreply``)."""
+
+    name: str
+    args: tuple[bytes, ...] = ()
+    noreply: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class MetaNoop:
     """``mn``: meta no-op, answered ``MN`` (clients use it to end a pipeline)."""
 
@@ -175,4 +227,108 @@ class MetaNoop:
     name = "mn"
 
 
-Command = Get | Gat | Store | TooLarge | Delete | Arith | Touch | FlushAll | Version | Verbosity | Quit | Stats | MetaNoop
+# -- meta commands (parsed by mproxy.protocol.meta) --------------------------
+#
+# ``flags`` are the flag tokens as sent (replies echo them in order); ``noreply``
+# is False: ``q`` silences only some replies of each command, dispatch decides.
+
+
+@dataclass(frozen=True, slots=True)
+class Mg:
+    """``mg <key> <flags>*``: meta get."""
+
+    key: bytes
+    flags: tuple[bytes, ...] = ()
+    binary: bool = False
+    quiet: bool = False
+    value: bool = False
+    touch: int | None = None
+    vivify: int | None = None
+    recache: int | None = None
+    no_update: bool = False
+    locked: bool = False
+    long_opaque: int = -1
+    noreply = False
+    name = "mg"
+
+
+@dataclass(frozen=True, slots=True)
+class Ms:
+    """``ms <key> <datalen> <flags>*`` with its data block: meta set.
+    ``mode`` is CAS when ``C`` came with mode S or R (memcached's upgrade)."""
+
+    key: bytes
+    value: bytes
+    flags: tuple[bytes, ...] = ()
+    binary: bool = False
+    quiet: bool = False
+    mode: StoreMode = StoreMode.SET
+    client_flags: int = 0
+    exptime: int = 0
+    compare_cas: int | None = None
+    invalidate: bool = False
+    noreply = False
+    name = "ms"
+
+
+@dataclass(frozen=True, slots=True)
+class MsTooLarge:
+    """An ``ms`` whose data is over the item size limit; its data was swallowed.
+    memcached answers ``SERVER_ERROR object too large for cache`` and removes
+    the key's item, whatever the mode."""
+
+    key: bytes
+    nbytes: int
+    noreply = False
+    name = "ms"
+
+
+@dataclass(frozen=True, slots=True)
+class Md:
+    """``md <key> <flags>*``: meta delete."""
+
+    key: bytes
+    flags: tuple[bytes, ...] = ()
+    binary: bool = False
+    quiet: bool = False
+    compare_cas: int | None = None
+    invalidate: bool = False
+    touch: int | None = None
+    noreply = False
+    name = "md"
+
+
+@dataclass(frozen=True, slots=True)
+class Ma:
+    """``ma <key> <flags>*``: meta arithmetic (``compare_cas`` 0: no check, as memcached)."""
+
+    key: bytes
+    flags: tuple[bytes, ...] = ()
+    binary: bool = False
+    quiet: bool = False
+    value: bool = False
+    incr: bool = True
+    delta: int = 1
+    initial: int = 0
+    vivify: int | None = None
+    touch: int | None = None
+    compare_cas: int = 0
+    long_opaque: int = -1
+    noreply = False
+    name = "ma"
+
+
+@dataclass(frozen=True, slots=True)
+class Me:
+    """``me <key> [b]``: meta debug."""
+
+    key: bytes
+    binary: bool = False
+    noreply = False
+    name = "me"
+
+
+Command = (
+    Get | Gat | Store | TooLarge | Delete | Arith | Touch | FlushAll | Version | Verbosity | Quit | Stats
+    | CacheMemlimit | Admin | MetaNoop | Mg | Ms | MsTooLarge | Md | Ma | Me
+)

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 from typing import Callable, Final
 
+from mproxy.protocol import admin
 from mproxy.protocol import commands as c
+from mproxy.protocol import meta
 from mproxy.protocol.commands import StoreMode
 from mproxy.protocol.errors import ClientError, CommandError, ConnectionClosed, ProtocolError
+from mproxy.protocol.numbers import parse_i32, parse_u32, parse_u64
 
 
 class NeedData:
@@ -33,68 +36,9 @@ class NeedData:
 
 NEED_DATA: Final = NeedData()
 
-_SPACE = frozenset(b" \t\n\v\f\r")  # C isspace()
 _FIRST_LETTER_FAMILIES = frozenset(b"gsacidt")
 _BAD_FORMAT = "bad command line format"
 _BAD_EXPTIME = "invalid exptime argument"
-_U64 = 2**64
-_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
-
-
-def _strto(token: bytes, unsigned: bool) -> int | None:
-    """C ``strtoull``/``strtoll`` (base 10) as memcached's ``safe_strto*`` use them.
-
-    Returns None where memcached's helper returns false: no digits, range
-    error, or a character after the digits that is not white space."""
-    n = len(token)
-    i = 0
-    while i < n and token[i] in _SPACE:
-        i += 1
-    negative = False
-    if i < n and token[i] in b"+-":
-        negative = token[i] == 45
-        i += 1
-    j = i
-    while j < n and 48 <= token[j] <= 57:
-        j += 1
-    if j == i:
-        return None
-    if j < n and token[j] not in _SPACE:
-        return None
-    value = int(token[i:j])
-    if unsigned:
-        if value >= _U64:
-            return None
-        if negative:
-            value = (-value) % _U64
-            # safe_strtoull refuses a '-' only when the result looks negative
-            if value >= 2**63:
-                return None
-        return value
-    value = -value if negative else value
-    if not _I64_MIN <= value <= _I64_MAX:
-        return None
-    return value
-
-
-def parse_u64(token: bytes) -> int | None:
-    """memcached ``safe_strtoull``: delta, cas unique."""
-    return _strto(token, unsigned=True)
-
-
-def parse_u32(token: bytes) -> int | None:
-    """memcached ``safe_strtoul`` into a ``uint32_t``: flags (truncated to 32 bits)."""
-    value = _strto(token, unsigned=True)
-    return None if value is None else value & 0xFFFFFFFF
-
-
-def parse_i32(token: bytes) -> int | None:
-    """memcached ``safe_strtol`` into an ``int32_t``: exptime, byte count (wraps)."""
-    value = _strto(token, unsigned=False)
-    if value is None:
-        return None
-    value &= 0xFFFFFFFF
-    return value - 2**32 if value >= 2**31 else value
 
 
 def _noreply(tokens: list[bytes], ntokens: int) -> bool:
@@ -105,7 +49,7 @@ def _noreply(tokens: list[bytes], ntokens: int) -> bool:
 class Parser:
     """Parser state for one connection."""
 
-    __slots__ = ("_buf", "_pos", "_scan", "_pending", "_swallow", "max_item_size")
+    __slots__ = ("_buf", "_pos", "_scan", "_pending", "_swallow", "_watching", "max_item_size")
 
     def __init__(self, max_item_size: int = c.DEFAULT_MAX_ITEM_SIZE) -> None:
         self.max_item_size = max_item_size
@@ -116,8 +60,11 @@ class Parser:
         self._scan = 0
         #: a storage command waiting for its data block: (header, total bytes)
         self._pending: tuple[Callable[[bytes], c.Command], int] | None = None
-        #: bytes of an oversized data block still to discard, and its command
-        self._swallow: tuple[c.TooLarge, int] | None = None
+        #: bytes of a data block still to discard, and the command to return after
+        #: them (an oversized store) or None (an ``ms`` already answered with an error)
+        self._swallow: tuple[c.TooLarge | c.MsTooLarge | None, int] | None = None
+        #: after ``watch``: memcached reads nothing more from a watcher connection
+        self._watching = False
 
     def feed(self, data: bytes) -> None:
         if self._pos and self._pos >= len(self._buf) // 2:
@@ -141,7 +88,12 @@ class Parser:
                 self._swallow = (cmd, left - take)
                 return NEED_DATA
             self._swallow = None
+            if cmd is None:
+                return self.next_command()
             return cmd
+        if self._watching:
+            self._pos = self._scan = len(buf)
+            return NEED_DATA
         if self._pending is not None:
             build, need = self._pending
             end = self._pos + need
@@ -169,6 +121,8 @@ class Parser:
         result = self._parse_line(line)
         if result is None:  # a storage header: its data block follows
             return self.next_command()
+        if type(result) is c.Admin and result.name == "watch":
+            self._watching = True
         return result
 
     def _check_unterminated(self) -> None:
@@ -296,10 +250,17 @@ class Parser:
     def _stats(self, tokens: list[bytes], ntokens: int) -> c.Command:
         return c.Stats(tuple(tokens[1:]))
 
-    def _meta(self, tokens: list[bytes], ntokens: int) -> c.Command:
-        if tokens[0] == b"mn":
-            return c.MetaNoop()
-        raise CommandError()
+    def _ms(self, tokens: list[bytes], ntokens: int) -> None:
+        try:
+            header = meta.parse_ms(tokens, ntokens)
+        except meta.MsError as err:
+            self._swallow = (None, err.swallow)
+            raise
+        if header.nbytes > self.max_item_size:
+            self._swallow = (c.MsTooLarge(header.key, header.nbytes), header.nbytes + 2)
+            return None
+        self._pending = (header.command, header.nbytes + 2)
+        return None
 
 
 def _check_key(key: bytes, noreply: bool = False) -> None:
@@ -356,8 +317,18 @@ _HANDLERS: dict[bytes, _Handler] = {
     b"stats": Parser._stats,
     b"version": lambda p, t, n: c.Version(),
     b"quit": lambda p, t, n: c.Quit(),
-    b"mn": Parser._meta,
+    b"mn": lambda p, t, n: c.MetaNoop(),
+    b"mg": lambda p, t, n: meta.parse_mg(t, n),
+    b"ms": Parser._ms,
+    b"md": lambda p, t, n: meta.parse_md(t, n),
+    b"ma": lambda p, t, n: meta.parse_ma(t, n),
+    b"me": lambda p, t, n: meta.parse_me(t, n),
     b"shutdown": lambda p, t, n: _refuse(b"ERROR: shutdown not enabled\r\n"),
+    b"slabs": lambda p, t, n: admin.parse_slabs(t, n),
+    b"lru": lambda p, t, n: admin.parse_lru(t, n),
+    b"lru_crawler": lambda p, t, n: admin.parse_lru_crawler(t, n),
+    b"watch": lambda p, t, n: admin.parse_watch(t, n),
+    b"cache_memlimit": lambda p, t, n: admin.parse_cache_memlimit(t, n),
 }
 
 __all__ = ["NEED_DATA", "Parser", "ProtocolError", "parse_u64", "parse_u32", "parse_i32"]

@@ -50,6 +50,7 @@ from mproxy.protocol.commands import DEFAULT_MAX_ITEM_SIZE, StoreMode
 from mproxy.backends.momento import codec
 from mproxy.backends.momento.endpoint import Endpoint
 from mproxy.backends.momento.errors import rpc_error, sdk_error, timeout_error, unexpected_response
+from mproxy.backends.momento.meta import MomentoMeta
 from mproxy.backends.momento.transport import (
     AGENT_HEADER,
     AUTHORIZATION_HEADER,
@@ -90,7 +91,7 @@ class _Found:
     hash: bytes
 
 
-class MomentoBackend:
+class MomentoBackend(MomentoMeta):
     """:class:`mproxy.backends.base.Backend` on one Momento cache.
 
     ``endpoint`` says where; ``default_ttl``/``max_ttl`` in seconds;
