@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from mproxy import __version__
 from mproxy.audit import AuditLog, NullAudit
@@ -174,88 +174,37 @@ class Dispatcher:
         return [self._answer_get(cmd, found) for cmd in cmds]
 
     def _answer_get(self, cmd: c.Get, found: dict[bytes, Item]) -> tuple[bytes, str]:
-        st = self.stats
-        hits = sum(1 for key in cmd.keys if key in found)
-        st.cmd_get += len(cmd.keys)
-        st.get_hits += hits
-        st.get_misses += len(cmd.keys) - hits
-        return self._values(cmd.keys, found, cmd.cas), _hit_outcome(hits, len(cmd.keys))
+        keys = cmd.keys
+        hits = self.count_gets(keys, found)
+        return self._values(keys, found, cmd.cas), _hit_outcome(hits, len(keys))
 
     def _gat(self, cmd: c.Gat) -> tuple[bytes, str]:
-        found = self._call("touch", self.backend.touch_many, cmd.keys, cmd.exptime, cmd.cas) if cmd.keys else {}
-        keys = cmd.keys
-        seconds = ttl_seconds(cmd.exptime)
-        if seconds is not None and seconds <= 0:
-            # memcached: the first hit expires the item, so a repeated key then misses
-            keys = tuple(dict.fromkeys(keys))
-        st = self.stats
-        hits = sum(1 for key in keys if key in found)
-        st.cmd_touch += len(cmd.keys)
-        st.touch_hits += hits
-        st.touch_misses += len(cmd.keys) - hits
+        keys, found, hits = self.touch_items(cmd.keys, cmd.exptime, cmd.cas)
         return self._values(keys, found, cmd.cas), _hit_outcome(hits, len(cmd.keys))
 
     def _store(self, cmd: c.Store) -> tuple[bytes, str]:
-        st = self.stats
-        st.cmd_set += 1
-        # by keyword, as Backend.store's argument order is not Store's; timed here, not
-        # through _call, whose **kwargs would cost a dict per command
-        start = time.perf_counter()
-        try:
-            result = self.backend.store(
-                mode=cmd.mode, key=cmd.key, value=cmd.value, flags=cmd.flags, exptime=cmd.exptime,
-                cas_unique=cmd.cas_unique,
-            )
-        except ValueTooLarge:
-            return self._refuse_too_large(cmd.mode, cmd.key)
-        except BackendError as err:
-            st.observe(cmd.name, time.perf_counter() - start, err.code)
-            raise
-        st.observe(cmd.name, time.perf_counter() - start)
-        if cmd.mode is StoreMode.CAS:
-            if result is StoreResult.STORED:
-                st.cas_hits += 1
-            elif result is StoreResult.EXISTS:
-                st.cas_badval += 1
-            elif result is StoreResult.NOT_FOUND:
-                st.cas_misses += 1
+        result = self.store_item(cmd.mode, cmd.key, cmd.value, cmd.flags, cmd.exptime, cmd.cas_unique)
+        if result is None:
+            return r.TOO_LARGE, "too_large"
         return _STORE_REPLY[result]
 
     def _too_large(self, cmd: c.TooLarge) -> tuple[bytes, str]:
         """A store whose value the parser swallowed: over ``[proxy] max_item_size``."""
-        return self._refuse_too_large(cmd.mode, cmd.key)
-
-    def _refuse_too_large(self, mode: StoreMode, key: bytes) -> tuple[bytes, str]:
-        """The one owner of memcached's rule: a set too large for the cache also
-        removes the key's old value, so that it is not read stale afterwards
-        (whether the parser or the backend found the value too large)."""
-        if mode is StoreMode.SET:
-            self._call("delete", self.backend.delete, key)
+        self.refuse_too_large(cmd.mode, cmd.key)
         return r.TOO_LARGE, "too_large"
 
     def _delete(self, cmd: c.Delete) -> tuple[bytes, str]:
-        if self._call("delete", self.backend.delete, cmd.key):
-            self.stats.delete_hits += 1
-            return r.DELETED, "deleted"
-        self.stats.delete_misses += 1
-        return r.NOT_FOUND, "not_found"
+        outcome = self.delete_item(cmd.key)
+        return (r.DELETED if outcome == "deleted" else r.NOT_FOUND), outcome
 
     def _arith(self, cmd: c.Arith) -> tuple[bytes, str]:
-        st = self.stats
         try:
-            value = self._call(cmd.name, self.backend.incr_decr, cmd.key, cmd.delta, cmd.incr)
+            value = self.arith_value(cmd.key, cmd.delta, cmd.incr)
         except NonNumericValue:
             return r.NON_NUMERIC, "non_numeric"
         if value is None:
-            if cmd.incr:
-                st.incr_misses += 1
-            else:
-                st.decr_misses += 1
+            self.count_arith_miss(cmd.incr)
             return r.NOT_FOUND, "not_found"
-        if cmd.incr:
-            st.incr_hits += 1
-        else:
-            st.decr_hits += 1
         return r.number(value), "ok"
 
     def _touch(self, cmd: c.Touch) -> tuple[bytes, str]:
@@ -268,24 +217,158 @@ class Dispatcher:
         return r.NOT_FOUND, "not_found"
 
     def _flush_all(self, cmd: c.FlushAll) -> tuple[bytes, str]:
-        self.stats.cmd_flush += 1
-        try:
-            self._call("flush", self.backend.flush_all, cmd.delay)
-        except FlushDisabled:
+        if not self.flush(cmd.delay):
             return r.FLUSH_NOT_ALLOWED, "refused"
         return r.OK, "ok"
 
     def _stats(self, cmd: c.Stats) -> tuple[bytes, str]:
-        if not cmd.args:
-            source = self.root_stats.snapshot() if self.root_stats is not None else self.stats.snapshot()
-            return r.stats(source), "ok"
         if cmd.args == (b"reset",):
-            if self.root_stats is not None:
-                self.root_stats.reset()
-            else:
-                self.stats.reset()
+            self.reset_stats()
             return r.RESET, "ok"
-        return r.ERROR, "error"
+        pairs = self.stats_section(cmd.args)
+        if pairs is None:
+            return r.ERROR, "error"
+        return r.stats(pairs), "ok"
+
+    # -- memcached's semantics, shared by the text and binary handlers --------
+    # Each owns one rule (what is counted, what a too-large set removes, ...);
+    # the handlers only turn results into their protocol's replies.
+
+    def count_gets(self, keys: Sequence[bytes], found: Mapping[bytes, Item]) -> int:
+        """Count a get of ``keys`` that found ``found``; returns the hits."""
+        st = self.stats
+        hits = sum(1 for key in keys if key in found)
+        st.cmd_get += len(keys)
+        st.get_hits += hits
+        st.get_misses += len(keys) - hits
+        return hits
+
+    def touch_items(
+        self, keys: tuple[bytes, ...], exptime: int, with_cas: bool
+    ) -> tuple[tuple[bytes, ...], dict[bytes, Item], int]:
+        """gat/gats (and binary touch): new expiry, then the items, counted as touches.
+        Returns the keys to answer, the items found and the hits."""
+        found = self._call("touch", self.backend.touch_many, keys, exptime, with_cas) if keys else {}
+        answered = keys
+        seconds = ttl_seconds(exptime)
+        if seconds is not None and seconds <= 0:
+            # memcached: the first hit expires the item, so a repeated key then misses
+            answered = tuple(dict.fromkeys(keys))
+        st = self.stats
+        hits = sum(1 for key in answered if key in found)
+        st.cmd_touch += len(keys)
+        st.touch_hits += hits
+        st.touch_misses += len(keys) - hits
+        return answered, found, hits
+
+    def store_item(
+        self, mode: StoreMode, key: bytes, value: bytes, flags: int, exptime: int, cas_unique: int = 0
+    ) -> StoreResult | None:
+        """One store, counted (``cmd_set``, the CAS outcomes); None when the item is too
+        large for the backend (:meth:`refuse_too_large` has applied memcached's rule)."""
+        st = self.stats
+        st.cmd_set += 1
+        # by keyword, as Backend.store's argument order is not Store's; timed here, not
+        # through _call, whose **kwargs would cost a dict per command
+        start = time.perf_counter()
+        try:
+            result = self.backend.store(
+                mode=mode, key=key, value=value, flags=flags, exptime=exptime, cas_unique=cas_unique
+            )
+        except ValueTooLarge:
+            self.refuse_too_large(mode, key)
+            return None
+        except BackendError as err:
+            st.observe(mode.value, time.perf_counter() - start, err.code)
+            raise
+        st.observe(mode.value, time.perf_counter() - start)
+        if mode is StoreMode.CAS:
+            if result is StoreResult.STORED:
+                st.cas_hits += 1
+            elif result is StoreResult.EXISTS:
+                st.cas_badval += 1
+            elif result is StoreResult.NOT_FOUND:
+                st.cas_misses += 1
+        return result
+
+    def refuse_too_large(self, mode: StoreMode, key: bytes) -> None:
+        """The one owner of memcached's rule: a set too large for the cache also
+        removes the key's old value, so that it is not read stale afterwards
+        (whether the parser or the backend found the value too large)."""
+        if mode is StoreMode.SET:
+            self._call("delete", self.backend.delete, key)
+
+    def read_item(self, key: bytes) -> Item | None:
+        """The key's item with its CAS unique, or None (a backend get)."""
+        found: dict[bytes, Item] = self._call("get", self.backend.get_many, (key,), True)
+        return found.get(key)
+
+    def check_cas(self, key: bytes, cas_unique: int) -> StoreResult | None:
+        """Whether a command conditioned on ``cas_unique`` may go on: None if the key
+        holds that unique, else NOT_FOUND (no item) or EXISTS (another unique).
+
+        A read, then the command: atomic on the memory backend (neither yields), a
+        window on a remote one (see docs/compatibility.md)."""
+        found = self.read_item(key)
+        if found is None:
+            return StoreResult.NOT_FOUND
+        return None if found.cas == cas_unique else StoreResult.EXISTS
+
+    def delete_item(self, key: bytes, cas_unique: int = 0) -> str:
+        """delete, counted: ``deleted``, ``not_found``, or ``exists`` (``cas_unique``
+        given and not the item's)."""
+        if cas_unique:
+            refused = self.check_cas(key, cas_unique)
+            if refused is StoreResult.EXISTS:
+                return "exists"
+            if refused is StoreResult.NOT_FOUND:
+                self.stats.delete_misses += 1
+                return "not_found"
+        if self._call("delete", self.backend.delete, key):
+            self.stats.delete_hits += 1
+            return "deleted"
+        self.stats.delete_misses += 1
+        return "not_found"
+
+    def arith_value(self, key: bytes, delta: int, incr: bool) -> int | None:
+        """incr/decr: the new value (a hit, counted), or None for a missing key (not
+        counted: see :meth:`count_arith_miss`). Raises NonNumericValue."""
+        value: int | None = self._call("incr" if incr else "decr", self.backend.incr_decr, key, delta, incr)
+        if value is not None:
+            if incr:
+                self.stats.incr_hits += 1
+            else:
+                self.stats.decr_hits += 1
+        return value
+
+    def count_arith_miss(self, incr: bool) -> None:
+        """An incr/decr answered as a miss (binary ones that create the key are not)."""
+        if incr:
+            self.stats.incr_misses += 1
+        else:
+            self.stats.decr_misses += 1
+
+    def flush(self, delay: int) -> bool:
+        """flush_all, counted; False when the cache refuses it (``allow_flush = false``)."""
+        self.stats.cmd_flush += 1
+        try:
+            self._call("flush", self.backend.flush_all, delay)
+        except FlushDisabled:
+            return False
+        return True
+
+    def stats_section(self, args: tuple[bytes, ...]) -> Mapping[str, object] | None:
+        """The statistics ``stats <args>`` shows, or None when the proxy has no such group."""
+        if not args:
+            return self.root_stats.snapshot() if self.root_stats is not None else self.stats.snapshot()
+        return None
+
+    def reset_stats(self) -> None:
+        """``stats reset``."""
+        if self.root_stats is not None:
+            self.root_stats.reset()
+        else:
+            self.stats.reset()
 
     # -- audit ----------------------------------------------------------------
 
