@@ -16,6 +16,7 @@ audit record per command when the audit log is on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -32,6 +33,8 @@ from mproxy.backends.base import (
     ValueTooLarge,
     ttl_seconds,
 )
+from mproxy.dispatch_binary import binary_handlers
+from mproxy.protocol import binary as b
 from mproxy.protocol import commands as c
 from mproxy.protocol.commands import StoreMode
 from mproxy.protocol import replies as r
@@ -43,6 +46,10 @@ log = logging.getLogger(__name__)
 #: What ``version`` answers: the memcached protocol level we speak, then us.
 #: Clients such as libmemcached parse the leading ``major.minor.micro``.
 VERSION_TEXT = f"1.6.18-mproxy-{__version__}"
+
+#: Attempts of :meth:`Dispatcher.arith_or_create` that keep losing the race between
+#: "the counter is missing" and "create it" before giving up.
+MAX_CREATE_ATTEMPTS = 8
 
 _STORE_REPLY = {
     StoreResult.STORED: (r.STORED, "stored"),
@@ -83,6 +90,7 @@ class Dispatcher:
             c.Stats: self._stats,
             c.MetaNoop: lambda cmd: (r.MN, "ok"),
         }
+        self._handlers.update(binary_handlers(self, VERSION_TEXT))
 
     def run(self, commands: Iterable[c.Command | ProtocolError], client: str = "") -> Iterator[bytes]:
         """Replies to ``commands`` (those of one read), in order, as they are ready.
@@ -265,9 +273,15 @@ class Dispatcher:
         self, mode: StoreMode, key: bytes, value: bytes, flags: int, exptime: int, cas_unique: int = 0
     ) -> StoreResult | None:
         """One store, counted (``cmd_set``, the CAS outcomes); None when the item is too
-        large for the backend (:meth:`refuse_too_large` has applied memcached's rule)."""
+        large for the backend (:meth:`refuse_too_large` has applied memcached's rule).
+        An append/prepend with a ``cas_unique`` first checks it (:meth:`check_cas`)."""
         st = self.stats
         st.cmd_set += 1
+        if cas_unique and (mode is StoreMode.APPEND or mode is StoreMode.PREPEND):
+            # memcached checks a concatenation's CAS before it concatenates
+            refused = self.check_cas(key, cas_unique)
+            if refused is not None:
+                return StoreResult.NOT_STORED if refused is StoreResult.NOT_FOUND else refused
         # by keyword, as Backend.store's argument order is not Store's; timed here, not
         # through _call, whose **kwargs would cost a dict per command
         start = time.perf_counter()
@@ -298,10 +312,14 @@ class Dispatcher:
         if mode is StoreMode.SET:
             self._call("delete", self.backend.delete, key)
 
+    def read_items(self, keys: tuple[bytes, ...]) -> dict[bytes, Item]:
+        """The items of ``keys`` with their CAS uniques (a backend get, not counted)."""
+        found: dict[bytes, Item] = self._call("get", self.backend.get_many, keys, True)
+        return found
+
     def read_item(self, key: bytes) -> Item | None:
-        """The key's item with its CAS unique, or None (a backend get)."""
-        found: dict[bytes, Item] = self._call("get", self.backend.get_many, (key,), True)
-        return found.get(key)
+        """The key's item with its CAS unique, or None (a backend get, not counted)."""
+        return self.read_items((key,)).get(key)
 
     def check_cas(self, key: bytes, cas_unique: int) -> StoreResult | None:
         """Whether a command conditioned on ``cas_unique`` may go on: None if the key
@@ -348,6 +366,36 @@ class Dispatcher:
         else:
             self.stats.decr_misses += 1
 
+    def arith_or_create(
+        self, key: bytes, delta: int, incr: bool, initial: int | None, exptime: int, cas_unique: int = 0
+    ) -> tuple[str, int]:
+        """incr/decr that creates a missing counter as ``initial`` (None: does not)
+        with ``exptime``, answered as is and not counted as a set (memcached's binary
+        incr/decr). Returns ``(outcome, value)``: ``ok`` (incremented), ``created``,
+        ``not_found``, ``exists`` (``cas_unique`` given and not the item's) or
+        ``not_stored`` (the key kept appearing and vanishing). Raises NonNumericValue.
+
+        The backend's incr_decr, then an add on a miss: an add lost to a concurrent
+        creator means the key exists now, so the increment is tried again."""
+        for _ in range(MAX_CREATE_ATTEMPTS):
+            value = None
+            refused = self.check_cas(key, cas_unique) if cas_unique else None
+            if refused is StoreResult.EXISTS:
+                return "exists", 0
+            if refused is None:
+                value = self.arith_value(key, delta, incr)
+            if value is not None:
+                return "ok", value
+            if initial is None:
+                self.count_arith_miss(incr)
+                return "not_found", 0
+            store = functools.partial(
+                self.backend.store, mode=StoreMode.ADD, key=key, value=b"%d" % initial, flags=0, exptime=exptime
+            )
+            if self._call("add", store) is StoreResult.STORED:
+                return "created", initial
+        return "not_stored", 0
+
     def flush(self, delay: int) -> bool:
         """flush_all, counted; False when the cache refuses it (``allow_flush = false``)."""
         self.stats.cmd_flush += 1
@@ -377,9 +425,9 @@ class Dispatcher:
         flags = exptime = nbytes = None
         if isinstance(cmd, (c.Get, c.Gat)):
             keys = cmd.keys
-        elif isinstance(cmd, c.Store):
+        elif isinstance(cmd, (c.Store, b.BinStore)):
             keys, flags, exptime, nbytes = (cmd.key,), cmd.flags, cmd.exptime, len(cmd.value)
-        elif isinstance(cmd, c.TooLarge):
+        elif isinstance(cmd, (c.TooLarge, b.BinTooLarge)):
             keys, flags, exptime, nbytes = (cmd.key,), cmd.flags, cmd.exptime, cmd.nbytes
         else:
             key = getattr(cmd, "key", None)

@@ -104,7 +104,7 @@ RULES: tuple[Rule, ...] = (
         unless=("mproxy.momento_local",),
     ),
     Rule(
-        ("mproxy.dispatch",),
+        ("mproxy.dispatch", "mproxy.dispatch_binary"),
         "dispatch has no sockets and does not wire the process",
         never=("mproxy.server", "mproxy.admin", "mproxy.app", "mproxy.cli"),
     ),
