@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 #: Clients such as libmemcached parse the leading ``major.minor.micro``.
 VERSION_TEXT = f"1.6.18-mproxy-{__version__}"
 
+#: What dispatch executes: text commands and binary requests (their handlers register
+#: by record type in ``Dispatcher._handlers``).
+AnyCommand = c.Command | b.BinCommand
+
 #: Attempts of :meth:`Dispatcher.arith_or_create` that keep losing the race between
 #: "the counter is missing" and "create it" before giving up.
 MAX_CREATE_ATTEMPTS = 8
@@ -92,7 +96,7 @@ class Dispatcher:
         }
         self._handlers.update(binary_handlers(self, VERSION_TEXT))
 
-    def run(self, commands: Iterable[c.Command | ProtocolError], client: str = "") -> Iterator[bytes]:
+    def run(self, commands: Iterable[AnyCommand | ProtocolError], client: str = "") -> Iterator[bytes]:
         """Replies to ``commands`` (those of one read), in order, as they are ready.
 
         A generator, so that the caller can send what is ready before the rest
@@ -123,7 +127,7 @@ class Dispatcher:
         if gets:
             yield from execute(gets, client)
 
-    def _execute(self, group: Sequence[c.Command], client: str) -> list[bytes]:
+    def _execute(self, group: Sequence[AnyCommand], client: str) -> list[bytes]:
         """One group: a run of get/gets (one backend read for all their keys) or
         one other command. Returns the replies to send (none under ``noreply``).
         Counters and audit lines stay per command; a failure answers every
@@ -420,7 +424,7 @@ class Dispatcher:
 
     # -- audit ----------------------------------------------------------------
 
-    def _audit(self, cmd: c.Command, client: str, outcome: str, seconds: float) -> None:
+    def _audit(self, cmd: AnyCommand, client: str, outcome: str, seconds: float) -> None:
         keys: tuple[bytes, ...]
         flags = exptime = nbytes = None
         if isinstance(cmd, (c.Get, c.Gat)):

@@ -13,7 +13,7 @@ from mproxy.protocol import binary as b
 from mproxy.protocol import commands as c
 from mproxy.protocol.binary import BinaryParser, Opcode, Status
 from mproxy.protocol.commands import StoreMode
-from mproxy.protocol.errors import ConnectionClosed, ProtocolError
+from mproxy.protocol.errors import ProtocolError
 from mproxy.protocol.parser import NEED_DATA
 
 OPAQUE = 0xDEADBEEF
@@ -155,8 +155,8 @@ CASES: list[tuple[bytes, list[object]]] = [
     (req(Opcode.GET, b"abc", bodylen=2), [err(Opcode.GET, Status.UNKNOWN_COMMAND), c.Quit()]),
     (req(Opcode.SET, b"k", extras=FLAGS_EXP, bodylen=8), [err(Opcode.SET, Status.UNKNOWN_COMMAND), c.Quit()]),
     # not a request: closed without a reply
-    (req(Opcode.NOOP, magic=0x81), [ConnectionClosed("magic")]),
-    (b"get a\r\n" + b"x" * 17, [ConnectionClosed("magic")]),
+    (req(Opcode.NOOP, magic=0x81), [ProtocolError(b""), c.Quit()]),
+    (b"get a\r\n" + b"x" * 17, [ProtocolError(b""), c.Quit()]),
 ]
 
 

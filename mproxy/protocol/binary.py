@@ -21,7 +21,11 @@ real binary (``tests/test_differential_binary.py``):
   ``keylen + extlen`` above ``bodylen``) answers ``Unknown command``, a key
   over :data:`~mproxy.protocol.commands.KEY_MAX_LENGTH` or fields a command
   does not accept answer ``Invalid arguments``; both close the connection
-  after the reply (the decoder then returns :class:`~.commands.Quit`);
+  after the reply. The decoder raises a non-fatal error (its reply empty for
+  the bad magic) and then returns :class:`~.commands.Quit`, so the replies
+  to the requests before it are sent. memcached sends those it has written
+  by then: after an error reply or a noop it writes at once, other replies
+  wait, and a bad magic drops those waiting;
 * an opcode memcached does not serve (``verbosity`` among them, and the SASL
   commands, memcached being built here without SASL) answers
   ``Unknown command`` and discards ``bodylen`` bytes *after* the extras and
@@ -45,7 +49,7 @@ from typing import Callable, Final, NoReturn
 
 from mproxy.protocol import commands as c
 from mproxy.protocol.commands import StoreMode
-from mproxy.protocol.errors import ConnectionClosed, ProtocolError
+from mproxy.protocol.errors import ProtocolError
 from mproxy.protocol.parser import NEED_DATA, NeedData
 
 #: First byte of every request (``PROTOCOL_BINARY_REQ``): it also picks the protocol of a connection.
@@ -432,7 +436,9 @@ class BinaryParser:
             return NEED_DATA
         magic, opcode, keylen, extlen, _, _, bodylen, opaque, cas = HEADER.unpack_from(buf, pos)
         if magic != REQUEST_MAGIC:
-            raise ConnectionClosed(f"binary request with magic byte 0x{magic:02x}, not 0x{REQUEST_MAGIC:02x}")
+            # no reply; the replies before it are sent (see the module docstring)
+            self._ended = True
+            raise ProtocolError(b"", f"binary request with magic byte 0x{magic:02x}, not 0x{REQUEST_MAGIC:02x}")
         end = pos + HEADER_LENGTH + extlen + keylen
         if len(buf) < end:
             return NEED_DATA
