@@ -343,8 +343,8 @@ def stat(opcode: int, opaque: int, name: bytes, value: bytes) -> bytes:
 
 # -- decoder ----------------------------------------------------------------
 
-#: quiet opcode -> the opcode it is a quiet form of (memcached's first switch)
-_QUIET: Final[dict[int, int]] = {
+#: quiet opcode -> the opcode it is the quiet form of (memcached's first switch)
+QUIET_FORMS: Final[dict[int, int]] = {
     Opcode.SETQ: Opcode.SET,
     Opcode.ADDQ: Opcode.ADD,
     Opcode.REPLACEQ: Opcode.REPLACE,
@@ -449,7 +449,7 @@ class BinaryParser:
             raise self._closing(opcode, opaque, Status.UNKNOWN_COMMAND, "header lengths disagree")
         if keylen > c.KEY_MAX_LENGTH:
             raise self._closing(opcode, opaque, Status.EINVAL, f"key of {keylen} bytes")
-        base = _QUIET.get(opcode, opcode)
+        base = QUIET_FORMS.get(opcode, opcode)
         header = _Header(opcode, base, base != opcode, extlen, keylen, bodylen, opaque, cas, extras, key)
         handler = _OPCODES.get(base)
         if handler is None:
