@@ -401,3 +401,15 @@ def test_audit_records_binary_commands() -> None:
         ("setq", (b"a",), "stored", 3, 2),
         ("getk", (b"a",), "hit", None, None),
     ]
+
+
+def test_a_write_already_expired_answers_cas_0() -> None:
+    """Documented difference (docs/compatibility.md): the CAS of a write is read back,
+    and an item stored already expired is not there to read (memcached answers the
+    unique of the invisible item)."""
+    d, _ = make()
+    past = 2592001  # above 30 days: a Unix time, long past
+    assert run(d, store_req(Opcode.SET, b"a", b"v", exptime=past) + arith_req(Opcode.INCREMENT, b"n", 1, 5, past)) == [
+        ok(Opcode.SET),
+        ok(Opcode.INCREMENT, value=struct.pack(">Q", 5)),
+    ]
