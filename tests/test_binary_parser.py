@@ -4,6 +4,7 @@ the encoder's frames; and the fuzz invariant: decode or raise ProtocolError, not
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import given, settings
@@ -265,6 +266,33 @@ def test_names_are_memcached_opcode_names() -> None:
 
 
 # -- encoder -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A response frame, read back (tests of dispatch and the differential harness)."""
+
+    opcode: int
+    status: int
+    extras: bytes
+    key: bytes
+    value: bytes
+    opaque: int
+    cas: int
+
+
+def split_frames(buffer: bytes) -> tuple[list[Frame], bytes]:
+    """The complete response frames at the start of ``buffer``, and the rest."""
+    frames: list[Frame] = []
+    pos = 0
+    while len(buffer) - pos >= 24:
+        magic, opcode, keylen, extlen, _, status, bodylen, opaque, cas = b.HEADER.unpack_from(buffer, pos)
+        if magic != b.RESPONSE_MAGIC or len(buffer) - pos - 24 < bodylen:
+            break
+        body = buffer[pos + 24 : pos + 24 + bodylen]
+        frames.append(Frame(opcode, status, body[:extlen], body[extlen : extlen + keylen], body[extlen + keylen :], opaque, cas))
+        pos += 24 + bodylen
+    return frames, buffer[pos:]
 
 
 def test_frames_are_memcached_frames() -> None:

@@ -18,14 +18,13 @@ import os
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import MPROXY_CONFIGS
-from tests.servers import HOST, Server, start_mproxy
+from tests.servers import HOST, Server
+from tests.test_clients import proxy  # noqa: F401  (a fixture: mproxy on each backend)
 
 try:
     import bmemcached
@@ -33,13 +32,6 @@ except ImportError:  # pragma: no cover - installed by the [test] extra
     bmemcached = None
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module", params=sorted(MPROXY_CONFIGS))
-def proxy(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_mproxy(MPROXY_CONFIGS[request.param](), tmp_path_factory.mktemp("binary-clients"))
-    yield server
-    server.stop()
 
 
 def _bmemcached(port: int) -> Any:

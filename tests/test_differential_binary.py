@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import re
 import struct
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,21 +45,22 @@ import pytest
 
 from mproxy.protocol import binary as b
 from tests.servers import RawSession, Server
+from tests.test_binary_parser import Frame, split_frames
 from tests.test_differential import (  # noqa: F401  (diff_target is a fixture)
     _BACKENDS_HEADER,
     _SKIP_HEADER,
     _STEP_LINE,
     MAX_SLEEP,
-    SELF_TEST_TARGET,
     SHOWN_MISMATCHES,
     STEP_KINDS,
     STEP_TIMEOUT,
     CorpusError,
     Mismatch,
     Target,
-    _show,
     decode_payload,
     diff_target,
+    run_session,
+    skip_unless_for,
 )
 
 pytestmark = pytest.mark.e2e
@@ -185,31 +185,6 @@ def parse_session(path: Path) -> Session:
 # -- reading and normalising frames ---------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Frame:
-    opcode: int
-    status: int
-    extras: bytes
-    key: bytes
-    value: bytes
-    opaque: int
-    cas: int
-
-
-def split_frames(buffer: bytes) -> tuple[list[Frame], bytes]:
-    """The complete response frames at the start of ``buffer``, and the rest."""
-    frames: list[Frame] = []
-    pos = 0
-    while len(buffer) - pos >= 24:
-        magic, opcode, keylen, extlen, _, status, bodylen, opaque, cas = b.HEADER.unpack_from(buffer, pos)
-        if magic != b.RESPONSE_MAGIC or len(buffer) - pos - 24 < bodylen:
-            break
-        body = buffer[pos + 24 : pos + 24 + bodylen]
-        frames.append(Frame(opcode, status, body[:extlen], body[extlen : extlen + keylen], body[extlen + keylen :], opaque, cas))
-        pos += 24 + bodylen
-    return frames, buffer[pos:]
-
-
 def _is_sentinel(frame: Frame) -> bool:
     return frame.opcode == b.Opcode.NOOP and frame.opaque == SENTINEL_OPAQUE
 
@@ -243,7 +218,9 @@ class Outcome:
 class Conversation:
     """One server's side of a session."""
 
-    def __init__(self, label: str, port: int) -> None:
+    def __init__(self, label: str, port: int, *, strict: bool = False) -> None:
+        # strict: the text harness's flag for unresolved CAS references; here {cas}
+        # is 0 until the server answered one, on both servers alike
         self.label = label
         self.port = port
         self.normalise = Normaliser()
@@ -299,32 +276,6 @@ class Conversation:
         return Outcome(self._render(frames, rest, b"<closed>" if closed else b"<no reply to the sentinel>"), False)
 
 
-def run_session(session: Session, reference_port: int, target: Target) -> list[Mismatch]:
-    ref = Conversation("memcached", reference_port)
-    tgt = Conversation(target.name, target.port)
-    try:
-        ref.reset()
-        tgt.reset()
-        mismatches: list[Mismatch] = []
-        for step in session.steps:
-            if step.kind == "sleep":
-                time.sleep(step.seconds)  # the session is about expiry
-                continue
-            expected = ref.run(step)
-            if not expected.complete:
-                raise CorpusError(
-                    f"{session.path.name}:{step.line}: reference memcached did not complete the "
-                    f"{step.kind} step (reply {_show(expected.reply)})"
-                )
-            actual = tgt.run(step)
-            if actual.reply != expected.reply:
-                mismatches.append(Mismatch(step, expected.reply, actual.reply))  # type: ignore[arg-type]
-        return mismatches
-    finally:
-        ref.close()
-        tgt.close()
-
-
 def describe(session: Session, target_name: str, mismatches: list[Mismatch]) -> str:
     lines = [f"{session.path.name}: {len(mismatches)} step(s) differ from memcached"]
     for mismatch in mismatches[:SHOWN_MISMATCHES]:
@@ -346,12 +297,8 @@ SESSION_FILES = sorted(CORPUS_DIR.glob("*.txt"))
 def test_session(session_file: Path, memcached_server: Server, diff_target: Target) -> None:
     """Every step of the session gets the same frames from the target as from memcached."""
     session = parse_session(session_file)
-    if diff_target.name != SELF_TEST_TARGET:
-        if session.backends is not None and diff_target.name not in session.backends:
-            pytest.skip(f"session is only for backends {sorted(session.backends)}")
-        if diff_target.name in session.skip_on:
-            pytest.skip(session.skip_on[diff_target.name])
-    mismatches = run_session(session, memcached_server.port, diff_target)
+    skip_unless_for(diff_target.name, session.backends, session.skip_on)
+    mismatches = run_session(session, memcached_server.port, diff_target, Conversation)  # type: ignore[arg-type]
     if mismatches:
         pytest.fail(describe(session, diff_target.name, mismatches), pytrace=False)
 

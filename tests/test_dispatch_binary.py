@@ -4,12 +4,11 @@ counters out (the differential test checks the same frames against memcached).""
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from mproxy.backends.base import BackendError, StoreResult
+from mproxy.backends.base import StoreResult
 from mproxy.backends.memory import MemoryBackend
 from mproxy.dispatch import VERSION_TEXT, Dispatcher
 from mproxy.protocol import binary as b
@@ -18,29 +17,13 @@ from mproxy.protocol.binary import BinaryParser, Opcode, Status
 from mproxy.protocol.errors import ProtocolError
 from mproxy.protocol.parser import NEED_DATA
 from mproxy.stats import Stats
-from tests.test_binary_parser import arith_req, req, store_req
-
-
-@dataclass(frozen=True)
-class Frame:
-    opcode: int
-    status: int
-    extras: bytes
-    key: bytes
-    value: bytes
-    opaque: int
-    cas: int
+from tests.test_binary_parser import Frame, arith_req, req, split_frames, store_req
+from tests.test_dispatch import Failing
 
 
 def frames(data: bytes) -> list[Frame]:
-    out = []
-    while data:
-        magic, opcode, keylen, extlen, _, status, bodylen, opaque, cas = b.HEADER.unpack_from(data)
-        assert magic == b.RESPONSE_MAGIC
-        body = data[24 : 24 + bodylen]
-        assert len(body) == bodylen
-        out.append(Frame(opcode, status, body[:extlen], body[extlen : extlen + keylen], body[extlen + keylen :], opaque, cas))
-        data = data[24 + bodylen :]
+    out, rest = split_frames(data)
+    assert rest == b""
     return out
 
 
@@ -308,17 +291,6 @@ def test_stat_groups() -> None:
     assert stats.cache("c").cmd_get == 0
     assert run(d, req(Opcode.STAT, b"foo")) == [error(Opcode.STAT, Status.KEY_ENOENT)]
     assert run(d, req(Opcode.STAT, b"conns")) == [error(Opcode.STAT, Status.KEY_ENOENT)]  # text-only in memcached
-
-
-class Failing:
-    kind = "failing"
-    max_batch_keys = 100
-
-    def __getattr__(self, name: str) -> Any:
-        def fail(*args: Any, **kwargs: Any) -> Any:
-            raise BackendError("timeout", "momento timeout after 5.0s on " + name)
-
-        return fail
 
 
 def test_backend_errors_answer_out_of_memory_with_the_reason() -> None:

@@ -144,20 +144,16 @@ OPCODE_NAMES: Final[dict[int, str]] = {
 
 
 # -- records ----------------------------------------------------------------
-# Every record carries the request's opcode (echoed in the response) and opaque.
-# ``noreply`` is False: quiet commands still answer errors, so the handler
-# decides what to send (b"" where memcached sends nothing).
 
 
-@dataclass(frozen=True, slots=True)
-class BinGet:
-    """get, getq, getk, getkq: ``with_key`` for the k forms (the key is echoed)."""
+class _Request:
+    """What every record has: the request's ``opcode`` (echoed in the response; its
+    ``name`` is memcached's) and ``opaque``. ``noreply`` is False: quiet requests still
+    answer errors, so their handler decides what to send (b"" where memcached sends
+    nothing)."""
 
+    __slots__ = ()
     opcode: int
-    opaque: int
-    key: bytes
-    quiet: bool = False
-    with_key: bool = False
     noreply = False
 
     @property
@@ -166,7 +162,18 @@ class BinGet:
 
 
 @dataclass(frozen=True, slots=True)
-class BinTouch:
+class BinGet(_Request):
+    """get, getq, getk, getkq: ``with_key`` for the k forms (the key is echoed)."""
+
+    opcode: int
+    opaque: int
+    key: bytes
+    quiet: bool = False
+    with_key: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BinTouch(_Request):
     """touch, gat, gatq, gatk, gatkq: set the expiry, answer the flags (and the value
     unless ``touch``)."""
 
@@ -177,15 +184,10 @@ class BinTouch:
     quiet: bool = False
     with_key: bool = False
     with_value: bool = True
-    noreply = False
-
-    @property
-    def name(self) -> str:
-        return OPCODE_NAMES[self.opcode]
 
 
 @dataclass(frozen=True, slots=True)
-class BinStore:
+class BinStore(_Request):
     """set, add, replace, append, prepend and their quiet forms. ``cas`` is the
     request's CAS field (0: none); append and prepend carry no flags or expiry."""
 
@@ -198,15 +200,10 @@ class BinStore:
     value: bytes
     cas: int = 0
     quiet: bool = False
-    noreply = False
-
-    @property
-    def name(self) -> str:
-        return OPCODE_NAMES[self.opcode]
 
 
 @dataclass(frozen=True, slots=True)
-class BinTooLarge:
+class BinTooLarge(_Request):
     """A store whose value is over ``max_item_size``: its bytes are being discarded."""
 
     opcode: int
@@ -217,29 +214,19 @@ class BinTooLarge:
     exptime: int
     nbytes: int
     quiet: bool = False
-    noreply = False
-
-    @property
-    def name(self) -> str:
-        return OPCODE_NAMES[self.opcode]
 
 
 @dataclass(frozen=True, slots=True)
-class BinDelete:
+class BinDelete(_Request):
     opcode: int
     opaque: int
     key: bytes
     cas: int = 0
     quiet: bool = False
-    noreply = False
-
-    @property
-    def name(self) -> str:
-        return OPCODE_NAMES[self.opcode]
 
 
 @dataclass(frozen=True, slots=True)
-class BinArith:
+class BinArith(_Request):
     """increment / decrement: a missing counter is created as ``initial`` (answered
     as is) unless ``exptime`` is :data:`NO_CREATE`."""
 
@@ -252,51 +239,31 @@ class BinArith:
     exptime: int
     cas: int = 0
     quiet: bool = False
-    noreply = False
-
-    @property
-    def name(self) -> str:
-        return OPCODE_NAMES[self.opcode]
 
 
 @dataclass(frozen=True, slots=True)
-class BinFlush:
+class BinFlush(_Request):
     opcode: int
     opaque: int
     delay: int = 0
     quiet: bool = False
-    noreply = False
-
-    @property
-    def name(self) -> str:
-        return OPCODE_NAMES[self.opcode]
 
 
 @dataclass(frozen=True, slots=True)
-class BinSimple:
+class BinSimple(_Request):
     """noop, version, quit: no arguments (quit ends the connection after its reply)."""
 
     opcode: int
     opaque: int
-    noreply = False
-
-    @property
-    def name(self) -> str:
-        return OPCODE_NAMES[self.opcode]
 
 
 @dataclass(frozen=True, slots=True)
-class BinStat:
+class BinStat(_Request):
     """stat: ``key`` is the group (empty: the general statistics)."""
 
     opcode: int
     opaque: int
     key: bytes = b""
-    noreply = False
-
-    @property
-    def name(self) -> str:
-        return OPCODE_NAMES[self.opcode]
 
 
 BinCommand = BinGet | BinTouch | BinStore | BinTooLarge | BinDelete | BinArith | BinFlush | BinSimple | BinStat
