@@ -220,13 +220,9 @@ class Dispatcher:
         return r.number(value), "ok"
 
     def _touch(self, cmd: c.Touch) -> tuple[bytes, str]:
-        st = self.stats
-        st.cmd_touch += 1
-        if self._call("touch", self.backend.touch, cmd.key, cmd.exptime):
-            st.touch_hits += 1
-            return r.TOUCHED, "touched"
-        st.touch_misses += 1
-        return r.NOT_FOUND, "not_found"
+        touched = bool(self._call("touch", self.backend.touch, cmd.key, cmd.exptime))
+        self.count_touches(1, int(touched))
+        return (r.TOUCHED, "touched") if touched else (r.NOT_FOUND, "not_found")
 
     def _flush_all(self, cmd: c.FlushAll) -> tuple[bytes, str]:
         if not self.flush(cmd.delay):
@@ -266,12 +262,16 @@ class Dispatcher:
         if seconds is not None and seconds <= 0:
             # memcached: the first hit expires the item, so a repeated key then misses
             answered = tuple(dict.fromkeys(keys))
-        st = self.stats
         hits = sum(1 for key in answered if key in found)
-        st.cmd_touch += len(keys)
-        st.touch_hits += hits
-        st.touch_misses += len(keys) - hits
+        self.count_touches(len(keys), hits)
         return answered, found, hits
+
+    def count_touches(self, total: int, hits: int) -> None:
+        """Count ``total`` keys touched (touch, gat, gats), ``hits`` of them found."""
+        st = self.stats
+        st.cmd_touch += total
+        st.touch_hits += hits
+        st.touch_misses += total - hits
 
     def store_item(
         self, mode: StoreMode, key: bytes, value: bytes, flags: int, exptime: int, cas_unique: int = 0
