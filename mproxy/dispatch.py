@@ -187,8 +187,8 @@ class Dispatcher:
 
     def _answer_get(self, cmd: c.Get, found: dict[bytes, Item]) -> tuple[bytes, str]:
         keys = cmd.keys
-        hits = self.count_gets(keys, found)
-        return self._values(keys, found, cmd.cas), _hit_outcome(hits, len(keys))
+        outcome = self.count_gets(keys, found)
+        return self._values(keys, found, cmd.cas), outcome
 
     def _gat(self, cmd: c.Gat) -> tuple[bytes, str]:
         keys, found, hits = self.touch_items(cmd.keys, cmd.exptime, cmd.cas)
@@ -242,14 +242,16 @@ class Dispatcher:
     # Each owns one rule (what is counted, what a too-large set removes, ...);
     # the handlers only turn results into their protocol's replies.
 
-    def count_gets(self, keys: Sequence[bytes], found: Mapping[bytes, Item]) -> int:
-        """Count a get of ``keys`` that found ``found``; returns the hits."""
+    def count_gets(self, keys: Sequence[bytes], found: Mapping[bytes, Item]) -> str:
+        """Count a get of ``keys`` that found ``found``; returns its audit outcome
+        (``hit``, ``miss`` or ``partial``). On the text get path: one call does both."""
         st = self.stats
+        total = len(keys)
         hits = sum(1 for key in keys if key in found)
-        st.cmd_get += len(keys)
+        st.cmd_get += total
         st.get_hits += hits
-        st.get_misses += len(keys) - hits
-        return hits
+        st.get_misses += total - hits
+        return _hit_outcome(hits, total)
 
     def touch_items(
         self, keys: tuple[bytes, ...], exptime: int, with_cas: bool

@@ -103,12 +103,12 @@ class _Handlers:
     def get(self, cmd: b.BinGet) -> tuple[bytes, str]:
         keys = (cmd.key,)
         found = self.d.read_items(keys)
-        self.d.count_gets(keys, found)
+        outcome = self.d.count_gets(keys, found)
         item = found.get(cmd.key)
         if item is not None:
             key = cmd.key if cmd.with_key else b""
-            return b.item(cmd.opcode, cmd.opaque, item.flags, item.cas, key, item.value), "hit"
-        return _miss(cmd), "miss"
+            return b.item(cmd.opcode, cmd.opaque, item.flags, item.cas, key, item.value), outcome
+        return _miss(cmd), outcome
 
     def touch(self, cmd: b.BinTouch) -> tuple[bytes, str]:
         _, found, _ = self.d.touch_items((cmd.key,), cmd.exptime, True)
