@@ -18,7 +18,7 @@ Beyond the text commands:
   :meth:`Dispatcher.arith_or_create` (where memcached answers ``Not stored.``
   to an add lost to a concurrent creator, it increments the new counter);
 * successful writes answer the CAS unique of the item written, read back from
-  the backend (:func:`_written_cas`), as the backend interface does not
+  the backend (:meth:`_Handlers._written_cas`), as the backend interface does not
   return it;
 * backend failures answer ``Out of memory`` (status 0x82) with the reason as
   the body: memcached's binary form of its ``SERVER_ERROR`` lines.
