@@ -406,7 +406,7 @@ class CacheConfig:
     protocol: str = _option(
         "memcache",
         _CHOICE,
-        "Wire protocol (momento-proxy key). Only the memcached text protocol is served.",
+        "Wire protocol (momento-proxy key): memcached's, text and binary alike (the first byte of a connection tells which).",
         choices=("memcache",),
     )
     default_ttl: int = _option(

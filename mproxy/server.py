@@ -1,7 +1,9 @@
 """gevent TCP server: one StreamServer per ``[[cache]]`` listener, one
 greenlet per connection. The only place that calls ``recv``/``sendall``.
 
-A connection handles everything one read delivered before it writes: the
+A connection speaks the text protocol, or the binary one when its first
+byte is the binary request magic (as memcached decides). It handles
+everything one read delivered before it writes: the
 complete commands in the buffer go to ``Dispatcher.run`` in order, and their
 replies go out in one ``sendall`` (flushed early past ``FLUSH_BYTES`` so a
 pipeline of large gets cannot pile up memory). The loop knows bytes, ``quit``
@@ -27,6 +29,7 @@ from gevent.server import StreamServer
 
 from mproxy.dispatch import Dispatcher
 from mproxy.protocol import commands as c
+from mproxy.protocol.binary import REQUEST_MAGIC, BinaryParser, BinCommand
 from mproxy.protocol import replies as r
 from mproxy.protocol.errors import ProtocolError
 from mproxy.protocol.parser import NEED_DATA, Parser
@@ -56,7 +59,7 @@ class _Connection:
         #: why the connection ends after this read: ``quit``, or the fatal ProtocolError
         self.ending: c.Quit | ProtocolError | None = None
 
-    def commands(self, parser: Parser) -> Iterator[c.Command | ProtocolError]:
+    def commands(self, parser: Parser | BinaryParser) -> Iterator[c.Command | BinCommand | ProtocolError]:
         """The complete commands in the parser's buffer, with the parse errors
         that are answered in place. Stops at ``quit`` or at a fatal error,
         noting it in ``ending``; from a fatal error on, nothing more is sent."""
@@ -182,7 +185,7 @@ class CacheServer:
     def _serve(self, conn: _Connection, client: str) -> None:
         sock = conn.sock
         st = self.stats
-        parser = Parser(self.max_item_size)
+        parser: Parser | BinaryParser | None = None
         run = self.dispatcher.run
         while not self.stopping:
             data = sock.recv(READ_SIZE)
@@ -190,6 +193,8 @@ class CacheServer:
                 return
             conn.busy = True
             st.bytes_read += len(data)
+            if parser is None:  # the first byte says which protocol the connection speaks
+                parser = (BinaryParser if data[0] == REQUEST_MAGIC else Parser)(self.max_item_size)
             parser.feed(data)
             for reply in run(conn.commands(parser), client):
                 conn.add(reply)

@@ -1020,8 +1020,9 @@ def slow_server() -> Iterator[LocalServer]:
 def test_gevent_concurrent_get_many_do_not_serialize(slow_server: LocalServer, tmp_path: Path) -> None:
     figures = _run_gevent(slow_server, "c", 256, tmp_path)
     print(f"100 concurrent get_many, server delay 50 ms: {figures}")
-    assert figures["get"] < 1.0
-    assert figures["multi"] < 1.0
+    # serialized they would take 100 x 50 ms = 5 s; the bound leaves room for a loaded machine
+    assert figures["get"] < 2.5
+    assert figures["multi"] < 2.5
 
 
 def test_gevent_max_in_flight_applies_back_pressure(slow_server: LocalServer, tmp_path: Path) -> None:

@@ -75,7 +75,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -438,10 +438,14 @@ class Mismatch:
     target: bytes
 
 
-def run_session(session: Session, reference_port: int, target: Target) -> list[Mismatch]:
-    """Run ``session`` in lockstep on both servers; return the differing steps."""
-    ref = Conversation("memcached", reference_port, strict=True)
-    tgt = Conversation(target.name, target.port, strict=False)
+def run_session(
+    session: Session, reference_port: int, target: Target, conversation: Callable[..., Conversation] | None = None
+) -> list[Mismatch]:
+    """Run ``session`` in lockstep on both servers; return the differing steps.
+    ``conversation`` makes each server's side (the binary harness passes its own)."""
+    make = conversation or Conversation
+    ref = make("memcached", reference_port, strict=True)
+    tgt = make(target.name, target.port, strict=False)
     try:
         ref.reset()
         tgt.reset()
@@ -525,6 +529,16 @@ def diff_target(
         server.stop()
 
 
+def skip_unless_for(target: str, backends: frozenset[str] | None, skip_on: Mapping[str, str]) -> None:
+    """Skip a session whose headers exclude this mproxy backend (the self-test target runs all)."""
+    if target == SELF_TEST_TARGET:
+        return
+    if backends is not None and target not in backends:
+        pytest.skip(f"session is only for backends {sorted(backends)}")
+    if target in skip_on:
+        pytest.skip(skip_on[target])
+
+
 SESSION_FILES = sorted(CORPUS_DIR.glob("*.txt"))
 
 
@@ -533,11 +547,7 @@ SESSION_FILES = sorted(CORPUS_DIR.glob("*.txt"))
 def test_session(session_file: Path, memcached_server: Server, diff_target: Target) -> None:
     """Every step of the session gets the same reply from the target as from memcached."""
     session = parse_session(session_file)
-    if diff_target.name != SELF_TEST_TARGET:
-        if session.backends is not None and diff_target.name not in session.backends:
-            pytest.skip(f"session is only for backends {sorted(session.backends)}")
-        if diff_target.name in session.skip_on:
-            pytest.skip(session.skip_on[diff_target.name])
+    skip_unless_for(diff_target.name, session.backends, session.skip_on)
     mismatches = run_session(session, memcached_server.port, diff_target)
     if mismatches:
         pytest.fail(describe(session, diff_target.name, mismatches), pytrace=False)

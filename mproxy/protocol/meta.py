@@ -10,7 +10,7 @@ message set winning), then the checks each command makes after it.
 A flag is a token whose first byte names it; what follows that byte is its
 argument (``T30``, ``Oabc``) or ignored (``vxyz`` is ``v``). The records keep
 the flag tokens in the order sent: replies echo ``O``/``k``/``c``/``t``/...
-in that order (see :mod:`mproxy.dispatch_meta`).
+in that order (see :mod:`mproxy.dispatch.meta`).
 
 Stdlib only, like the rest of :mod:`mproxy.protocol`.
 """

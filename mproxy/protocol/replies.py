@@ -39,10 +39,15 @@ def server_error(reason: str) -> bytes:
     return b"SERVER_ERROR " + line.encode("utf-8", "replace") + b"\r\n"
 
 
+def stat_text(value: object) -> str:
+    """A statistic's value as memcached writes it (text and binary alike): floats
+    as ``%.6f`` (rusage), anything else as is."""
+    return f"{value:.6f}" if isinstance(value, float) else str(value)
+
+
 def stats(pairs: Mapping[str, object]) -> bytes:
-    """``STAT name value`` lines then ``END``; floats as memcached's ``%.6f`` (rusage)."""
-    lines = [f"STAT {k} {v:.6f}\r\n" if isinstance(v, float) else f"STAT {k} {v}\r\n" for k, v in pairs.items()]
-    return "".join(lines).encode() + END
+    """``STAT name value`` lines then ``END``."""
+    return "".join(f"STAT {k} {stat_text(v)}\r\n" for k, v in pairs.items()).encode() + END
 
 
 def version(text: str) -> bytes:

@@ -39,7 +39,7 @@ from mproxy.protocol.commands import StoreMode
 from mproxy.protocol.meta import b64encode
 
 if TYPE_CHECKING:
-    from mproxy.dispatch import Dispatcher
+    from mproxy.dispatch.core import Dispatcher
 
 _T, _N, _O, _k, _c, _t, _s, _f, _l, _h = b"TNOkctsflh"
 
@@ -89,7 +89,7 @@ class MetaCommands:
     counters and timed calls)."""
 
     def __init__(self, dispatcher: Dispatcher) -> None:
-        from mproxy.dispatch import count_cas  # dispatch imports this module first
+        from mproxy.dispatch.core import count_cas  # core imports this module first
 
         self._dispatcher = dispatcher
         self._count_cas = count_cas

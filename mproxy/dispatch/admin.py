@@ -20,7 +20,7 @@ from mproxy.protocol.admin import parse_double, valid_classes
 from mproxy.protocol.numbers import parse_i32, parse_u32
 
 if TYPE_CHECKING:
-    from mproxy.dispatch import Dispatcher
+    from mproxy.dispatch.core import Dispatcher
 
 #: memcached ``MAX_VERBOSITY_LEVEL``
 MAX_VERBOSITY_LEVEL = 2
