@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="fault rule RPC[:delay=S][:error=STATUS][:count=N][:message=TEXT] (repeatable)",
     )
     parser.add_argument(
-        "--workers", type=int, default=DEFAULT_MAX_WORKERS, help="RPCs served at once (default: %(default)s)"
+        "--workers",
+        type=int,
+        default=DEFAULT_MAX_WORKERS,
+        help="threads serving RPCs at once; an RPC asleep in a fault's delay holds none (default: %(default)s)",
     )
     return parser
 
