@@ -125,7 +125,7 @@ class Gate:
             self._wait(delay)
         if error is not None and error.code is not None:
             raise Rejection(error.code, error.message)
-        metadata = {item.key: item.value for item in context.invocation_metadata() if isinstance(item.value, str)}
+        metadata = {key: value for key, value in context.invocation_metadata() if isinstance(value, str)}
         if self._auth_token is not None and not hmac.compare_digest(
             metadata.get("authorization", "").encode(), self._auth_token
         ):
