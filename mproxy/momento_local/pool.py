@@ -13,6 +13,7 @@ delayed write applies even when its client has given up meanwhile.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -38,6 +39,7 @@ class CallPool(Executor):
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._workers: set[threading.Thread] = set()
+        self._names = itertools.count(1)
         self._queued = 0  # jobs submitted and not yet taken by a worker
         self._idle = 0  # workers waiting for a job
         self._sleeping = 0  # workers asleep in wait()
@@ -93,9 +95,9 @@ class CallPool(Executor):
         """Start a worker if a queued job has no idle worker and a place is free (lock held)."""
         if self._closed or self._queued <= self._idle or len(self._workers) - self._sleeping >= self._size:
             return
-        worker = threading.Thread(target=self._work, name=f"momento-local-{len(self._workers)}", daemon=True)
+        worker = threading.Thread(target=self._work, name=f"momento-local-{next(self._names)}", daemon=True)
+        worker.start()  # raises if no thread can be had, before the count; the worker waits for the lock
         self._workers.add(worker)
-        worker.start()
 
     def _work(self) -> None:
         me = threading.current_thread()
