@@ -1,6 +1,7 @@
 """The local Momento-compatible server, driven by the real ``momento`` SDK and raw stubs.
 
-Runs un-patched (no gevent): the server is a plain thread-pool gRPC server.
+Runs un-patched (no gevent): the server is a plain gRPC server on a small
+:class:`~mproxy.momento_local.pool.CallPool`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from momento_wire_types import common_pb2 as common
 from mproxy.momento_local.control import control_request
 from mproxy.momento_local.faults import FaultSpecError, parse_fault
 from mproxy.momento_local.gate import MAX_ITEM_SIZE_BYTES
+from mproxy.momento_local.pool import CallPool
 from mproxy.momento_local.server import LocalServer, serve
 from mproxy.momento_local.store import (
     CacheExistsError,
@@ -161,6 +163,55 @@ def test_parse_fault() -> None:
                 "Get:count=0:delay=1", "Get:colour=red"):
         with pytest.raises(FaultSpecError):
             parse_fault(bad)
+
+
+# ---- call pool (no sockets) ---------------------------------------------------
+
+
+def test_call_pool_lends_a_sleepers_place_then_shrinks_back() -> None:
+    release = threading.Event()
+    pool = CallPool(1, sleep=lambda _seconds: release.wait(DEADLINE))
+    asleep = pool.submit(pool.wait, 60.0)
+    assert pool.submit(lambda: "ran").result(timeout=DEADLINE) == "ran"
+    assert not asleep.done()
+    release.set()
+    assert asleep.result(timeout=DEADLINE) is None
+    assert [pool.submit(lambda i=i: i).result(timeout=DEADLINE) for i in range(3)] == [0, 1, 2]
+    deadline = time.monotonic() + DEADLINE
+    while len(pool._workers) > 1:  # the surplus thread ends after its next job
+        assert time.monotonic() < deadline, "the pool never shrank back to its size"
+        pool.submit(lambda: None).result(timeout=DEADLINE)
+    pool.shutdown()
+    assert not pool._workers
+    with pytest.raises(RuntimeError):
+        pool.submit(lambda: None)
+
+
+def test_call_pool_shutdown_runs_or_cancels_queued_jobs() -> None:
+    gate = threading.Event()
+    pool = CallPool(1)
+    blocker = pool.submit(gate.wait, DEADLINE)
+    queued = pool.submit(lambda: "queued")
+    failing = pool.submit(lambda: 1 / 0)
+    gate.set()
+    pool.shutdown(wait=True)
+    assert blocker.result() is True and queued.result() == "queued"
+    with pytest.raises(ZeroDivisionError):
+        failing.result()
+    gate.clear()
+    pool = CallPool(1)
+    blocker = pool.submit(gate.wait, DEADLINE)
+    deadline = time.monotonic() + DEADLINE
+    while not blocker.running():
+        assert time.monotonic() < deadline, "the first job never started"
+        time.sleep(0.01)
+    queued = pool.submit(lambda: "queued")
+    pool.shutdown(wait=False, cancel_futures=True)
+    assert queued.cancelled()
+    gate.set()
+    assert blocker.result(timeout=DEADLINE) is True
+    with pytest.raises(ValueError):
+        CallPool(0)
 
 
 # ---- server fixtures ---------------------------------------------------------
@@ -443,6 +494,35 @@ def test_fault_delay(client: CacheClient, server: LocalServer) -> None:
     started = time.monotonic()
     assert isinstance(client.get(CACHE, "k"), CacheGet.Hit)
     assert time.monotonic() - started >= 0.3
+
+
+def test_fault_delay_holds_no_thread() -> None:
+    with serve(caches=[CACHE], faults=["Get:delay=60:count=2"], max_workers=1) as srv:
+        with grpc.insecure_channel(f"{HOST}:{srv.port}") as channel:
+            raw = pb_grpc.ScsStub(channel)
+            delayed = [raw.Get.future(pb._GetRequest(cache_key=b"k"), metadata=md(), timeout=DEADLINE * 3)
+                       for _ in range(2)]
+            deadline = time.monotonic() + DEADLINE
+            while srv.stats.snapshot()["calls"].get("Get", 0) < 2:
+                assert time.monotonic() < deadline, "the delayed calls never arrived"
+                time.sleep(0.01)
+            # both delayed calls are asleep: the one serving thread is free for this call
+            set_request = pb._SetRequest(cache_key=b"k", cache_body=b"v", ttl_milliseconds=60_000)
+            raw.Set(set_request, metadata=md(), timeout=DEADLINE)
+            assert srv.store.get(CACHE, b"k") == b"v"
+            for call in delayed:
+                call.cancel()
+
+
+def test_delayed_write_applies_after_the_client_gave_up(stub: pb_grpc.ScsStub, server: LocalServer) -> None:
+    server.faults.add("Set:delay=0.5:count=1")
+    request = pb._SetRequest(cache_key=b"late", cache_body=b"v", ttl_milliseconds=60_000)
+    error = rpc_error(stub.Set, request, metadata=md(), timeout=0.05)
+    assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + DEADLINE
+    while server.store.get(CACHE, b"late") is None:
+        assert time.monotonic() < deadline, "the delayed write never applied"
+        time.sleep(0.01)
 
 
 def test_fault_error_for_n_calls_then_success(client: CacheClient, server: LocalServer) -> None:

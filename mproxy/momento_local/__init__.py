@@ -16,6 +16,8 @@ Modules, each importing only those listed before it:
 ``data``     ``cache_client.Scs``: the data RPCs over the store
 ``control``  ``control_client.ScsControl``, and the control port (fault rules
              and statistics at run time, ``control_request``)
+``pool``     the few threads calls run on; a call asleep in a fault's delay
+             gives its place to another (``CallPool``)
 ``server``   ``serve()``: both services and the control port, started
 
 Importing this package is cheap: it imports neither grpc nor momento.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -21,6 +22,13 @@ from types import FrameType
 
 #: Seconds in-flight RPCs get to finish when the server stops.
 STOP_GRACE_SECONDS = 2.0
+#: gRPC core experiments of this process, unless ``GRPC_EXPERIMENTS`` is set:
+#: iomgr's TCP listener instead of the EventEngine's, so that the thread
+#: waiting on the completion queue reads and writes the connections itself, a
+#: thread hop less per event: about 20 % less CPU per call (docs/momento-local.md).
+#: A gRPC release without this experiment logs "Unknown experiment" and serves
+#: as without it.
+GRPC_EXPERIMENTS = "-event_engine_listener"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,13 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="fault rule RPC[:delay=S][:error=STATUS][:count=N][:message=TEXT] (repeatable)",
     )
     parser.add_argument(
-        "--workers", type=int, default=DEFAULT_MAX_WORKERS, help="RPCs served at once (default: %(default)s)"
+        "--workers",
+        type=int,
+        default=DEFAULT_MAX_WORKERS,
+        help="threads serving RPCs at once; an RPC asleep in a fault's delay holds none (default: %(default)s)",
     )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; return the process exit status."""
+    os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)  # before anything imports grpc
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from mproxy.momento_local.faults import FaultSpecError, parse_fault

@@ -101,9 +101,17 @@ class Gate:
     """Statistics, faults, authorization and limits shared by both services."""
 
     def __init__(
-        self, store: Store, faults: FaultInjector, stats: CallStats, auth_token: str | None, max_ttl_seconds: int
+        self,
+        store: Store,
+        faults: FaultInjector,
+        stats: CallStats,
+        auth_token: str | None,
+        max_ttl_seconds: int,
+        wait: Callable[[float], None] = time.sleep,
     ) -> None:
+        """``wait`` sleeps out a fault's delay (the server's :meth:`~.pool.CallPool.wait`)."""
         self.store = store
+        self._wait = wait
         self.faults = faults
         self.stats = stats
         self.max_ttl_seconds = max_ttl_seconds
@@ -114,10 +122,10 @@ class Gate:
         self.stats.record(rpc, keys)
         delay, error = self.faults.take(rpc)
         if delay:
-            time.sleep(delay)
+            self._wait(delay)
         if error is not None and error.code is not None:
             raise Rejection(error.code, error.message)
-        metadata = {item.key: item.value for item in context.invocation_metadata() if isinstance(item.value, str)}
+        metadata = {key: value for key, value in context.invocation_metadata() if isinstance(value, str)}
         if self._auth_token is not None and not hmac.compare_digest(
             metadata.get("authorization", "").encode(), self._auth_token
         ):

@@ -1,10 +1,11 @@
 """The local Momento server assembled: :func:`serve` and the running :class:`LocalServer`.
 
-One plain ``grpc.server`` (thread pool, never gevent-patched) serves both
+One plain ``grpc.server`` (never gevent-patched) serves both
 ``cache_client.Scs`` (:mod:`.data`) and ``control_client.ScsControl``
-(:mod:`.control`) on the same insecure port, behind one :class:`~.gate.Gate`;
-a second, line-based port takes fault rules and reports statistics
-(:class:`~.control.ControlPort`).
+(:mod:`.control`) on the same insecure port, behind one :class:`~.gate.Gate`,
+on a :class:`~.pool.CallPool` of a few threads (a call asleep in a fault's
+delay does not count); a second, line-based port takes fault rules and reports
+statistics (:class:`~.control.ControlPort`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from momento_wire_types import cacheclient_pb2_grpc as cache_grpc
@@ -22,6 +22,7 @@ from mproxy.momento_local.control import ControlPort, ControlServicer
 from mproxy.momento_local.data import DataServicer
 from mproxy.momento_local.faults import Fault, FaultInjector, parse_fault
 from mproxy.momento_local.gate import DEFAULT_MAX_TTL_SECONDS, CallStats, Gate
+from mproxy.momento_local.pool import CallPool
 from mproxy.momento_local.store import Store
 
 _LOG = logging.getLogger("mproxy.momento_local")
@@ -29,9 +30,10 @@ _LOG = logging.getLogger("mproxy.momento_local")
 #: The server accepts messages far above the item limit so that the item limit,
 #: not gRPC's 4 MiB default, decides (SetBatch carries many items).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-#: Worker threads of the gRPC server: the number of RPCs served at once
-#: (delayed calls hold a thread while they sleep).
-DEFAULT_MAX_WORKERS = 32
+#: Threads serving calls at once (a call asleep in a fault's delay does not
+#: count): one runs Python while the other waits on gRPC; more only add
+#: context switches (docs/momento-local.md has the figures).
+DEFAULT_MAX_WORKERS = 2
 #: How often the control port's accept loop checks for shutdown (bounds stop()).
 _CONTROL_POLL_SECONDS = 0.05
 
@@ -46,6 +48,7 @@ class LocalServer:
     def __init__(
         self,
         grpc_server: grpc.Server,
+        pool: CallPool,
         control: ControlPort,
         host: str,
         port: int,
@@ -60,6 +63,7 @@ class LocalServer:
         self.faults = faults
         self.stats = stats
         self._grpc_server = grpc_server
+        self._pool = pool
         self._control = control
         self._control_thread = threading.Thread(
             target=control.serve_forever, args=(_CONTROL_POLL_SECONDS,), name="momento-local-control", daemon=True
@@ -79,6 +83,7 @@ class LocalServer:
     def stop(self, grace: float | None = 1.0) -> None:
         """Stop both ports; in-flight RPCs get ``grace`` seconds to finish."""
         self._grpc_server.stop(grace).wait()
+        self._pool.shutdown(wait=False)  # a call asleep in a delay ends on its own
         self._control.shutdown()
         self._control.server_close()
         self._control_thread.join()
@@ -104,8 +109,9 @@ def serve(
 
     ``port``/``control_port`` 0 pick free ports (read them from the result).
     ``caches`` are created empty; ``auth_token`` None accepts any
-    ``authorization``; ``faults`` are rules or spec strings (:mod:`.faults`).
-    Raises ``OSError`` when a port cannot be bound.
+    ``authorization``; ``faults`` are rules or spec strings (:mod:`.faults`);
+    ``max_workers`` threads serve calls at once, not counting calls asleep in
+    a fault's delay. Raises ``OSError`` when a port cannot be bound.
     """
     if max_ttl_seconds <= 0:
         raise ValueError(f"max_ttl_seconds must be positive, got {max_ttl_seconds}")
@@ -114,9 +120,10 @@ def serve(
         store.create_cache(name)
     injector = FaultInjector(parse_fault(f) if isinstance(f, str) else f for f in faults)
     stats = CallStats()
-    gate = Gate(store, injector, stats, auth_token, max_ttl_seconds)
+    pool = CallPool(max_workers)
+    gate = Gate(store, injector, stats, auth_token, max_ttl_seconds, pool.wait)
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="momento-local"),
+        pool,  # type: ignore[arg-type]  # typed as ThreadPoolExecutor; grpc calls only submit()
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -138,4 +145,4 @@ def serve(
         raise
     server.start()
     _LOG.info("momento-local serving on %s", _address(host, bound))
-    return LocalServer(server, control, host, bound, store, injector, stats)
+    return LocalServer(server, pool, control, host, bound, store, injector, stats)
