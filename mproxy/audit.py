@@ -66,6 +66,9 @@ class NullAudit:
     def record(self, *args: object, **kwargs: object) -> None:
         """Nothing to record (same arguments as :meth:`AuditLog.record`)."""
 
+    def enqueue(self, lines: Iterable[tuple[Any, ...]]) -> None:
+        """Nothing to write (same arguments as :meth:`AuditLog.enqueue`)."""
+
     def reopen(self) -> None:
         """Nothing to reopen."""
 
@@ -114,10 +117,6 @@ class AuditLog:
         self.sample = settings.sample
         self.queue_size = settings.queue_size
         self._tick = 0  # commands since the last sampled one
-        self._start(settings)
-
-    def _start(self, settings: AuditConfig) -> None:
-        """The queue and the writer thread (a relay sends lines elsewhere instead)."""
         self._queued = 0  # lines put, by the recording thread
         self._taken = 0  # lines taken, by the writer
         self._dropped_full = 0  # by the recording thread

@@ -66,18 +66,21 @@ class AuditRelay(AuditLog):
     """
 
     def __init__(self, settings: AuditConfig, fd: int, schedule: _Scheduler = _hub_callback) -> None:
-        # the C socket: gevent's would wait for room instead of failing at once
+        # Not AuditLog.__init__ (no file, no thread): this class shares record(), the sampling.
+        # The C socket: gevent's would wait for room instead of failing at once.
         import _socket
 
         self._sock = _socket.socket(fileno=fd)
         self._sock.setblocking(False)
         self._schedule = schedule
-        super().__init__(settings)
-
-    def _start(self, settings: AuditConfig) -> None:
         self._batch: list[tuple[Any, ...]] = []
         self._dropped = 0
         self._closed = False
+        self._tick = 0
+        self.queue_size = settings.queue_size  # unused: the channel is the bound
+        self.sample = 1
+        self.enabled = False
+        self.reconfigure(settings)  # started paused if a reload paused the audit log
 
     @property
     def lines_written(self) -> int:
