@@ -197,3 +197,14 @@ def test_by_default_the_flush_runs_when_the_gevent_loop_turns() -> None:
     assert len(ours.recv(65536)) > 0
     relay.close()
     ours.close()
+
+
+def test_a_relay_may_start_paused() -> None:
+    """A worker restarted after a reload paused the audit log (file = "") starts paused."""
+    ours, theirs = channel()
+    relay = AuditRelay(audit_settings(file=""), theirs.detach(), lambda callback: None)
+    assert relay.enabled is False
+    relay.reconfigure(audit_settings(file="back.log", sample=4))
+    assert (relay.enabled, relay.sample) == (True, 4)
+    relay.close()
+    ours.close()
