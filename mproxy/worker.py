@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import gevent
+from gevent.server import StreamServer
 
 from mproxy import logs
 from mproxy.app import App, Listener
@@ -46,6 +47,8 @@ log = logging.getLogger("mproxy")
 ENV = "MPROXY_WORKER"
 #: Seconds the data port's ``stats`` waits for the supervisor's sum before it shows this worker's own.
 SUM_TIMEOUT = 5.0
+#: Connections a worker accepts per wake-up of its listening socket (gevent's default is 100).
+ACCEPT_AT_ONCE = 1
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,14 @@ class Worker(App):
         self.stats.link = self.link
         gevent.spawn(self._watch_supervisor)
         return [socket.socket(fileno=fd) for fd in self.spec.listeners], None
+
+    def _start_caches(self, listeners: Sequence[Listener]) -> None:
+        # Accept one connection per wake-up, not up to 100: on a socket the workers share (one
+        # systemd passed) every worker wakes when a connection comes, and the first would take
+        # a whole burst; one at a time, the less busy worker takes more. gevent documents this
+        # class default as the knob for several processes on one socket.
+        StreamServer.max_accept = ACCEPT_AT_ONCE
+        super()._start_caches(listeners)
 
     def _announce(self, message: str) -> None:
         log.debug("%s", message)

@@ -13,8 +13,10 @@ port, links, audit) whose servers a plain fork would copy into the child
 (gevent keeps a forked loop's watchers: the child would serve the admin
 port too), and the SDK, grpc and gevent, what a worker spends its start-up
 importing, are not loaded here anyway, so a fork would save little. Each
-worker inherits the listening sockets and accepts on them alongside its
-siblings, creates its own backends and gRPC channels, and has its own loop.
+worker inherits a listening socket per ``[[cache]]`` (its own in a
+``SO_REUSEPORT`` group, or a socket systemd passed, shared: see
+:mod:`mproxy.listeners`), creates its own backends and gRPC channels, and has
+its own loop.
 
 While running, the supervisor
 
@@ -46,7 +48,6 @@ from typing import Any, Sequence
 import gevent
 from gevent import subprocess
 from gevent.event import AsyncResult, Event
-from gevent.server import StreamServer
 
 import mproxy
 from mproxy import audit_relay, systemd
@@ -55,6 +56,7 @@ from mproxy.app import App, Listener, StartupError, cannot_listen
 from mproxy.audit import AuditLog
 from mproxy.config import LOCAL_EMBEDDED, Config, render
 from mproxy.link import Link, LinkError
+from mproxy.listeners import PortGroup, SharedListener
 from mproxy.stats import Export, Stats, sum_exports, without_gauges
 from mproxy.worker import ENV, WorkerSpec
 
@@ -127,7 +129,8 @@ class Supervisor(App):
     def __init__(self, cfg: Config, log_level: str | None = None, log_format: str | None = None) -> None:
         super().__init__(cfg, log_level, log_format)
         self.slots = [Slot(n) for n in range(1, cfg.proxy.workers + 1)]
-        self.sockets: list[socket.socket] = []
+        #: one per [[cache]], in order
+        self.listeners: list[SharedListener | PortGroup] = []
         self.fleet = FleetStats(self)
         self._shares = shares(cfg.proxy.max_connections, cfg.proxy.workers)
         self._momento_local = ""
@@ -141,11 +144,11 @@ class Supervisor(App):
     def _start_caches(self, listeners: Sequence[Listener]) -> None:
         cfg = self.cfg
         for cache, listener in zip(cfg.caches, listeners):
-            if isinstance(listener, socket.socket):
-                self.sockets.append(listener)
+            if isinstance(listener, socket.socket):  # systemd's: the workers share it
+                self.listeners.append(SharedListener(listener))
                 continue
             try:
-                self.sockets.append(bind(listener))
+                self.listeners.append(PortGroup(listener))
             except OSError as err:
                 raise cannot_listen(cfg, f"cache {cache.name!r}", cache.host, cache.port, err) from err
         if cfg.momento.local == LOCAL_EMBEDDED and any(c.backend == "momento" for c in cfg.caches):
@@ -154,8 +157,8 @@ class Supervisor(App):
             self._spawn(slot)
         self._wait_ready()
         self._starting = False
-        for cache, sock in zip(cfg.caches, self.sockets):
-            host, port = sock.getsockname()[:2]
+        for cache, group in zip(cfg.caches, self.listeners):
+            host, port = group.address
             self._announce(
                 f"cache {cache.name} listening on {host}:{port} (backend {cache.backend}, "
                 f"cache_name {cache.cache_name}, {len(self.slots)} workers)"
@@ -190,8 +193,8 @@ class Supervisor(App):
 
     def addresses(self) -> dict[str, Any]:
         caches = []
-        for cache, sock in zip(self.cfg.caches, self.sockets):
-            host, port = sock.getsockname()[:2]
+        for cache, group in zip(self.cfg.caches, self.listeners):
+            host, port = group.address
             caches.append({"name": cache.name, "host": host, "port": port})
         admin = None
         if self.admin is not None:
@@ -203,6 +206,10 @@ class Supervisor(App):
 
     def _spawn(self, slot: Slot) -> None:
         """Start the worker of ``slot`` (a fresh interpreter inheriting the listeners)."""
+        try:
+            listening = [group.for_worker() for group in self.listeners]
+        except OSError as err:
+            raise StartupError(f"worker {slot.number}: cannot listen: {err}") from err
         control, control_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         channel = None
         audit_fd = None
@@ -213,7 +220,7 @@ class Supervisor(App):
             number=slot.number,
             source=self.cfg.source,
             config=render(self.cfg),
-            listeners=tuple(sock.fileno() for sock in self.sockets),
+            listeners=tuple(sock.fileno() for sock in listening),
             control=control_theirs.fileno(),
             audit=audit_theirs.fileno() if channel is not None else None,
             max_connections=self._shares[slot.number - 1],
@@ -233,10 +240,9 @@ class Supervisor(App):
             if channel is not None:
                 channel.close()
             raise StartupError(f"cannot start worker {slot.number} ({sys.executable} -m mproxy): {err}") from err
-        finally:
-            control_theirs.close()
-            if channel is not None:
-                audit_theirs.close()
+        finally:  # the worker has its ends now (or there is no worker)
+            for sock in (*listening, control_theirs, *((audit_theirs,) if channel is not None else ())):
+                sock.close()
         slot.ready.clear()
         slot.export = None
         slot.link = Link(control, lambda kind, payload: self._on_message(slot, kind, payload), f"worker {slot.number}")
@@ -334,6 +340,9 @@ class Supervisor(App):
         admin = gevent.spawn(self.admin.stop, 1.0) if self.admin is not None else None
         gevent.killall([slot.pending for slot in self.slots if slot.pending is not None])
         self._signal_workers(signal.SIGTERM)
+        for group in self.listeners:  # the workers close theirs at once: new connections are refused
+            group.close()
+        self.listeners = []
         watchers = [slot.watcher for slot in self.slots if slot.watcher is not None]
         done = gevent.joinall(watchers, timeout=self.cfg.proxy.graceful_timeout + STOP_MARGIN)
         if len(done) < len(watchers):
@@ -348,8 +357,6 @@ class Supervisor(App):
         self.audit.close(timeout=min(self.cfg.proxy.graceful_timeout, 5.0))
         if self._embedded is not None:
             _embedded_module().release()
-        for sock in self.sockets:
-            sock.close()
         log.info("stopped")
 
 
@@ -435,21 +442,6 @@ class FleetStats:
         self._retired = []
         for slot in self._supervisor.slots:
             slot.export = None
-
-
-def bind(address: tuple[str, int]) -> socket.socket:
-    """A listening TCP socket on ``address``, made as gevent's StreamServer makes its own."""
-    host, port = address
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(StreamServer.backlog)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def worker_environment(spec: WorkerSpec) -> dict[str, str]:

@@ -207,7 +207,8 @@ def test_a_killed_worker_is_restarted_and_the_others_serve_meanwhile(mproxy) -> 
     assert talk(server.port, b"set k 0 0 1\r\nv\r\n", b"\r\n") == b"STORED\r\n"
     counted = int(stats(server.admin_port)["cmd_set"])  # every worker exported its counts just now
     os.kill(before[1], signal.SIGKILL)
-    # the listener is served by worker 2 while worker 1 restarts
+    # once it is gone (its listening socket closed with it), worker 2 serves every new connection
+    wait_for(lambda: worker_pids(server)[1] != before[1], "the supervisor to see worker 1 gone")
     for _ in range(5):
         assert talk(server.port, b"get k\r\n", b"END\r\n") == b"VALUE k 0 1\r\nv\r\nEND\r\n"
     after = wait_for(lambda: (p := worker_pids(server))[1] not in (0, before[1]) and p or None, "worker 1 restarted")
