@@ -47,6 +47,9 @@ def cannot_listen(cfg: Config, what: str, host: str, port: int, err: OSError) ->
 class App:
     """One running proxy: start() binds everything, stop() releases it; cli.py drives it."""
 
+    #: A worker's number (its log lines say it); 0 for one process and for the supervisor.
+    worker_number = 0
+
     def __init__(self, cfg: Config, log_level: str | None = None, log_format: str | None = None) -> None:
         self.cfg = cfg
         self._log_level = log_level
@@ -82,6 +85,7 @@ class App:
             self._log_format or cfg.debug.log_format,
             cfg.debug.log_file,
             stats=self.stats,
+            worker=self.worker_number,
         )
 
     def _open_audit(self) -> audit_mod.AuditLog | audit_mod.NullAudit:

@@ -32,7 +32,6 @@ from typing import Any, Sequence
 import gevent
 from gevent.server import StreamServer
 
-from mproxy import logs
 from mproxy.app import App, Listener
 from mproxy.audit import AuditLog, NullAudit
 from mproxy.audit_relay import AuditRelay
@@ -126,19 +125,10 @@ class Worker(App):
     def __init__(self, cfg: Config, spec: WorkerSpec) -> None:
         super().__init__(cfg, spec.log_level, spec.log_format)
         self.spec = spec
+        self.worker_number = spec.number
         self.stats: WorkerStats = WorkerStats()
         self._limit = ConnectionLimit(spec.max_connections)
         self.link = Link(socket.socket(fileno=spec.control), self._on_message, f"worker {spec.number}")
-
-    def _setup_logging(self) -> None:
-        cfg = self.cfg
-        logs.setup_logging(
-            self._log_level or cfg.debug.log_level,
-            self._log_format or cfg.debug.log_format,
-            cfg.debug.log_file,
-            stats=self.stats,
-            worker=self.spec.number,
-        )
 
     def _open_audit(self) -> AuditLog | NullAudit:
         if self.spec.audit is None:

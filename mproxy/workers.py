@@ -12,7 +12,10 @@ exec), not forks of this process: this process runs a gevent loop (admin
 port, links, audit) whose servers a plain fork would copy into the child
 (gevent keeps a forked loop's watchers: the child would serve the admin
 port too), and the SDK, grpc and gevent, what a worker spends its start-up
-importing, are not loaded here anyway, so a fork would save little. Each
+importing, are not loaded here anyway, so a fork would save little (gRPC's
+own fork support, ``GRPC_ENABLE_FORK_SUPPORT``, would not help either: it
+works only with gRPC's epoll1 and poll pollers, not with the gevent I/O of
+``init_gevent``, and there is no gRPC here to carry over). Each
 worker inherits a listening socket per ``[[cache]]`` (its own in a
 ``SO_REUSEPORT`` group, or a socket systemd passed, shared: see
 :mod:`mproxy.listeners`), creates its own backends and gRPC channels, and has
@@ -212,7 +215,6 @@ class Supervisor(App):
             raise StartupError(f"worker {slot.number}: cannot listen: {err}") from err
         control, control_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         channel = None
-        audit_fd = None
         if isinstance(self.audit, AuditLog):  # opened at start (a reload may have paused it)
             channel, audit_theirs = audit_relay.channel()
             size = audit_theirs.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)

@@ -17,22 +17,30 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import HOST, LocalMomento, RawSession, Server, start_local_momento, start_mproxy, talk
+from tests.servers import (
+    HOST,
+    LocalMomento,
+    RawSession,
+    Server,
+    mproxy_with_notify,
+    start_local_momento,
+    start_mproxy,
+    talk,
+)
+from tests.test_ops_e2e import admin_stats as stats
+from tests.test_ops_e2e import wait_for
 
 pytestmark = pytest.mark.e2e
 
 DEADLINE = 30.0
 CACHE = "w"
-T = TypeVar("T")
 
 
 def config(local: str = "embedded", klog: str = "", workers: str = "workers = 2", extra: str = "") -> str:
@@ -57,28 +65,6 @@ backend = "momento"
 [momento]
 local = "{local}"
 """
-
-
-def stats(port: int, command: bytes = b"stats") -> dict[str, str]:
-    with RawSession(port) as s:
-        assert s.send(command + b"\r\n")
-        data, complete = s.recv_until_terminator(b"END\r\n")
-    assert complete, data
-    out = {}
-    for line in data.decode().splitlines()[:-1]:
-        _, name, value = line.split(" ", 2)
-        out[name] = value
-    return out
-
-
-def wait_for(predicate: Callable[[], T | None], what: str, timeout: float = DEADLINE) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)  # polling interval, bounded by the deadline
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def worker_pids(server: Server) -> dict[int, int]:
@@ -287,17 +273,7 @@ def test_a_second_sigint_kills_the_workers_at_once(mproxy, local_momento: LocalM
 
 
 def test_ready_file_and_ready_1_once_every_worker_serves(tmp_path: Path) -> None:
-    cfg = tmp_path / "notify.toml"
-    cfg.write_text(config())
-    ready_file = tmp_path / "ready.json"
-    notify_path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(notify_path))
-    sock.settimeout(DEADLINE)
-    env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
-    proc = subprocess.Popen([sys.executable, "-m", "mproxy", "-c", str(cfg), "--ready-file", str(ready_file)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with mproxy_with_notify(config(), tmp_path, DEADLINE) as (proc, sock, ready_file):
         assert sock.recv(4096) == b"READY=1"
         ready = json.loads(ready_file.read_text())  # written before READY=1
         assert ready["pid"] == proc.pid
@@ -311,11 +287,6 @@ def test_ready_file_and_ready_1_once_every_worker_serves(tmp_path: Path) -> None
         sock.setblocking(False)
         with pytest.raises(BlockingIOError):  # nothing from the workers: only the supervisor notifies
             sock.recv(4096)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        sock.close()
 
 
 def test_the_supervisor_loads_no_grpc_its_workers_do(mproxy) -> None:
