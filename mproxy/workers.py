@@ -111,6 +111,8 @@ class Slot:
     ready_at: float = 0.0
     #: its latest stats export (what it adds to the sums when it cannot answer)
     export: Export | None = None
+    #: the configuration its worker was started with (rendered)
+    config: str = ""
     #: quick failures in a row (the backoff)
     failures: int = 0
     restarts: int = 0
@@ -247,6 +249,7 @@ class Supervisor(App):
                 sock.close()
         slot.ready.clear()
         slot.export = None
+        slot.config = spec.config
         slot.link = Link(control, lambda kind, payload: self._on_message(slot, kind, payload), f"worker {slot.number}")
         slot.link.start()
         slot.watcher = gevent.spawn(self._watch, slot, slot.process, slot.link)
@@ -263,6 +266,8 @@ class Supervisor(App):
         if kind == "ready":
             slot.ready_at = time.monotonic()
             slot.ready.set()
+            if slot.config != render(self.cfg):  # a reload came while it started: its turn now
+                self._signal(slot, signal.SIGHUP)
             if not self._starting:
                 log.info("worker %d serving again (pid %d)", slot.number, slot.pid)
             return None
@@ -315,16 +320,24 @@ class Supervisor(App):
     # -- signals --------------------------------------------------------------------------
 
     def request_reload(self) -> None:
+        """SIGHUP: reload this process's parts, and pass the signal to every worker that
+        serves (one still starting has no handler yet: SIGHUP would end it; it gets its
+        SIGHUP when it says it serves)."""
         super().request_reload()
-        self._signal_workers(signal.SIGHUP)
+        for slot in self.live():
+            self._signal(slot, signal.SIGHUP)
 
     def _signal_workers(self, sig: int) -> None:
         for slot in self.slots:
-            if slot.pid:
-                try:
-                    os.kill(slot.pid, sig)
-                except OSError:
-                    pass  # it just exited: _watch handles it
+            self._signal(slot, sig)
+
+    @staticmethod
+    def _signal(slot: Slot, sig: int) -> None:
+        if slot.pid:
+            try:
+                os.kill(slot.pid, sig)
+            except OSError:
+                pass  # it just exited: _watch handles it
 
     def abort(self) -> None:
         """A second SIGINT: kill the workers at once (the caller exits)."""

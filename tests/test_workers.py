@@ -156,3 +156,44 @@ def test_worker_stats_fall_back_to_their_own_without_a_supervisor() -> None:
     assert stats.snapshot()["cmd_get"] == 2
     stats.reset()
     assert stats.snapshot()["cmd_get"] == 0
+
+
+class FakeProcess:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        return None
+
+
+def test_sighup_goes_to_serving_workers_and_a_starting_one_gets_it_when_it_serves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker still starting has no SIGHUP handler yet (the signal would end it)."""
+    import dataclasses
+    import signal
+
+    from mproxy.app import App
+    from mproxy.config import render
+    from mproxy.workers import Supervisor
+
+    cfg = loads('[proxy]\nworkers = 2\n[[cache]]\ncache_name = "x"\n[momento]\nlocal = "127.0.0.1:1"\n')
+    sup = Supervisor(cfg)
+    monkeypatch.setattr(App, "request_reload", lambda self: None)  # this process's own reload
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    serving, starting = sup.slots
+    for slot, pid in ((serving, 101), (starting, 102)):
+        slot.process = FakeProcess(pid)
+        slot.link = FakeLink(Stats())  # type: ignore[assignment]
+        slot.config = render(cfg)
+    serving.ready.set()
+    sup.request_reload()
+    assert sent == [(101, signal.SIGHUP)]
+    sup.cfg = dataclasses.replace(cfg, debug=dataclasses.replace(cfg.debug, log_level="debug"))  # reloaded
+    sup._on_message(starting, "ready", None)
+    assert sent == [(101, signal.SIGHUP), (102, signal.SIGHUP)]
+    sent.clear()
+    starting.config = render(sup.cfg)  # started after the reload: nothing to catch up
+    sup._on_message(starting, "ready", None)
+    assert sent == []
