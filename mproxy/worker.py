@@ -173,6 +173,7 @@ class Worker(App):
             self.request_stop("the supervisor is gone")
 
     def stop(self) -> None:
+        self._stop.set()  # closing the link below is not "the supervisor is gone"
         super().stop()
         self.link.close()
 

@@ -328,3 +328,16 @@ def test_the_memory_backend_refuses_several_workers(tmp_path: Path, key: str) ->
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 2, done
         assert f'proxy.{key} = 2: expected 1 when cache[0].backend = "memory"' in done.stderr
+
+
+def test_a_worker_that_cannot_start_fails_the_start(tmp_path: Path) -> None:
+    """No API key for the Momento service: each worker says why and exits 1; so does mproxy."""
+    cfg = tmp_path / "nokey.toml"
+    cfg.write_text(config(local="").replace("[momento]", '[momento]\napi_key_env = "MPROXY_TEST_NO_SUCH_KEY"'))
+    env = {k: v for k, v in os.environ.items() if k not in ("MPROXY_TEST_NO_SUCH_KEY", "MOMENTO_AUTHENTICATION")}
+    done = subprocess.run([sys.executable, "-m", "mproxy", "-c", str(cfg)], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 1, done
+    assert "mproxy: worker 1: " in done.stderr and "MPROXY_TEST_NO_SUCH_KEY" in done.stderr
+    assert "exited with status 1 before it served" in done.stderr
+    assert "the supervisor is gone" not in done.stderr
