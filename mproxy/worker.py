@@ -135,10 +135,13 @@ class Worker(App):
             return NullAudit()
         return AuditRelay(self.cfg.audit, self.spec.audit)
 
-    def _listeners(self) -> tuple[Sequence[Listener], Listener | None]:
+    def start(self) -> None:
         self.link.start()
         self.stats.link = self.link
         gevent.spawn(self._watch_supervisor)
+        super().start()
+
+    def _listeners(self) -> tuple[Sequence[Listener], Listener | None]:
         return [socket.socket(fileno=fd) for fd in self.spec.listeners], None
 
     def _start_caches(self, listeners: Sequence[Listener]) -> None:
