@@ -4,6 +4,8 @@ Text protocol (lines end with ``\\n`` or ``\\r\\n``)::
 
     stats          STAT <name> <value> lines, then END   (Stats.snapshot)
     stats cache    STAT <cache>:<name> <value> lines, END (Stats.cache_snapshot)
+    stats workers  STAT <worker>:<name> <value> lines, END: each worker process's own
+                   stats, workers numbered from 1 (one process is worker 1)
     stats reset    RESET
     version        VERSION <version>
     quit           closes the connection
@@ -15,18 +17,37 @@ first line of a connection is an HTTP/1.x request line, the connection is
 HTTP instead: ``GET /metrics`` answers the Prometheus text format
 (:func:`mproxy.stats.prometheus_text`), other paths 404, other methods 405,
 then the connection closes. So a scraper needs no second port.
+
+What the port shows comes from a :class:`StatsSource`: one process's
+:class:`~mproxy.stats.Stats`, or with several workers the supervisor's view
+that sums theirs (:mod:`mproxy.workers`).
 """
 
 from __future__ import annotations
 
 import re
 import socket
+from typing import Protocol
 
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from mproxy.protocol import replies
-from mproxy.stats import Stats, prometheus_text
+
+
+class StatsSource(Protocol):
+    """What the admin port reads (:class:`mproxy.stats.Stats` is one)."""
+
+    def snapshot(self) -> dict[str, int | str | float]: ...
+
+    def cache_snapshot(self) -> dict[str, int]: ...
+
+    def workers_snapshot(self) -> dict[str, int | str | float]: ...
+
+    def reset(self) -> None: ...
+
+    def prometheus(self) -> str: ...
+
 
 #: Longest command or HTTP header line, in bytes, without its line end (memcached's key
 #: line limit is 2048 too).
@@ -88,7 +109,7 @@ class AdminServer:
     def __init__(
         self,
         listener: tuple[str, int] | socket.socket,
-        stats: Stats,
+        stats: StatsSource,
         version: str,
         max_connections: int = MAX_CONNECTIONS,
         idle_timeout: float = IDLE_TIMEOUT,
@@ -142,6 +163,8 @@ class AdminServer:
             return replies.RESET
         if tokens == [b"stats", b"cache"]:
             return replies.stats(self.stats.cache_snapshot())
+        if tokens == [b"stats", b"workers"]:
+            return replies.stats(self.stats.workers_snapshot())
         if tokens == [b"version"]:
             return replies.version(self.version)
         if tokens == [b"quit"]:
@@ -164,5 +187,5 @@ class AdminServer:
         elif target.split(b"?", 1)[0] != METRICS_PATH:
             sock.sendall(http_response("404 Not Found", b"only /metrics is served here\n"))
         else:
-            body = prometheus_text(self.stats).encode()
+            body = self.stats.prometheus().encode()
             sock.sendall(http_response("200 OK", body, METRICS_CONTENT_TYPE))

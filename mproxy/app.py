@@ -2,19 +2,27 @@
 
 ``cli.py`` owns the process (patching, signals, exit) and drives an
 :class:`App`; everything here runs in an already gevent-patched process.
+
+With ``[proxy] workers`` of 2 or more the same life cycle (start, reload,
+reopen, stop) is driven through two subclasses: the supervisor
+(:class:`mproxy.workers.Supervisor`: listeners, admin port, audit file, no
+backend) and each worker (:class:`mproxy.worker.Worker`: backends serving the
+inherited listeners). They replace the steps of :meth:`App.start` marked as
+hooks below.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import socket
+from typing import Any, Sequence, Union
 
 import gevent
 from gevent.event import Event
 
 from mproxy import __version__, backends, logs, systemd
 from mproxy import audit as audit_mod
-from mproxy.admin import AdminServer
+from mproxy.admin import AdminServer, StatsSource
 from mproxy.config import Config, ConfigError, load, reload
 from mproxy.dispatch import Dispatcher
 from mproxy.server import CacheServer, ConnectionLimit, address_text
@@ -23,12 +31,24 @@ from mproxy.stats import Stats
 log = logging.getLogger("mproxy")
 
 
+#: Where a listener is: an address to bind, or a socket bound already (systemd, a supervisor).
+Listener = Union[tuple[str, int], socket.socket]
+
+
 class StartupError(Exception):
     """mproxy could not start (a port in use, a backend unreachable, ...)."""
 
 
+def cannot_listen(cfg: Config, what: str, host: str, port: int, err: OSError) -> StartupError:
+    """The error of a listener that could not be bound (``what``: ``cache 'x'`` or ``admin``)."""
+    return StartupError(f"{cfg.source}: {what}: cannot listen on {host}:{port}: {err}")
+
+
 class App:
     """One running proxy: start() binds everything, stop() releases it; cli.py drives it."""
+
+    #: A worker's number (its log lines say it); 0 for one process and for the supervisor.
+    worker_number = 0
 
     def __init__(self, cfg: Config, log_level: str | None = None, log_format: str | None = None) -> None:
         self.cfg = cfg
@@ -47,17 +67,37 @@ class App:
 
     def start(self) -> None:
         cfg = self.cfg
+        self._setup_logging()
+        for warning in cfg.warnings:
+            log.warning("%s", warning)
+        self.audit = self._open_audit()
+        self.stats.attach_audit(self.audit)
+        listeners, admin_listener = self._listeners()
+        self._start_caches(listeners)
+        self._start_admin(admin_listener)
+
+    # -- the steps of start(), hooks of the supervisor and the workers -------------------
+
+    def _setup_logging(self) -> None:
+        cfg = self.cfg
         logs.setup_logging(
             self._log_level or cfg.debug.log_level,
             self._log_format or cfg.debug.log_format,
             cfg.debug.log_file,
             stats=self.stats,
+            worker=self.worker_number,
         )
-        for warning in cfg.warnings:
-            log.warning("%s", warning)
-        self.audit = audit_mod.from_config(cfg.audit)
-        self.stats.attach_audit(self.audit)
-        # socket activation: a listener systemd bound already is used, the others are bound here
+
+    def _open_audit(self) -> audit_mod.AuditLog | audit_mod.NullAudit:
+        """The audit log commands are recorded into (a no-op one when off)."""
+        return audit_mod.from_config(self.cfg.audit)
+
+    def _listeners(self) -> tuple[Sequence[Listener], Listener | None]:
+        """One listener per ``[[cache]]``, and the admin port's (None: no admin port here).
+
+        Socket activation: a listener systemd bound already is used, the others are addresses.
+        """
+        cfg = self.cfg
         passed = systemd.listen_fds()
         if passed:
             log.info("socket activation: %d listening sockets from systemd", len(passed))
@@ -66,6 +106,11 @@ class App:
         if passed:
             where = ", ".join(address_text(sock.getsockname()) for sock in passed)
             raise StartupError(f"{cfg.source}: systemd passed listening sockets that no [[cache]] or [admin] declares: {where}")
+        return listeners, admin_listener
+
+    def _start_caches(self, listeners: Sequence[Listener]) -> None:
+        """A backend and a CacheServer per ``[[cache]]``, serving ``listeners``."""
+        cfg = self.cfg
         for cache, listener in zip(cfg.caches, listeners):
             name = cache.name  # config.loads fills it from cache_name when empty
             try:
@@ -87,15 +132,28 @@ class App:
             try:
                 server.start()
             except OSError as err:
-                raise StartupError(f"{cfg.source}: cache {name!r}: cannot listen on {cache.host}:{cache.port}: {err}") from err
+                raise cannot_listen(cfg, f"cache {name!r}", cache.host, cache.port, err) from err
             self.servers.append(server)
             host, port = server.address
-            log.info("cache %s listening on %s:%d (backend %s, cache_name %s)", name, host, port, cache.backend, cache.cache_name)
-        self.admin = AdminServer(admin_listener, self.stats, __version__)
+            self._announce(f"cache {name} listening on {host}:{port} (backend {cache.backend}, cache_name {cache.cache_name})")
+
+    def _announce(self, message: str) -> None:
+        """Say where a listener serves (a worker says it quieter: the supervisor says it once)."""
+        log.info("%s", message)
+
+    def _admin_stats(self) -> StatsSource:
+        """What the admin port shows: this process's stats."""
+        return self.stats
+
+    def _start_admin(self, listener: Listener | None) -> None:
+        if listener is None:
+            return
+        cfg = self.cfg
+        self.admin = AdminServer(listener, self._admin_stats(), __version__)
         try:
             self.admin.start()
         except OSError as err:
-            raise StartupError(f"{cfg.source}: admin: cannot listen on {cfg.admin.host}:{cfg.admin.port}: {err}") from err
+            raise cannot_listen(cfg, "admin", cfg.admin.host, cfg.admin.port, err) from err
         host, port = self.admin.address
         log.info("admin listening on %s:%d", host, port)
 
@@ -127,7 +185,7 @@ class App:
     def _reload(self) -> None:
         """SIGHUP: re-read the file; apply what can change without a restart."""
         try:
-            new = load(self.cfg.source)
+            new = self._effective(load(self.cfg.source))
         except ConfigError as err:
             log.error("reload refused, keeping the running configuration: %s", err)
             return
@@ -143,6 +201,11 @@ class App:
             log.warning("reload: %s changed; it takes effect only after a restart", what)
         self.cfg = running
         log.info("configuration reloaded from %s", new.source)
+
+    def _effective(self, cfg: Config) -> Config:
+        """A configuration as this process runs it (a worker replaces the embedded server
+        by the supervisor's); reloads compare the file with the running one through it."""
+        return cfg
 
     # -- run and stop ---------------------------------------------------------------
 

@@ -24,13 +24,18 @@ A line (never a value)::
 
 Only one thread may call :meth:`AuditLog.record` (the gevent hub's, where
 every connection greenlet runs): the queue bound is kept with plain counters.
+
+With several worker processes the supervisor alone owns the file: each
+worker's :class:`mproxy.audit_relay.AuditRelay` (an AuditLog whose lines leave
+by a socket) sends its lines, and the supervisor :meth:`AuditLog.enqueue` s
+them here, so lines are whole, in one file, rotated and reopened in one place.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Sequence, TextIO
+from typing import Any, Iterable, Sequence, TextIO
 
 from gevent.monkey import get_original
 from pythonjsonlogger.json import JsonFormatter
@@ -60,6 +65,9 @@ class NullAudit:
 
     def record(self, *args: object, **kwargs: object) -> None:
         """Nothing to record (same arguments as :meth:`AuditLog.record`)."""
+
+    def enqueue(self, lines: Iterable[tuple[Any, ...]]) -> None:
+        """Nothing to write (same arguments as :meth:`AuditLog.enqueue`)."""
 
     def reopen(self) -> None:
         """Nothing to reopen."""
@@ -159,11 +167,21 @@ class AuditLog:
         if self._tick < self.sample:
             return
         self._tick = 0
+        self._put((_time(), client, cache, command, keys, outcome, latency_us, flags, exptime, nbytes))
+
+    def _put(self, line: tuple[Any, ...]) -> None:
+        """Queue one line (a record's fields, time first); drop and count it if the queue is full."""
         if self._queued - self._taken >= self.queue_size:
             self._dropped_full += 1
             return
         self._queued += 1
-        self._queue.put((_time(), client, cache, command, keys, outcome, latency_us, flags, exptime, nbytes))
+        self._queue.put(line)
+
+    def enqueue(self, lines: Iterable[tuple[Any, ...]]) -> None:
+        """Queue lines recorded (and sampled) elsewhere: a worker's, relayed to the supervisor."""
+        if self.enabled:
+            for line in lines:
+                self._put(line)
 
     def reopen(self) -> None:
         """Close and reopen the file (SIGUSR1, after an external logrotate moved it)."""

@@ -4,6 +4,11 @@ Order matters: gevent patches the standard library FIRST, then grpc is told
 about gevent (only when a Momento backend is configured), and only then are
 backends created. Signal handlers only set flags / wake the main greenlet.
 This is the only module that calls ``sys.exit``.
+
+One process (``[proxy] workers = 1``) runs an :class:`~mproxy.app.App`. With
+more, this process is the supervisor (:mod:`mproxy.workers`: patched too, but
+it never imports grpc) and each worker is ``mproxy --worker N``, started by it
+(:mod:`mproxy.worker`), which patches and prepares grpc as one process does.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"mproxy {__version__}")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="overrides [debug] log_level")
     p.add_argument("--log-format", choices=LOG_FORMATS, help="overrides [debug] log_format")
+    # a worker of a supervisor (its spec in $MPROXY_WORKER): not for people
+    p.add_argument("--worker", type=int, metavar="N", help=argparse.SUPPRESS)
     return p
 
 
@@ -48,6 +55,8 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.worker is not None:
+        _worker_main(args.worker)
     if not args.config:
         _fail("no configuration file: run `mproxy -c FILE` (config/local.toml is a working start)")
 
@@ -63,19 +72,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.stdout.write(config_mod.render(cfg))
         sys.exit(0)
 
-    # gRPC core's own INFO lines (fork support, GOAWAY) are noise for operators
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    from gevent import monkey
-
-    monkey.patch_all()
-    if any(cache.backend == "momento" for cache in cfg.caches):
-        # the first import of grpc, right after patching and before any channel
-        from mproxy.backends.momento import prepare_gevent
-
-        prepare_gevent()
+    supervise = cfg.proxy.workers > 1  # the supervisor has no backend: no grpc
+    _patch(grpc=not supervise and any(cache.backend == "momento" for cache in cfg.caches))
     from mproxy.app import App, StartupError
 
-    app = App(cfg, log_level=args.log_level, log_format=args.log_format)
+    app: Any
+    if supervise:
+        from mproxy.workers import Supervisor
+
+        app = Supervisor(cfg, log_level=args.log_level, log_format=args.log_format)
+    else:
+        app = App(cfg, log_level=args.log_level, log_format=args.log_format)
     # before start(): a SIGTERM right after READY=1 must still stop gracefully
     _install_signals(app)
     try:
@@ -91,7 +98,49 @@ def main(argv: Sequence[str] | None = None) -> None:
             _fail(f"--ready-file {args.ready_file}: {err}", code=1)
     from mproxy import systemd
 
-    systemd.notify("READY=1")  # every listener is bound (and the ready file written)
+    systemd.notify("READY=1")  # every listener is served (and the ready file written)
+    app.wait()
+    app.stop()
+    sys.exit(0)
+
+
+def _patch(grpc: bool) -> None:
+    """gevent's monkey-patching, first; then, with a Momento backend, grpc told about gevent."""
+    # gRPC core's own INFO lines (fork support, GOAWAY) are noise for operators
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    from gevent import monkey
+
+    monkey.patch_all()
+    if grpc:
+        # the first import of grpc, right after patching and before any channel
+        from mproxy.backends.momento import prepare_gevent
+
+        prepare_gevent()
+
+
+def _worker_main(number: int) -> NoReturn:
+    """A worker of a supervisor (see :mod:`mproxy.worker`); exits 1 if it cannot serve."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the supervisor's to handle
+    from mproxy import config as config_mod
+    from mproxy.worker import ENV, WorkerSpec, effective
+
+    try:
+        spec = WorkerSpec.from_env(os.environ.pop(ENV))
+        cfg = effective(config_mod.loads(spec.config, spec.source), spec.momento_local)
+    except (KeyError, ValueError, TypeError) as err:  # ConfigError is a ValueError
+        _fail(f"--worker {number}: no valid worker spec in ${ENV} ({err}): workers are started by mproxy itself")
+    _patch(grpc=any(cache.backend == "momento" for cache in cfg.caches))
+    from mproxy.app import StartupError
+    from mproxy.worker import Worker
+
+    app = Worker(cfg, spec)
+    _install_signals(app, interrupt=False)
+    try:
+        app.start()
+    except StartupError as err:
+        app.stop()
+        _fail(f"worker {number}: {err}", code=1)
+    app.report_ready()
     app.wait()
     app.stop()
     sys.exit(0)
@@ -109,7 +158,9 @@ def _write_ready_file(path: str, addresses: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _install_signals(app: Any) -> None:
+def _install_signals(app: Any, interrupt: bool = True) -> None:
+    """TERM: graceful stop; INT (unless ``interrupt`` is False): the same, a second one exits
+    at once; HUP: reload; USR1: reopen the audit log."""
     import gevent
 
     interrupts = 0
@@ -118,11 +169,15 @@ def _install_signals(app: Any) -> None:
         nonlocal interrupts
         interrupts += 1
         if interrupts > 1:
+            abort = getattr(app, "abort", None)
+            if abort is not None:
+                abort()  # the supervisor kills its workers
             os._exit(1)  # second SIGINT: exit at once
         app.request_stop("SIGINT")
 
     gevent.signal_handler(signal.SIGTERM, app.request_stop, "SIGTERM")
-    gevent.signal_handler(signal.SIGINT, on_interrupt)
+    if interrupt:
+        gevent.signal_handler(signal.SIGINT, on_interrupt)
     gevent.signal_handler(signal.SIGHUP, app.request_reload)
     gevent.signal_handler(signal.SIGUSR1, app.reopen_logs)
 

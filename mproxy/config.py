@@ -64,6 +64,9 @@ LOCAL_EMBEDDED = "embedded"
 #: Longest rendering of an offending value inside an error message.
 _MAX_SHOWN_VALUE = 60
 
+#: Most ``[proxy] workers`` (a sanity bound: one worker per core is the intended use).
+MAX_WORKERS = 1024
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used.
@@ -345,21 +348,36 @@ class AdminConfig:
 
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
-    """``[proxy]``: process-wide limits."""
+    """``[proxy]``: worker processes and process-wide limits."""
 
-    threads: int = _option(
-        1,
+    workers: int = _option(
+        0,
         _INT,
-        "Accepted for momento-proxy compatibility. mproxy is one process serving "
-        "connections with greenlets, so the value is currently informative only.",
-        min=1,
+        "Worker processes serving the listeners, each with its own event loop and gRPC "
+        "connections (every core: one worker per core is the usual choice). 0 = automatic: "
+        "the number of CPUs this process may run on, but 1 when a cache has `backend = "
+        "\"memory\"` (its store lives in one process, so it refuses more than 1). 1 = one "
+        "process, no supervisor. With 2 or more, a supervisor process binds the listeners, "
+        "serves the admin port and writes the audit log (see docs/operations.md).",
+        min=0,
+        max=MAX_WORKERS,
+    )
+    threads: int = _option(
+        0,
+        _INT,
+        "momento-proxy's name for `workers`, accepted as an alias: used when `workers` is "
+        "not set (or 0). When both are set, `workers` wins and a different `threads` draws a "
+        "warning. The effective configuration shows the `workers` value here too.",
+        min=0,
+        max=MAX_WORKERS,
     )
     max_connections: int = _option(
         1024,
         _INT,
         "Client connections served at once, all listeners together (memcached "
         "`-c`); one more is answered `ERROR Too many open connections` and closed, "
-        "as memcached does.",
+        "as memcached does. With several workers each serves its share, "
+        "`max_connections / workers` (at least 1).",
         min=1,
     )
     idle_timeout: float = _option(
@@ -608,7 +626,9 @@ class Config:
         "The admin port: memcached-style `stats`, `stats reset`, `version`, `quit`.",
         legacy=("timeout", "nevent", "tw_tick", "tw_cap", "tw_ntick"),
     )
-    proxy: ProxyConfig = _section("proxy", ProxyConfig, "Process-wide settings.")
+    proxy: ProxyConfig = _section(
+        "proxy", ProxyConfig, "Processes and limits: workers, connections, timeouts, item size."
+    )
     caches: tuple[CacheConfig, ...] = _section(
         "cache",
         CacheConfig,
@@ -776,6 +796,7 @@ class _Loader:
                 self.warn(f"unknown key {key} (ignored)")
         parts = {attr: self.section(sec, doc.get(sec.name)) for attr, sec in SECTIONS}
         parts["caches"] = tuple(self.resolve_cache(c) for c in parts["caches"])
+        parts["proxy"] = self.resolve_workers(parts["proxy"], parts["caches"])
         config = Config(**parts, source=self.source)
         self.check_listeners(config)
         self.check_caches(config.caches)
@@ -789,6 +810,29 @@ class _Loader:
         if cache.backend == "memory" and cache.memory_cache_bytes == 0:
             cache = dataclasses.replace(cache, memory_cache_bytes=DEFAULT_MAX_BYTES)
         return cache
+
+    def resolve_workers(self, proxy: ProxyConfig, caches: tuple[CacheConfig, ...]) -> ProxyConfig:
+        """``workers`` from ``workers``, its alias ``threads``, or the automatic default;
+        a memory cache allows only 1 (its store cannot be split across processes)."""
+        key, workers = "workers", proxy.workers
+        if proxy.threads and not workers:
+            key, workers = "threads", proxy.threads
+        elif proxy.threads and proxy.threads != workers:
+            self.warn(f"proxy.threads = {proxy.threads} and proxy.workers = {workers} differ: "
+                      f"threads is momento-proxy's name for workers; using workers = {workers}")
+        memory = next((i for i, cache in enumerate(caches) if cache.backend == "memory"), None)
+        if not workers:
+            workers = 1 if memory is not None else cpu_count()
+        elif workers > 1 and memory is not None:
+            raise ConfigError(
+                self.source,
+                f"proxy.{key} = {workers}: expected 1 when cache[{memory}].backend = \"memory\": "
+                f"the memory backend is one process's store, and {workers} workers would split it "
+                f"into {workers} stores that do not see each other's items (leave {key} out: "
+                "it defaults to 1 with a memory cache)",
+                f"proxy.{key}",
+            )
+        return dataclasses.replace(proxy, workers=workers, threads=workers)
 
     def check_listeners(self, config: Config) -> None:
         """No two listeners may bind the same address (port 0 is always free)."""
@@ -832,6 +876,15 @@ class _Loader:
                     "memory tier in front of Momento is not built yet; every request goes to "
                     "Momento (ignored)"
                 )
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one): the
+    automatic ``[proxy] workers``."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def loads(text: str, source: str = "<string>") -> Config:

@@ -26,6 +26,8 @@ SDK_LOGGER = "momentosdk"
 
 #: Text format: ``2026-11-26 05:06:07,123 INFO mproxy.server: message``.
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: Text format in a worker process: ``2026-11-26 05:06:07,123 INFO [worker 2] mproxy.server: message``.
+WORKER_TEXT_FORMAT = "%(asctime)s %(levelname)s [worker %(worker)d] %(name)s: %(message)s"
 
 #: Seconds between two SDK warnings let through.
 SDK_WARNING_INTERVAL = 60.0
@@ -34,9 +36,9 @@ SDK_WARNING_INTERVAL = 60.0
 class UtcJsonFormatter(JsonFormatter):
     """JSON lines: ``ts`` (ISO 8601 UTC, milliseconds), ``level``, ``logger``, ``message``."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker: int = 0) -> None:
         super().__init__(
-            "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "%(asctime)s %(levelname)s " + ("%(worker)s " if worker else "") + "%(name)s %(message)s",
             rename_fields={"asctime": "ts", "levelname": "level", "name": "logger"},
         )
 
@@ -96,11 +98,26 @@ class SdkWarningGate(logging.Handler):
 _installed: list[tuple[logging.Logger, logging.Handler]] = []
 
 
-def setup_logging(level: str, fmt: str = "text", file: str = "", stats: Stats | None = None) -> None:
+class _WorkerField(logging.Filter):
+    """Puts the worker's number on every record (``%(worker)d``, JSON ``worker``)."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True
+
+
+def setup_logging(
+    level: str, fmt: str = "text", file: str = "", stats: Stats | None = None, worker: int = 0
+) -> None:
     """Configure the root logger and gate the SDK's warnings (see the module doc).
 
     ``level`` is a logging level name (``INFO``, ``debug``...); ``file`` ""
-    means stderr. Calling it again replaces what the previous call installed.
+    means stderr; ``worker`` (from 1) marks every line of a worker process.
+    Calling it again replaces what the previous call installed.
     """
     for logger, handler in _installed:
         logger.removeHandler(handler)
@@ -108,7 +125,10 @@ def setup_logging(level: str, fmt: str = "text", file: str = "", stats: Stats | 
     _installed.clear()
 
     out: logging.Handler = logging.handlers.WatchedFileHandler(file) if file else logging.StreamHandler()
-    out.setFormatter(UtcJsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    text = WORKER_TEXT_FORMAT if worker else TEXT_FORMAT
+    out.setFormatter(UtcJsonFormatter(worker) if fmt == "json" else logging.Formatter(text))
+    if worker:
+        out.addFilter(_WorkerField(worker))
     root = logging.getLogger()
     root.addHandler(out)
 

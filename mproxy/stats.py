@@ -15,6 +15,13 @@ Three views of the same numbers:
   then mproxy's own, summed over every ``[[cache]]``);
 * :meth:`Stats.cache_snapshot`: ``stats cache``, one ``<cache>:<stat>`` per line;
 * :func:`prometheus_text`: ``GET /metrics`` (text exposition format 0.0.4).
+
+With several worker processes (``[proxy] workers``) every worker keeps its own
+:class:`Stats`; :meth:`Stats.export` turns one into plain data (dicts, lists,
+numbers: what ``marshal`` and JSON carry), :func:`sum_exports` adds exports
+exactly (counters, figures and histogram buckets alike) and
+:meth:`Stats.from_export` makes a :class:`Stats` of the result, so the three
+views above read the sum as they read one process.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import os
 import resource
 import struct
 import time
-from typing import Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from mproxy import __version__
 
@@ -98,6 +105,16 @@ FIGURES: dict[str, tuple[str, str]] = {
     "limit_maxbytes": ("gauge", "Byte budget of the cache."),
     "evictions": ("counter", "Live items removed to make room for new ones."),
 }
+
+#: Figures of the supervisor, shown (after the audit lines) only when several workers
+#: serve: name -> (Prometheus type, help).
+WORKER_FIGURES: dict[str, tuple[str, str]] = {
+    "workers": ("gauge", "Worker processes serving now."),
+    "worker_restarts": ("counter", "Worker processes restarted after they died."),
+}
+
+#: ``Stats.export()``: plain data, see the module doc.
+Export = dict[str, Any]
 
 #: Percentiles reported by ``stats``, as (suffix, quantile).
 PERCENTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("p999", 0.999))
@@ -263,6 +280,31 @@ class CacheStats:
             raw = self._figures()
             self._figures_base = {n: raw[n] for n, (kind, _) in FIGURES.items() if kind == "counter" and n in raw}
 
+    def export(self) -> Export:
+        """This cache's figures as plain data (see :meth:`Stats.export`)."""
+        return {
+            "counters": {c: getattr(self, c) for c in COUNTERS},
+            "figures": self.figures(),
+            "latency": {op: (list(h.counts), h.count, h.sum) for op, h in self.latency.items()},
+            "errors": dict(self.backend_error_codes),
+        }
+
+    @classmethod
+    def from_export(cls, name: str, data: Export) -> CacheStats:
+        """A CacheStats holding ``data`` (:meth:`export`'s form); its figures are fixed."""
+        st = cls(name)
+        for c, value in data["counters"].items():
+            if c in COUNTERS:
+                setattr(st, c, value)
+        for op, (counts, count, total) in data["latency"].items():
+            hist = st.latency[op] = Histogram()
+            hist.counts, hist.count, hist.sum = list(counts), count, total
+        st.backend_error_codes = dict(data["errors"])
+        figures = dict(data["figures"])
+        if figures:
+            st.attach_backend(lambda: figures)
+        return st
+
     def snapshot(self) -> dict[str, int]:
         """Counters in :data:`COUNTERS` order, the backend's :meth:`figures`, then the
         backend calls (see :func:`backend_stats`)."""
@@ -299,6 +341,12 @@ class Stats:
 
     def __init__(self) -> None:
         self.started = time.time()
+        #: The process the stats are of; None = this one (a :meth:`from_export` view sets it).
+        self.pid: int | None = None
+        #: CPU seconds (user, system) of an exported view; None = this process's own, read now.
+        self.cpu: tuple[float, float] | None = None
+        #: :data:`WORKER_FIGURES` values when several workers serve (the supervisor sets them).
+        self.worker_figures: dict[str, int] = {}
         self.caches: dict[str, CacheStats] = {}
         #: ``momentosdk`` WARNING records seen (counted by :mod:`mproxy.logs`).
         self.sdk_warnings = 0
@@ -329,6 +377,41 @@ class Stats:
         """Audit lines lost (queue full or write error) since start (or the last reset)."""
         return self._audit.lines_dropped - self._audit_dropped_base if self._audit else 0
 
+    def rusage(self) -> tuple[float, float]:
+        """CPU seconds (user, system) of the process (or processes) these stats are of."""
+        if self.cpu is not None:
+            return self.cpu
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime, usage.ru_stime
+
+    def export(self) -> Export:
+        """Everything :meth:`snapshot` and :func:`prometheus_text` read, as plain data:
+        ``pid``, ``started``, ``rusage``, ``sdk_warnings``, ``audit`` (written, dropped)
+        and ``caches`` (name -> :meth:`CacheStats.export`)."""
+        return {
+            "pid": self.pid if self.pid is not None else os.getpid(),
+            "started": self.started,
+            "rusage": self.rusage(),
+            "sdk_warnings": self.sdk_warnings,
+            "audit": (self.audit_lines_written, self.audit_lines_dropped),
+            "caches": {name: st.export() for name, st in self.caches.items()},
+        }
+
+    @classmethod
+    def from_export(cls, data: Export) -> Stats:
+        """A Stats showing ``data`` (:meth:`export`'s form, or :func:`sum_exports`'s):
+        its ``pid``, ``started`` and CPU are those of the export."""
+        stats = cls()
+        stats.pid, stats.started = data["pid"], data["started"]
+        user, system = data["rusage"]
+        stats.cpu = (user, system)
+        stats.sdk_warnings = data["sdk_warnings"]
+        written, dropped = data["audit"]
+        stats.attach_audit(_FixedAudit(written, dropped))
+        for name, cache in data["caches"].items():
+            stats.caches[name] = CacheStats.from_export(name, cache)
+        return stats
+
     def reset(self) -> None:
         """``stats reset``: zero every counter except gauges and process facts."""
         for st in self.caches.values():
@@ -341,15 +424,15 @@ class Stats:
     def snapshot(self) -> dict[str, int | str | float]:
         """``stats``: memcached's names first, then mproxy's, summed over every cache."""
         now = time.time()
-        usage = resource.getrusage(resource.RUSAGE_SELF)
+        user, system = self.rusage()
         out: dict[str, int | str | float] = {
-            "pid": os.getpid(),
+            "pid": self.pid if self.pid is not None else os.getpid(),
             "uptime": int(now - self.started),
             "time": int(now),
             "version": __version__,
             "pointer_size": struct.calcsize("P") * 8,
-            "rusage_user": usage.ru_utime,
-            "rusage_system": usage.ru_stime,
+            "rusage_user": user,
+            "rusage_system": system,
         }
         totals = dict.fromkeys(COUNTERS, 0)
         figures: dict[str, int] = {}
@@ -370,6 +453,7 @@ class Stats:
         out["sdk_warnings"] = self.sdk_warnings
         out["audit_lines_written"] = self.audit_lines_written
         out["audit_lines_dropped"] = self.audit_lines_dropped
+        out.update((name, self.worker_figures[name]) for name in WORKER_FIGURES if name in self.worker_figures)
         return out
 
     def cache_snapshot(self) -> dict[str, int]:
@@ -379,6 +463,74 @@ class Stats:
             for k, v in st.snapshot().items():
                 out[f"{name}:{k}"] = v
         return out
+
+    def workers_snapshot(self) -> dict[str, int | str | float]:
+        """``stats workers``: one process is worker 1, ``1:<stat>`` for each of :meth:`snapshot`."""
+        return {f"1:{k}": v for k, v in self.snapshot().items()}
+
+    def prometheus(self) -> str:
+        """``GET /metrics``: :func:`prometheus_text` of these stats."""
+        return prometheus_text(self)
+
+
+class _FixedAudit:
+    """The audit counters of an export (:class:`AuditCounters`)."""
+
+    def __init__(self, written: int, dropped: int) -> None:
+        self.lines_written = written
+        self.lines_dropped = dropped
+
+
+def sum_exports(parts: Iterable[Export], pid: int, started: float) -> Export:
+    """The exact sum of :meth:`Stats.export` results: counters, figures, error codes,
+    CPU seconds and histogram buckets added per cache name; ``pid`` and ``started``
+    are the given ones (the supervisor's)."""
+    caches: dict[str, Export] = {}
+    user = system = 0.0
+    sdk_warnings = written = dropped = 0
+    for part in parts:
+        part_user, part_system = part["rusage"]
+        user += part_user
+        system += part_system
+        sdk_warnings += part["sdk_warnings"]
+        part_written, part_dropped = part["audit"]
+        written += part_written
+        dropped += part_dropped
+        for name, cache in part["caches"].items():
+            into = caches.setdefault(name, {"counters": {}, "figures": {}, "latency": {}, "errors": {}})
+            for key in ("counters", "figures", "errors"):
+                _add(into[key], cache[key])
+            for op, (counts, count, total) in cache["latency"].items():
+                have = into["latency"].get(op)
+                if have is None:
+                    into["latency"][op] = (list(counts), count, total)
+                else:
+                    into["latency"][op] = ([a + b for a, b in zip(have[0], counts)], have[1] + count, have[2] + total)
+    return {
+        "pid": pid,
+        "started": started,
+        "rusage": (user, system),
+        "sdk_warnings": sdk_warnings,
+        "audit": (written, dropped),
+        "caches": caches,
+    }
+
+
+def _add(into: dict[str, int], values: Mapping[str, int]) -> None:
+    for key, value in values.items():
+        into[key] = into.get(key, 0) + value
+
+
+def without_gauges(export: Export) -> Export:
+    """``export`` with its gauges at 0 (``curr_connections``, the gauge :data:`FIGURES`):
+    what a worker that has exited still adds to the sums (its counters, not its
+    connections)."""
+    caches = {}
+    for name, cache in export["caches"].items():
+        counters = {c: 0 if c in GAUGES else v for c, v in cache["counters"].items()}
+        figures = {f: v for f, v in cache["figures"].items() if FIGURES.get(f, ("gauge",))[0] == "counter"}
+        caches[name] = {**cache, "counters": counters, "figures": figures}
+    return {**export, "caches": caches}
 
 
 # -- Prometheus text exposition format 0.0.4 ----------------------------------------------
@@ -448,5 +600,9 @@ def prometheus_text(stats: Stats) -> str:
         ("audit_lines_dropped", "Audit log lines lost: queue full or write error.", stats.audit_lines_dropped),
     ):
         _family(lines, f"mproxy_{name}_total", "counter", help_text, [f"mproxy_{name}_total {value}"])
+    for name, (kind, help_text) in WORKER_FIGURES.items():
+        if name in stats.worker_figures:
+            metric = f"mproxy_{name}_total" if kind == "counter" else f"mproxy_{name}"
+            _family(lines, metric, kind, help_text, [f"{metric} {stats.worker_figures[name]}"])
     lines.append("")
     return "\n".join(lines)

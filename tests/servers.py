@@ -22,7 +22,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -213,6 +214,31 @@ def start_mproxy(
     else:
         argv = [sys.executable, "-m", "mproxy", *args]
     return _spawn("mproxy", argv, tmp_path / f"mproxy-{n}.log", ready, pass_fds=fds)
+
+
+@contextmanager
+def mproxy_with_notify(
+    config_text: str, tmp_path: Path, timeout: float = START_TIMEOUT
+) -> Iterator[tuple[subprocess.Popen[bytes], socket.socket, Path]]:
+    """Run mproxy as systemd would for a ``Type=notify`` unit: ``$NOTIFY_SOCKET`` is a datagram
+    socket bound here. Yields the process, that socket (``recv`` bounded by ``timeout``) and
+    the path of its ``--ready-file``; kills the process at the end if it still runs."""
+    config = tmp_path / "notify.toml"
+    config.write_text(config_text)
+    ready_file = tmp_path / "ready.json"
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(notify_path))
+        sock.settimeout(timeout)
+        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
+        argv = [sys.executable, "-m", "mproxy", "-c", str(config), "--ready-file", str(ready_file)]
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            yield proc, sock, ready_file
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 class RawSession:

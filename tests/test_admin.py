@@ -6,6 +6,7 @@ greenlet, so no monkey-patching of the pytest process is needed.
 
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import gevent.socket
@@ -106,6 +107,12 @@ def test_stats_cache(client: Client) -> None:
     assert snap["default:cmd_get"] == "5"
     assert snap["sessions:cmd_set"] == "2"
     assert snap["sessions:cmd_get"] == "0"
+
+
+def test_stats_workers_one_process_is_worker_1(client: Client) -> None:
+    snap = client.stats(b"stats workers")
+    assert snap["1:cmd_get"] == "5" and snap["1:pid"] == str(os.getpid())
+    assert not [name for name in snap if not name.startswith("1:")]
 
 
 def test_stats_reset(client: Client, stats: Stats) -> None:

@@ -149,8 +149,9 @@ sample = 100
 def test_defaults() -> None:
     c = loads(MINIMAL)
     assert c.admin == AdminConfig(host="127.0.0.1", port=9999)
+    workers = cfg.cpu_count()
     assert c.proxy == ProxyConfig(
-        threads=1, max_connections=1024, idle_timeout=0.0, max_item_size=1048576
+        workers=workers, threads=workers, max_connections=1024, idle_timeout=0.0, max_item_size=1048576
     )
     (cache,) = c.caches
     assert (cache.host, cache.port, cache.backend) == ("127.0.0.1", 11211, "momento")
@@ -253,8 +254,9 @@ LEVELS = 'expected one of "debug", "info", "warning", "error"'
             '[admin]\nhost = "not a host"\n' + MINIMAL,
             'admin.host = "not a host": expected a host name or IP address',
         ),
-        ("[proxy]\nthreads = 0\n" + MINIMAL, "proxy.threads = 0: expected an integer >= 1"),
-        ('[proxy]\nthreads = "2"\n' + MINIMAL, 'proxy.threads = "2": expected an integer >= 1'),
+        ("[proxy]\nthreads = -1\n" + MINIMAL, "proxy.threads = -1: expected an integer 0-1024"),
+        ('[proxy]\nthreads = "2"\n' + MINIMAL, 'proxy.threads = "2": expected an integer 0-1024'),
+        ("[proxy]\nworkers = 1025\n" + MINIMAL, "proxy.workers = 1025: expected an integer 0-1024"),
         (
             "[proxy]\nmax_item_size = 10\n" + MINIMAL,
             "proxy.max_item_size = 10: expected an integer 1024-1073741824",
@@ -431,7 +433,7 @@ def test_equality_ignores_source_and_warnings() -> None:
 def _every_key_changed() -> str:
     return (
         '[admin]\nhost = "::1"\nport = "0"\n'
-        "[proxy]\nthreads = 3\nmax_connections = 7\nidle_timeout = 2.5\nmax_item_size = 2048\n"
+        "[proxy]\nworkers = 1\nthreads = 1\nmax_connections = 7\nidle_timeout = 2.5\nmax_item_size = 2048\n"
         '[[cache]]\ncache_name = "tab\\there \\"q\\" \\u007f é"\nhost = "0.0.0.0"\nport = 1\n'
         'backend = "memory"\nname = "n"\nprotocol = "memcache"\ndefault_ttl = 10\nmax_ttl = 20\n'
         "connection_count = 2\nrequest_timeout = 0.25\nmax_in_flight = 3\nflags = false\n"
@@ -490,12 +492,52 @@ def test_shipped_defaults_are_what_new_users_need() -> None:
     assert local.momento.local == "embedded"
     memory = load(ROOT / "config" / "memory.toml")
     assert memory.caches[0].backend == "memory"
+    # workers: the CPU count on the Momento backend, 1 on the memory backend (its store is one process's)
+    assert local.proxy.workers == cfg.cpu_count() and memory.proxy.workers == 1
     assert memory == dataclasses.replace(
         local,
+        proxy=dataclasses.replace(local.proxy, workers=1, threads=1),
         caches=(dataclasses.replace(
             local.caches[0], backend="memory", memory_cache_bytes=DEFAULT_MAX_BYTES
         ),),
         momento=MomentoConfig(),  # no [momento] section: nothing uses it
+    )
+
+
+MEMORY_CACHE = '[[cache]]\ncache_name = "m"\nbackend = "memory"\n'
+
+
+def test_workers_default_to_the_cpu_count_and_to_1_with_a_memory_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cfg, "cpu_count", lambda: 6)
+    assert loads(MINIMAL).proxy.workers == 6
+    assert loads("[proxy]\nworkers = 0\n" + MINIMAL).proxy.workers == 6  # 0 = automatic
+    assert loads(MEMORY_CACHE).proxy.workers == 1
+    assert loads(MINIMAL + MEMORY_CACHE.replace('"m"', '"m2"') + "port = 11212\n").proxy.workers == 1
+    assert loads("[proxy]\nworkers = 1\n" + MEMORY_CACHE).proxy.workers == 1
+
+
+def test_threads_is_an_alias_of_workers_and_workers_wins() -> None:
+    only_threads = loads("[proxy]\nthreads = 3\n" + MINIMAL)
+    assert (only_threads.proxy.workers, only_threads.proxy.threads, only_threads.warnings) == (3, 3, ())
+    both = loads("[proxy]\nthreads = 3\nworkers = 2\n" + MINIMAL, "p.toml")
+    assert (both.proxy.workers, both.proxy.threads) == (2, 2)
+    assert both.warnings == (
+        "p.toml: proxy.threads = 3 and proxy.workers = 2 differ: threads is momento-proxy's name "
+        "for workers; using workers = 2",
+    )
+    assert loads("[proxy]\nthreads = 2\nworkers = 2\n" + MINIMAL).warnings == ()
+
+
+@pytest.mark.parametrize("key", ["workers", "threads"])
+def test_several_workers_refuse_a_memory_cache(key: str) -> None:
+    text = f"[proxy]\n{key} = 2\n" + MINIMAL + MEMORY_CACHE + "port = 11212\n"
+    with pytest.raises(ConfigError) as info:
+        loads(text, "w.toml")
+    assert info.value.key == f"proxy.{key}"
+    assert str(info.value) == (
+        f'w.toml: proxy.{key} = 2: expected 1 when cache[1].backend = "memory": the memory backend '
+        "is one process's store, and 2 workers would split it into 2 stores that do not see each "
+        f"other's items (leave {key} out: it defaults to 1 with a memory cache)"
     )
 
 

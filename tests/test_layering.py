@@ -116,9 +116,16 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         ("mproxy",),
-        "only the entry points import the process wiring (cli.py, app.py)",
-        never=("mproxy.cli", "mproxy.app"),
-        exempt=("mproxy.cli", "mproxy.__main__"),
+        "only the entry points import the process wiring (cli.py; app.py and its supervisor "
+        "and worker, workers.py and worker.py)",
+        never=("mproxy.cli", "mproxy.app", "mproxy.worker", "mproxy.workers"),
+        exempt=("mproxy.cli", "mproxy.__main__", "mproxy.worker", "mproxy.workers"),
+    ),
+    Rule(
+        ("mproxy.workers",),
+        "the supervisor creates no backend and never loads the Momento SDK or gRPC "
+        "(its workers are started afresh, and load them themselves)",
+        never=(*SDK, "mproxy.backends", "mproxy.dispatch"),
     ),
     Rule(
         ("mproxy.__init__",),

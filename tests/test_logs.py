@@ -39,6 +39,18 @@ def test_text_format(tmp_path: Path) -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO mproxy\.server: listening on 127\.0\.0\.1:11211", line)
 
 
+def test_a_worker_marks_its_lines(tmp_path: Path) -> None:
+    text, js = tmp_path / "text.log", tmp_path / "json.log"
+    logs.setup_logging("info", "text", str(text), worker=2)
+    logging.getLogger("mproxy").info("configuration reloaded")
+    logs.setup_logging("info", "json", str(js), worker=2)
+    logging.getLogger("mproxy").info("configuration reloaded")
+    [line] = text.read_text().splitlines()
+    assert line.endswith(" INFO [worker 2] mproxy: configuration reloaded")
+    record = json.loads(js.read_text())
+    assert (record["worker"], record["logger"], record["message"]) == (2, "mproxy", "configuration reloaded")
+
+
 def test_json_format_and_set_level(tmp_path: Path) -> None:
     path = tmp_path / "mproxy.log"
     logs.setup_logging("warning", "json", str(path))

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -15,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import HOST, RawSession, ServerStartError, start_mproxy, talk
+from tests.servers import HOST, RawSession, ServerStartError, mproxy_with_notify, start_mproxy, talk
 
 pytestmark = pytest.mark.e2e
 
@@ -140,17 +138,7 @@ def test_sighup_reloads_log_level_and_keeps_serving(tmp_path: Path) -> None:
 
 
 def test_sd_notify_ready_after_bind_and_stopping_on_sigterm(tmp_path: Path) -> None:
-    cfg = tmp_path / "notify.toml"
-    cfg.write_text(config())
-    ready_file = tmp_path / "ready.json"
-    notify_path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(notify_path))
-    sock.settimeout(DEADLINE)
-    env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
-    proc = subprocess.Popen([sys.executable, "-m", "mproxy", "-c", str(cfg), "--ready-file", str(ready_file)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with mproxy_with_notify(config(), tmp_path, DEADLINE) as (proc, sock, ready_file):
         assert sock.recv(4096) == b"READY=1"
         port = json.loads(ready_file.read_text())["caches"][0]["port"]  # written before READY
         with socket.create_connection((HOST, port), timeout=10):  # bound before READY was sent
@@ -158,11 +146,6 @@ def test_sd_notify_ready_after_bind_and_stopping_on_sigterm(tmp_path: Path) -> N
         proc.send_signal(signal.SIGTERM)
         assert sock.recv(4096) == b"STOPPING=1"
         assert proc.wait(timeout=DEADLINE) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        sock.close()
 
 
 @pytest.mark.skipif(not Path("/usr/bin/systemd-analyze").exists(), reason="systemd-analyze not installed")

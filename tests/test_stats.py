@@ -9,7 +9,18 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mproxy import __version__
-from mproxy.stats import COUNTERS, FIGURES, HELP, UPPER_BOUNDS, Histogram, Stats, prometheus_text
+from mproxy.stats import (
+    COUNTERS,
+    FIGURES,
+    HELP,
+    UPPER_BOUNDS,
+    WORKER_FIGURES,
+    Histogram,
+    Stats,
+    prometheus_text,
+    sum_exports,
+    without_gauges,
+)
 
 
 class FakeAudit:
@@ -168,6 +179,7 @@ def test_prometheus_text_parses() -> None:
 def test_operations_guide_documents_every_stat() -> None:
     guide = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
     stats = scripted()
+    stats.worker_figures = dict.fromkeys(WORKER_FIGURES, 0)
     names = [k for k in stats.snapshot() if not k.startswith("backend_") or k == "backend_errors"]
     missing = [name for name in names if f"| `{name}` |" not in guide]
     assert missing == []
@@ -247,3 +259,89 @@ def test_a_memory_backend_reports_every_figure() -> None:
 def test_operations_guide_documents_every_backend_figure() -> None:
     guide = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
     assert [name for name in FIGURES if f"| `{name}` |" not in guide] == []
+
+
+# -- several workers: export, exact sums, per-worker views --------------------------------
+
+
+def test_export_is_plain_data_and_round_trips() -> None:
+    import json
+    import marshal
+
+    stats, _, _ = with_backends()
+    stats.sdk_warnings = 2
+    audit = FakeAudit()
+    audit.lines_written, audit.lines_dropped = 9, 1
+    stats.attach_audit(audit)
+    data = stats.export()
+    assert marshal.loads(marshal.dumps(data)) == data
+    assert json.loads(json.dumps(data)) == json.loads(json.dumps(data))  # JSON-able too
+    again = Stats.from_export(data)
+    expected, got = stats.snapshot(), again.snapshot()
+    for volatile in ("uptime", "time", "rusage_user", "rusage_system"):
+        expected.pop(volatile), got.pop(volatile)
+    assert got == expected
+    assert again.cache_snapshot() == stats.cache_snapshot()
+    assert prometheus_text(again).replace(repr(again.started), "T") == prometheus_text(stats).replace(repr(stats.started), "T")
+
+
+def test_from_export_shows_the_exported_process() -> None:
+    data = scripted().export()
+    data.update(pid=4242, started=1000.0, rusage=(1.5, 0.25))
+    snap = Stats.from_export(data).snapshot()
+    assert (snap["pid"], snap["rusage_user"], snap["rusage_system"]) == (4242, 1.5, 0.25)
+    assert snap["uptime"] == int(snap["time"]) - 1000
+
+
+def test_sum_of_exports_is_exact() -> None:
+    one, two = scripted(), scripted()
+    two.cache("c").cmd_set += 5
+    two.cache("a").observe("get_many", 2.0)
+    one.sdk_warnings, two.sdk_warnings = 1, 2
+    audit_one, audit_two = FakeAudit(), FakeAudit()
+    audit_one.lines_written, audit_two.lines_written, audit_two.lines_dropped = 3, 4, 7
+    one.attach_audit(audit_one)
+    two.attach_audit(audit_two)
+    parts = [one.export(), two.export()]
+    parts[0]["rusage"], parts[1]["rusage"] = (1.0, 0.5), (2.0, 0.25)
+    total = Stats.from_export(sum_exports(parts, pid=7, started=100.0))
+    snap = total.snapshot()
+    assert snap["pid"] == 7 and (snap["rusage_user"], snap["rusage_system"]) == (3.0, 0.75)
+    assert snap["cmd_get"] == 8 and snap["curr_connections"] == 4 and snap["cmd_set"] == 5
+    assert snap["backend_get_many_requests"] == 13 and snap["backend_errors_timeout"] == 4
+    assert (snap["sdk_warnings"], snap["audit_lines_written"], snap["audit_lines_dropped"]) == (3, 7, 7)
+    hist = total.caches["a"].latency["get_many"]
+    assert hist.count == 9 and sum(hist.counts) == 9
+    assert hist.quantile(1.0) == pytest.approx(2.0, rel=0.1)
+    merged = Histogram()
+    for part in (one, two):
+        merged.merge(part.caches["a"].latency["get_many"])
+    assert hist.counts == merged.counts and hist.sum == pytest.approx(merged.sum)
+    assert total.cache_snapshot()["c:cmd_set"] == 5
+
+
+def test_sum_of_figures_and_without_gauges() -> None:
+    stats, _, _ = with_backends()
+    part = stats.export()
+    total = Stats.from_export(sum_exports([part, part], pid=1, started=0.0)).snapshot()
+    assert (total["curr_items"], total["evictions"], total["limit_maxbytes"]) == (8, 2, 3000)
+    gone = Stats.from_export(sum_exports([without_gauges(part)], pid=1, started=0.0)).snapshot()
+    assert gone["curr_connections"] == 0 and gone["cmd_get"] == 4
+    assert gone["evictions"] == 1 and "curr_items" not in gone and "limit_maxbytes" not in gone
+
+
+def test_worker_figures_only_when_set() -> None:
+    stats = scripted()
+    assert "workers" not in stats.snapshot() and "mproxy_workers" not in prometheus_text(stats)
+    stats.worker_figures = {"workers": 2, "worker_restarts": 1}
+    snap = stats.snapshot()
+    assert list(snap)[-2:] == ["workers", "worker_restarts"] and snap["workers"] == 2
+    families = {f.name: f for f in text_string_to_metric_families(prometheus_text(stats))}
+    assert families["mproxy_workers"].type == "gauge" and families["mproxy_workers"].samples[0].value == 2
+    assert families["mproxy_worker_restarts"].type == "counter"
+
+
+def test_one_process_is_worker_1() -> None:
+    stats = scripted()
+    per_worker = stats.workers_snapshot()
+    assert per_worker["1:cmd_get"] == 4 and "1:pid" in per_worker
