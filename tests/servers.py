@@ -378,18 +378,17 @@ class LocalMomento:
         self.kill()
 
 
-def start_local_momento(
-    tmp_path: Path, cache: str, port: int = 0, faults: tuple[str, ...] = (), workers: int = 128
-) -> LocalMomento:
+def start_local_momento(tmp_path: Path, cache: str, port: int = 0, faults: tuple[str, ...] = ()) -> LocalMomento:
     """Start the bundled local server (``--cache cache``) and wait for its listening line.
 
     ``port`` 0 lets the server pick (it reports it); a fixed port is used to
-    restart a server where a proxy expects it. ``workers``: RPCs served at once
-    (delayed calls hold one each, so the concurrency test needs >= 100).
+    restart a server where a proxy expects it. It serves with its default pool
+    (a call asleep in a fault's delay gives its place up, so delays do not
+    hold other calls back).
     """
     argv = [
         sys.executable, "-m", "mproxy.momento_local", "--host", HOST, "--port", str(port),
-        "--control-port", "0", "--cache", cache, "--workers", str(workers),
+        "--control-port", "0", "--cache", cache,
     ]
     for spec in faults:
         argv += ["--fault", spec]
