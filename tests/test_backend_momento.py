@@ -766,6 +766,20 @@ def test_from_config_local_creates_the_cache(server: LocalServer) -> None:
         b.close()
 
 
+def test_importing_the_package_and_embedded_is_cheap() -> None:
+    """The supervisor imports ``embedded`` from the package: neither grpc, the SDK nor gevent load."""
+    code = (
+        "import sys\n"
+        "from mproxy.backends.momento import embedded, SWITCH_INTERVAL_SECONDS\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'momento', 'momento_wire_types', 'gevent')))\n"
+        "from mproxy.backends.momento import MomentoBackend\n"
+        "print('grpc' in sys.modules and MomentoBackend.kind == 'momento')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[]", "True"]
+
+
 def test_local_endpoint_brackets_ipv6_hosts() -> None:
     """The SDK and the raw channels both make the gRPC target ``f"{host}:{port}"``."""
     assert mb.Endpoint.local("::1", 5) == mb.Endpoint("[::1]:5", "[::1]:5", False, "")
