@@ -47,6 +47,9 @@ class FakeCall:
             return [self.request.cache_key]
         return [item.cache_key for item in self.request.items]
 
+    #: the batcher waits on the batch's event, not on the call (a fake call cannot block)
+    waited_for = True
+
     def add_done_callback(self, callback: Callable[[FakeCall], None]) -> None:
         self._callbacks.append(callback)
 

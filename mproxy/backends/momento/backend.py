@@ -172,7 +172,7 @@ class MomentoBackend(MomentoMeta):
         """Through the get batcher (single-flight, coalesced). The CAS unique
         (a hash of the stored bytes) is computed for gets only."""
         budget = self._budget("get")
-        found = self._gets.read(list(dict.fromkeys(keys)), budget)
+        found = self._gets.read(keys if len(keys) == 1 else list(dict.fromkeys(keys)), budget)
         return {key: self._item(stored, with_cas) for key, stored in found.items()}
 
     def touch_many(self, keys: Sequence[bytes], exptime: int, with_cas: bool = False) -> dict[bytes, Item]:

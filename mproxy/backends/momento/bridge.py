@@ -169,6 +169,11 @@ class PendingCall(Call):
             self._block(timeout)
         return self._done
 
+    @property
+    def waited_for(self) -> bool:
+        """Whether a greenlet waits in :meth:`get` or :meth:`wait` now (one at a time)."""
+        return self._waiter is not None
+
     def _block(self, timeout: float | None) -> None:
         if self._waiter is not None:
             raise RuntimeError("another greenlet is already waiting for this call (use add_done_callback)")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from gevent.hub import Waiter, get_hub
@@ -31,15 +30,18 @@ from gevent.hub import Waiter, get_hub
 from mproxy.backends.momento.errors import timeout_error
 
 
-@dataclass(frozen=True, slots=True)
 class Budget:
     """The time one backend command may take: ``op`` names the command in
     errors, ``deadline`` (``time.monotonic()``) is when it must be done,
-    ``timeout`` the seconds it was given (named in timeout errors)."""
+    ``timeout`` the seconds it was given (named in timeout errors). Not to be
+    changed once made (a plain class: made once per command, on the hot path)."""
 
-    op: str
-    deadline: float
-    timeout: float
+    __slots__ = ("op", "deadline", "timeout")
+
+    def __init__(self, op: str, deadline: float, timeout: float) -> None:
+        self.op = op
+        self.deadline = deadline
+        self.timeout = timeout
 
     def left(self) -> float:
         """Seconds left (0 when none)."""
