@@ -360,8 +360,7 @@ class AioTransport:
         except KeyError:
             call.post(None, ValueError(f"{self._stub_class.__name__} has no method {method!r}"))
             return call
-        function = self._stream if streaming else self._unary
-        self._run(call, (function, call, callable_, request, metadata, deadline, retry))
+        self._run(call, (self._rpc, call, callable_, streaming, request, metadata, deadline, retry))
         return call
 
     def submit_coroutine(self, factory: Callable[[], Awaitable[Any]]) -> Call:
@@ -433,43 +432,21 @@ class AioTransport:
 
     # -- the loop thread ------------------------------------------------------------
 
-    async def _unary(
-        self, call: Call, callable_: Any, request: Any, metadata: Metadata, deadline: float, retry: int
+    async def _rpc(
+        self,
+        call: Call,
+        callable_: Any,
+        streaming: bool,
+        request: Any,
+        metadata: Metadata,
+        deadline: float,
+        retry: int,
     ) -> None:
         while True:
-            try:
-                timeout = max(deadline - time.monotonic(), MIN_ATTEMPT_SECONDS)
-                response = await callable_(request, metadata=metadata, timeout=timeout)
-            except asyncio.CancelledError:
-                call.post(None, cancelled_error("cancelled by the caller"))
-                return
-            except grpc.RpcError as exc:
-                if retry > 0 and _retryable(exc, deadline):
-                    retry -= 1
-                    self.retries += 1
-                    continue
-                call.post(None, exc)
-                return
-            except BaseException as exc:
-                call.post(None, exc)
-                return
-            call.post(response, None)
-            return
-
-    async def _stream(
-        self, call: Call, callable_: Any, request: Any, metadata: Metadata, deadline: float, retry: int
-    ) -> None:
-        while True:
-            responses: list[Any] = []
             rpc = None
             try:
-                timeout = max(deadline - time.monotonic(), MIN_ATTEMPT_SECONDS)
-                rpc = callable_(request, metadata=metadata, timeout=timeout)
-                while True:
-                    response = await rpc.read()
-                    if response is grpc.aio.EOF:
-                        break
-                    responses.append(response)
+                rpc = callable_(request, metadata=metadata, timeout=max(deadline - time.monotonic(), MIN_ATTEMPT_SECONDS))
+                response = [message async for message in rpc] if streaming else await rpc
             except asyncio.CancelledError:
                 if rpc is not None:
                     rpc.cancel()
@@ -485,7 +462,7 @@ class AioTransport:
             except BaseException as exc:
                 call.post(None, exc)
                 return
-            call.post(responses, None)
+            call.post(response, None)
             return
 
     async def _coroutine(self, call: Call, factory: Callable[[], Awaitable[Any]]) -> None:
