@@ -14,9 +14,13 @@ errors: they are returned as one-line strings in :attr:`Config.warnings`.
 Errors raise :class:`ConfigError`, whose message is one line naming the
 file, the dotted key, the offending value and what was expected.
 
+A value that looks like a Momento API key is refused in any known key (and
+never shown): the key belongs in the environment.
+
 Stdlib only (with :mod:`mproxy.tls`, stdlib too). I/O only in :func:`load`:
 the file, and the files it names (each listener's TLS files, read by
-:func:`mproxy.tls.context`; a TLS key others may read draws a warning).
+:func:`mproxy.tls.context`; the modes of files holding secrets, which draw
+warnings when others may read them).
 """
 
 from __future__ import annotations
@@ -812,6 +816,22 @@ def _show(value: object, option: Option | None = None) -> str:
     return text
 
 
+#: What a Momento API key looks like: every kind (legacy token, v1 key, v2 key) is
+#: base64 of JSON (``eyJ`` is ``{"``), alone or as the segments of a JWT, and long.
+_API_KEY_SHAPE = re.compile(r"\s*eyJ[A-Za-z0-9+/=_.-]{40,}\s*")
+
+
+def _api_keys(value: object, path: str) -> list[str]:
+    """The dotted paths, in ``value`` found at ``path``, of strings that look like an API key."""
+    if isinstance(value, str):
+        return [path] if _API_KEY_SHAPE.fullmatch(value) else []
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _api_keys(v, f"{path}.{k}" if path else k)]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _api_keys(v, f"{path}[{i}]")]
+    return []
+
+
 def _exposure(path: str) -> str:
     """``"others (mode 0644)"`` or ``"its group (mode 0640)"`` when others, or the file's
     group, may read the file at ``path``; ``""`` when neither may (or it cannot be
@@ -835,6 +855,9 @@ class _Loader:
     def __init__(self, source: str) -> None:
         self.source = source
         self.warnings: list[str] = []
+        #: where the document holds values that look like an API key (ignored keys only:
+        #: a known key with such a value is an error)
+        self.api_keys: list[str] = []
 
     def error(
         self, path: str, value: object, expected: str, option: Option | None = None
@@ -853,7 +876,16 @@ class _Loader:
             if option is None:
                 if key not in section.legacy:
                     self.warn(f"unknown key {path}.{key} (ignored)")
+                self.api_keys += _api_keys(value, f"{path}.{key}")
                 continue
+            if _api_keys(value, key):
+                raise ConfigError(
+                    self.source,
+                    f"{path}.{key} = <what looks like a Momento API key, not shown>: expected "
+                    f"{option.expected()}; the key belongs in the environment (the variable "
+                    "[momento] api_key_env names), never in the file",
+                    f"{path}.{key}",
+                )
             try:
                 values[key] = option.kind.coerce(value, option)
             except _Invalid:
@@ -898,6 +930,7 @@ class _Loader:
         for key, value in doc.items():
             if key in known:
                 continue
+            self.api_keys += _api_keys(value, key)
             if isinstance(value, dict):
                 self.warn(f"unknown section [{key}] (ignored)")
             elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
@@ -922,8 +955,15 @@ class _Loader:
 
     def check_files(self, config: Config) -> Config:
         """What :func:`load` adds to :func:`loads`: the TLS files of every listener with
-        TLS on are read and checked (:func:`mproxy.tls.context`), and a private key that
-        others may read is warned about (see :func:`_exposure`)."""
+        TLS on are read and checked (:func:`mproxy.tls.context`), and a file holding a
+        secret that others may read is warned about (see :func:`_exposure`)."""
+        exposed = _exposure(self.source) if self.api_keys else ""
+        if exposed:
+            self.warnings.append(
+                f"{self.source} is readable by {exposed} and holds what looks like a Momento API key "
+                f"({', '.join(self.api_keys)}): delete it from the file (mproxy reads the key from the "
+                "environment only, and ignores it there)"
+            )
         for where, listener in listener_tables(config):
             if not listener.tls:
                 continue
@@ -1039,7 +1079,7 @@ def loads(text: str, source: str = "<string>") -> Config:
 
 def load(path: str | os.PathLike[str]) -> Config:
     """Read, parse and validate the TOML file at ``path``, and check the files it names
-    (:meth:`_Loader.check_files`: TLS certificates and keys)."""
+    (:meth:`_Loader.check_files`: TLS certificates and keys, secrets others may read)."""
     source = os.fspath(path)
     try:
         with open(source, "rb") as fh:
