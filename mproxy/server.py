@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from gevent.pool import Pool
 from gevent.server import StreamServer
@@ -34,6 +34,9 @@ from mproxy.protocol import replies as r
 from mproxy.protocol.errors import ProtocolError
 from mproxy.protocol.parser import NEED_DATA, Parser
 from mproxy.stats import CacheStats
+
+if TYPE_CHECKING:
+    from mproxy.handshake import ListenerTls
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,7 @@ class CacheServer:
         limit: ConnectionLimit | None = None,
         idle_timeout: float = 0.0,
         max_item_size: int = c.DEFAULT_MAX_ITEM_SIZE,
+        tls: ListenerTls | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.stats = stats
@@ -131,7 +135,8 @@ class CacheServer:
         self._conns: set[_Connection] = set()
         # a pool (unbounded: the cap is ConnectionLimit) so that stop() waits for
         # the handlers and then kills them; without one it would not wait at all
-        self._server = StreamServer(listener, self._handle, spawn=Pool())
+        handle = self._handle if tls is None else tls.serve(self._handle)
+        self._server = StreamServer(listener, handle, spawn=Pool())
 
     @property
     def address(self) -> tuple[str, int]:
