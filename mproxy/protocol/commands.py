@@ -72,6 +72,23 @@ class StoreMode(enum.Enum):
     CAS = "cas"
 
 
+class OneKey:
+    """Base of the records of a command on one ``key``: their ``keys`` is ``(key,)``.
+
+    Every record names the keys it touches as ``keys``: a tuple (get and gat name
+    theirs), or None for a command with no key or a process-wide effect (flush_all,
+    stats, version, verbosity, mn, quit, the admin commands). Dispatch orders a
+    pipeline by them: a command waits for the earlier ones of its read that share a
+    key, and a ``keys = None`` command for all of them (a barrier)."""
+
+    __slots__ = ()
+    key: bytes
+
+    @property
+    def keys(self) -> tuple[bytes, ...]:
+        return (self.key,)
+
+
 @dataclass(frozen=True, slots=True)
 class Get:
     """get / gets (``cas`` true for gets)."""
@@ -100,7 +117,7 @@ class Gat:
 
 
 @dataclass(frozen=True, slots=True)
-class Store:
+class Store(OneKey):
     """set / add / replace / append / prepend / cas, with the value read."""
 
     mode: StoreMode
@@ -117,7 +134,7 @@ class Store:
 
 
 @dataclass(frozen=True, slots=True)
-class TooLarge:
+class TooLarge(OneKey):
     """A store whose value exceeds the item size limit; its data was swallowed.
 
     memcached answers ``SERVER_ERROR object too large for cache`` and, for
@@ -136,14 +153,14 @@ class TooLarge:
 
 
 @dataclass(frozen=True, slots=True)
-class Delete:
+class Delete(OneKey):
     key: bytes
     noreply: bool = False
     name = "delete"
 
 
 @dataclass(frozen=True, slots=True)
-class Arith:
+class Arith(OneKey):
     """incr / decr."""
 
     key: bytes
@@ -157,7 +174,7 @@ class Arith:
 
 
 @dataclass(frozen=True, slots=True)
-class Touch:
+class Touch(OneKey):
     key: bytes
     exptime: int
     noreply: bool = False
@@ -169,12 +186,14 @@ class FlushAll:
     delay: int = 0
     noreply: bool = False
     name = "flush_all"
+    keys = None
 
 
 @dataclass(frozen=True, slots=True)
 class Version:
     noreply = False
     name = "version"
+    keys = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,12 +201,14 @@ class Verbosity:
     level: int
     noreply: bool = False
     name = "verbosity"
+    keys = None
 
 
 @dataclass(frozen=True, slots=True)
 class Quit:
     noreply = False
     name = "quit"
+    keys = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +218,7 @@ class Stats:
     args: tuple[bytes, ...] = ()
     noreply = False
     name = "stats"
+    keys = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +228,7 @@ class CacheMemlimit:
     megabytes: int
     noreply: bool = False
     name = "cache_memlimit"
+    keys = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +240,7 @@ class Admin:
     name: str
     args: tuple[bytes, ...] = ()
     noreply: bool = False
+    keys = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +249,7 @@ class MetaNoop:
 
     noreply = False
     name = "mn"
+    keys = None
 
 
 # -- meta commands (parsed by mproxy.protocol.meta) --------------------------
@@ -234,7 +259,7 @@ class MetaNoop:
 
 
 @dataclass(frozen=True, slots=True)
-class Mg:
+class Mg(OneKey):
     """``mg <key> <flags>*``: meta get."""
 
     key: bytes
@@ -253,7 +278,7 @@ class Mg:
 
 
 @dataclass(frozen=True, slots=True)
-class Ms:
+class Ms(OneKey):
     """``ms <key> <datalen> <flags>*`` with its data block: meta set.
     ``mode`` is CAS when ``C`` came with mode S or R (memcached's upgrade)."""
 
@@ -272,7 +297,7 @@ class Ms:
 
 
 @dataclass(frozen=True, slots=True)
-class MsTooLarge:
+class MsTooLarge(OneKey):
     """An ``ms`` whose data is over the item size limit; its data was swallowed.
     memcached answers ``SERVER_ERROR object too large for cache`` and removes
     the key's item, whatever the mode."""
@@ -284,7 +309,7 @@ class MsTooLarge:
 
 
 @dataclass(frozen=True, slots=True)
-class Md:
+class Md(OneKey):
     """``md <key> <flags>*``: meta delete."""
 
     key: bytes
@@ -299,7 +324,7 @@ class Md:
 
 
 @dataclass(frozen=True, slots=True)
-class Ma:
+class Ma(OneKey):
     """``ma <key> <flags>*``: meta arithmetic (``compare_cas`` 0: no check, as memcached)."""
 
     key: bytes
@@ -319,7 +344,7 @@ class Ma:
 
 
 @dataclass(frozen=True, slots=True)
-class Me:
+class Me(OneKey):
     """``me <key> [b]``: meta debug."""
 
     key: bytes
@@ -332,3 +357,9 @@ Command = (
     Get | Gat | Store | TooLarge | Delete | Arith | Touch | FlushAll | Version | Verbosity | Quit | Stats
     | CacheMemlimit | Admin | MetaNoop | Mg | Ms | MsTooLarge | Md | Ma | Me
 )
+
+#: The commands after which memcached transmits the replies it has written so far
+#: (get, gets, bget, gat, gats, mn); the others' replies wait for the end of the read.
+#: A fatal error (:class:`~.errors.ConnectionClosed`) sends the replies up to the last
+#: of these in its read and drops the rest, as memcached 1.6.18 does.
+TRANSMITTING: frozenset[type] = frozenset((Get, Gat, MetaNoop))
