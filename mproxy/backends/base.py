@@ -212,6 +212,12 @@ class Backend(Protocol):
 
     #: short name for stats and logs ("memory", "momento", ...)
     kind: str
+    #: whether calls wait on I/O (a remote store; they yield to other greenlets):
+    #: dispatch then runs the commands of one read concurrently, in order per key.
+    #: False: every call returns without yielding (an in-process store), and dispatch
+    #: runs them inline, one after the other. A backend that does not say is taken as
+    #: blocking.
+    blocking: bool
     #: most keys one ``get_many`` call should carry: dispatch groups pipelined
     #: gets up to this many keys into one read (more still work, in one call)
     max_batch_keys: int

@@ -125,6 +125,8 @@ class MemoryBackend:
     """
 
     kind = "memory"
+    #: no call yields (see the module docstring): dispatch runs commands inline
+    blocking = False
     #: an in-process read costs the same per key however many come at once: this
     #: only bounds how many pipelined gets dispatch groups into one call
     max_batch_keys = 100
