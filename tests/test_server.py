@@ -146,6 +146,23 @@ def test_replies_past_flush_bytes_leave_before_the_rest_of_the_read(
         assert s.recv_until_terminator(b"\r\n")[0] == b"TOUCHED\r\n"
 
 
+def test_on_a_blocking_backend_replies_ready_leave_while_a_slow_command_runs(start: StartServer) -> None:
+    from tests.test_dispatch_concurrent import Held
+
+    held = Held()
+    held.hold(b"slow")
+    server = start(held)
+    with session(server) as s:
+        s.send(b"set fast 0 0 1\r\n1\r\nget fast\r\nset slow 0 0 1\r\n2\r\nset after 0 0 1\r\n3\r\nget after\r\n")
+        # the set after the held one has run, its reply waits; the ones before it are out
+        got, complete = s.recv_until_terminator(b"END\r\n")
+        assert complete and got == b"STORED\r\nVALUE fast 0 1\r\n1\r\nEND\r\n"
+        wait_until(lambda: (b"after",) in held.started("set"), "the set after the held one to run")
+        held.release(b"slow")
+        got, complete = s.recv_until_terminator(b"END\r\n")
+        assert complete and got == b"STORED\r\nSTORED\r\nVALUE after 0 1\r\n3\r\nEND\r\n"
+
+
 # -- memory held by one read ------------------------------------------------------------
 
 #: issue 11's case: a 1 MiB item (memcached's largest with a 3-byte key) named 1,000 times
