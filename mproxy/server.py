@@ -27,6 +27,8 @@ import logging
 import socket
 from typing import Any, Iterable, Iterator, cast
 
+import gevent
+import gevent.socket
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
@@ -46,14 +48,30 @@ READ_SIZE = 64 * 1024
 FLUSH_BYTES = 1024 * 1024
 
 
+def _raw_socket(sock: socket.socket) -> socket.socket | None:
+    """The non-blocking OS socket under a plain gevent socket (its private ``_sock``),
+    or None: anything else (a TLS socket above all) goes through its own methods.
+
+    The connection loop calls ``recv`` and ``send`` on it directly and falls back to
+    the gevent socket only to wait: gevent's ``sendall`` costs a ``getsockopt``
+    system call and a few Python frames per call, its ``recv`` a frame."""
+    if type(sock) is gevent.socket.socket:
+        raw = getattr(sock, "_sock", None)
+        if raw is not None and raw.gettimeout() == 0.0:
+            return raw  # type: ignore[no-any-return]
+    return None
+
+
 class _Connection:
     """One client connection: its socket, and the replies of the read in hand,
     sent with one ``sendall`` (early past ``FLUSH_BYTES``)."""
 
-    __slots__ = ("sock", "stats", "busy", "parts", "size", "ending")
+    __slots__ = ("sock", "raw", "stats", "busy", "parts", "size", "ending")
 
     def __init__(self, sock: socket.socket, stats: CacheStats) -> None:
         self.sock = sock
+        #: the OS socket under it, for the calls that do not wait (see _raw_socket)
+        self.raw = _raw_socket(sock)
         self.stats = stats
         #: between a read and the sendall of its replies (a graceful stop lets it finish)
         self.busy = False
@@ -138,8 +156,18 @@ class _Connection:
         payload = parts[0] if len(parts) == 1 else b"".join(parts)
         parts.clear()
         self.size = 0
-        self.sock.sendall(payload)
         self.stats.bytes_written += len(payload)
+        raw = self.raw
+        if raw is not None:
+            try:
+                sent = raw.send(payload)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(payload):
+                return
+            self.sock.sendall(memoryview(payload)[sent:])  # waits for room, with the idle timeout
+            return
+        self.sock.sendall(payload)
 
 
 class ConnectionLimit:
@@ -229,8 +257,15 @@ class CacheServer:
         st = self.stats
         parser: Parser | BinaryParser | None = None
         run = self.dispatcher.run
+        raw = conn.raw
         while not self.stopping:
-            data = sock.recv(READ_SIZE)
+            if raw is None:
+                data = sock.recv(READ_SIZE)
+            else:
+                try:
+                    data = raw.recv(READ_SIZE)
+                except BlockingIOError:
+                    data = sock.recv(READ_SIZE)  # waits, with the idle timeout
             if not data:
                 return
             conn.busy = True
