@@ -27,8 +27,8 @@ import logging
 import socket
 from typing import Any, Iterable, Iterator, cast
 
-import gevent
 import gevent.socket
+from gevent.socket import wait_read
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 READ_SIZE = 64 * 1024
 #: replies of one read are sent early once they reach this size
 FLUSH_BYTES = 1024 * 1024
+#: after this many reads in a row that found data waiting (never giving the hub a
+#: turn), a connection lets the others whose data is ready go first (gevent's recv
+#: returns at once when data is there: a busy connection would be served over and
+#: over while the others wait)
+FAIR_READS = 1
 
 
 def _raw_socket(sock: socket.socket) -> socket.socket | None:
@@ -258,14 +263,25 @@ class CacheServer:
         parser: Parser | BinaryParser | None = None
         run = self.dispatcher.run
         raw = conn.raw
+        fd = sock.fileno()
+        ready = 0  # reads in a row that did not wait
         while not self.stopping:
             if raw is None:
                 data = sock.recv(READ_SIZE)
             else:
+                if ready >= FAIR_READS:
+                    # the others' turn: wait for our next bytes through the hub, with the
+                    # connections whose bytes are ready too (gevent.sleep(0) would run us
+                    # again before the hub polls, for up to its 5 ms switch interval)
+                    ready = 0
+                    wait_read(fd, self.idle_timeout)
                 try:
                     data = raw.recv(READ_SIZE)
                 except BlockingIOError:
+                    ready = 0
                     data = sock.recv(READ_SIZE)  # waits, with the idle timeout
+                else:
+                    ready += 1
             if not data:
                 return
             conn.busy = True

@@ -211,6 +211,28 @@ def test_a_get_naming_a_large_item_many_times_holds_little_memory(
     assert peak - base < 64 * 1024 * 1024, f"the process grew by {(peak - base) >> 20} MiB"
 
 
+def test_a_connection_whose_data_is_always_waiting_lets_the_others_run(
+    start: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gevent's recv returns at once when data is waiting: without a turn given to the
+    hub every FAIR_READS reads, one busy connection is served over and over while the
+    others wait (the bench saw connections starved for a second)."""
+    monkeypatch.setattr(server_mod, "READ_SIZE", 16)  # a 3 KB pipeline: ~200 reads that never wait
+    store = MemoryBackend()
+    server = start(store)
+    with session(server) as busy, session(server) as other:
+        for s in (busy, other):
+            s.send(b"version\r\n")
+            assert s.recv_until_terminator(b"\r\n")[1]
+        busy.send(b"".join(b"set k%d 0 0 1 noreply\r\n1\r\n" % i for i in range(100)) + b"mn\r\n")
+        other.send(b"version\r\n")
+        assert other.recv_until_terminator(b"\r\n")[0].startswith(b"VERSION ")
+        # answered while the busy pipeline was still being read
+        assert store.get_many([b"k99"]) == {}
+        assert busy.recv_until_terminator(b"MN\r\n")[1]
+        assert len(store.get_many([b"k%d" % i for i in range(100)])) == 100
+
+
 # -- quit and fatal errors ------------------------------------------------------------
 
 
