@@ -28,7 +28,8 @@ import socket
 from typing import Any, Iterable, Iterator, cast
 
 import gevent.socket
-from gevent.socket import wait_read
+from gevent import get_hub
+from gevent.socket import wait
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
@@ -71,12 +72,15 @@ class _Connection:
     """One client connection: its socket, and the replies of the read in hand,
     sent with one ``sendall`` (early past ``FLUSH_BYTES``)."""
 
-    __slots__ = ("sock", "raw", "stats", "busy", "parts", "size", "ending")
+    __slots__ = ("sock", "raw", "readable", "stats", "busy", "parts", "size", "ending")
 
     def __init__(self, sock: socket.socket, stats: CacheStats) -> None:
         self.sock = sock
         #: the OS socket under it, for the calls that do not wait (see _raw_socket)
         self.raw = _raw_socket(sock)
+        #: a watcher of its bytes, to wait for them through the hub (FAIR_READS); one
+        #: per connection: a new one per wait costs two system calls
+        self.readable = get_hub().loop.io(sock.fileno(), 1) if self.raw is not None else None
         self.stats = stats
         #: between a read and the sendall of its replies (a graceful stop lets it finish)
         self.busy = False
@@ -255,6 +259,8 @@ class CacheServer:
             st.curr_connections -= 1
             limit.active -= 1
             self._conns.discard(conn)
+            if conn.readable is not None:
+                conn.readable.close()
             sock.close()
 
     def _serve(self, conn: _Connection, client: str) -> None:
@@ -263,7 +269,7 @@ class CacheServer:
         parser: Parser | BinaryParser | None = None
         run = self.dispatcher.run
         raw = conn.raw
-        fd = sock.fileno()
+        readable = conn.readable
         ready = 0  # reads in a row that did not wait
         while not self.stopping:
             if raw is None:
@@ -274,7 +280,7 @@ class CacheServer:
                     # connections whose bytes are ready too (gevent.sleep(0) would run us
                     # again before the hub polls, for up to its 5 ms switch interval)
                     ready = 0
-                    wait_read(fd, self.idle_timeout)
+                    wait(readable, self.idle_timeout)  # type: ignore[arg-type]  # set with raw
                 try:
                     data = raw.recv(READ_SIZE)
                 except BlockingIOError:
