@@ -106,7 +106,9 @@ _STORE_REPLY = {
 }
 
 _CRLF = b"\r\n"
-_CRLF_END = b"\r\nEND\r\n"
+_Get = c.Get
+_BinGet = b.BinGet
+perf_counter = time.perf_counter
 
 
 class Dispatcher:
@@ -301,26 +303,31 @@ class Dispatcher:
         start = time.perf_counter() if audit.enabled else 0.0
         first = group[0]
         kind = type(first)
-        results: list[tuple[Reply, str]]
+        replies: list[Reply]
+        outcomes: Sequence[str] | None
         try:
-            if kind is c.Get:
-                results = self._gets(group)  # type: ignore[arg-type]  # a group with a get holds only gets
-            elif kind is b.BinGet:
-                results = self._bin_gets(group)  # type: ignore[arg-type,assignment]  # binary gets only; bytes
+            if kind is _Get:
+                replies, outcomes = self._gets(group, audit.enabled)  # type: ignore[arg-type]  # only gets
+            elif kind is _BinGet:
+                results = self._bin_gets(group)  # type: ignore[arg-type]  # only binary gets
+                replies = [frame for frame, _ in results]
+                outcomes = [outcome for _, outcome in results]
             else:
-                results = [self._handlers[kind](first)]
+                reply, outcome = self._handlers[kind](first)
+                replies = [b"" if first.noreply else reply]
+                outcomes = (outcome,)
         except BackendError as err:
-            results = [(r.server_error(str(err)), err.code)] * len(group)
+            replies = [b"" if first.noreply else r.server_error(str(err))] * len(group)
+            outcomes = (err.code,) * len(group)
         except Exception:  # a bug must cost replies, not the connection
             log.exception("internal error executing %s on cache %s", first.name, self.cache_name)
-            results = [(r.server_error("internal error"), "internal")] * len(group)
+            replies = [b"" if first.noreply else r.server_error("internal error")] * len(group)
+            outcomes = ("internal",) * len(group)
         if audit.enabled:
             seconds = time.perf_counter() - start
-            for cmd, (_, outcome) in zip(group, results):
+            for cmd, outcome in zip(group, outcomes):  # type: ignore[arg-type]  # computed when audited
                 self._audit(cmd, client, outcome, seconds)
-        if len(group) == 1:
-            return [b"" if first.noreply else results[0][0]]
-        return [reply for reply, _ in results]  # a group of many is gets, never noreply
+        return replies
 
     # -- backend calls, timed and counted ----------------------------------
 
@@ -336,18 +343,38 @@ class Dispatcher:
 
     # -- commands ------------------------------------------------------------
 
-    def _gets(self, cmds: Sequence[c.Get]) -> list[tuple[Reply, str]]:
+    def _gets(self, cmds: Sequence[c.Get], outcomes: bool) -> tuple[list[Reply], list[str] | None]:
+        """get/gets: one backend read for the keys of all ``cmds``; their replies, and
+        each one's audit outcome when ``outcomes``. Counted as one read of all the keys."""
         if len(cmds) == 1:
             cmd = cmds[0]
-            return [self._answer_get(cmd, self._call("get", self.backend.get_many, cmd.keys, cmd.cas))]
-        keys = tuple(key for cmd in cmds for key in cmd.keys)
-        found = self._call("get", self.backend.get_many, keys, any(cmd.cas for cmd in cmds))
-        return [self._answer_get(cmd, found) for cmd in cmds]
-
-    def _answer_get(self, cmd: c.Get, found: dict[bytes, Item]) -> tuple[Reply, str]:
-        keys = cmd.keys
-        outcome = self.count_gets(keys, found)
-        return _values(keys, found, cmd.cas), outcome
+            keys: Sequence[bytes] = cmd.keys
+            with_cas = cmd.cas
+        else:
+            collected: list[bytes] = []
+            with_cas = False
+            for cmd in cmds:
+                collected += cmd.keys
+                if cmd.cas:
+                    with_cas = True
+            keys = tuple(collected)
+        st = self.stats
+        start = perf_counter()
+        try:
+            found = self.backend.get_many(keys, with_cas)
+        except BackendError as err:
+            st.observe("get", perf_counter() - start, err.code)
+            raise
+        st.observe("get", perf_counter() - start)
+        total = len(keys)
+        hits = len(found) if total == 1 else sum(map(found.__contains__, keys))
+        st.cmd_get += total
+        st.get_hits += hits
+        st.get_misses += total - hits
+        replies = [_values(cmd.keys, found, cmd.cas) for cmd in cmds]
+        if not outcomes:
+            return replies, None
+        return replies, [_hit_outcome(sum(map(found.__contains__, cmd.keys)), len(cmd.keys)) for cmd in cmds]
 
     def _stream_get(self, cmd: c.Get, client: str) -> Iterator[bytes]:
         """The reply to a get of more keys than one backend read takes, on a blocking
@@ -440,7 +467,7 @@ class Dispatcher:
         (``hit``, ``miss`` or ``partial``). On the text get path: one call does both."""
         st = self.stats
         total = len(keys)
-        hits = sum(1 for key in keys if key in found)
+        hits = sum(map(found.__contains__, keys))
         st.cmd_get += total
         st.get_hits += hits
         st.get_misses += total - hits
