@@ -283,6 +283,9 @@ class BinStat(_Request):
 
 BinCommand = BinGet | BinTouch | BinStore | BinTooLarge | BinDelete | BinArith | BinFlush | BinSimple | BinStat
 
+for _record in (BinGet, BinTouch, BinStore, BinTooLarge, BinDelete, BinArith, BinFlush, BinSimple, BinStat):
+    c.fast_init(_record)
+
 
 # -- encoder ----------------------------------------------------------------
 
