@@ -154,10 +154,10 @@ def test_a_parse_error_answers_in_place_and_ends_the_group() -> None:
 class RaisesTooLarge(MemoryBackend):
     """A backend that only raises on a value it cannot hold (deletes nothing itself)."""
 
-    def store(self, **kwargs: Any) -> Any:
-        if len(kwargs["value"]) > 4:
+    def store(self, mode: Any, key: bytes, value: bytes, flags: int, exptime: int, cas_unique: int = 0) -> Any:
+        if len(value) > 4:
             raise ValueTooLarge("too large for this backend")
-        return super().store(**kwargs)
+        return super().store(mode, key, value, flags, exptime, cas_unique)
 
 
 def test_a_set_the_backend_finds_too_large_removes_old_value_but_add_does_not() -> None:

@@ -205,7 +205,7 @@ class NeverSettles(MemoryBackend):
     def incr_decr(self, key: bytes, delta: int, incr: bool) -> int | None:
         return None
 
-    def store(self, **kw: Any) -> StoreResult:  # type: ignore[override]
+    def store(self, *args: Any, **kw: Any) -> StoreResult:  # type: ignore[override]
         return StoreResult.NOT_STORED
 
 
