@@ -167,6 +167,8 @@ class Dispatcher:
         runs (the server flushes early past its buffer size)."""
         if self.concurrent:
             return self._run_concurrent(commands, client)
+        if isinstance(commands, list) and len(commands) == 1 and not isinstance(commands[0], ProtocolError):
+            return iter(self._execute(commands, client))  # a read of one command: no generator
         return self._run_inline(commands, client)
 
     def _run_inline(self, commands: Iterable[AnyCommand | ProtocolError], client: str) -> Iterator[Reply]:

@@ -39,6 +39,8 @@ NEED_DATA: Final = NeedData()
 _FIRST_LETTER_FAMILIES = frozenset(b"gsacidt")
 _BAD_FORMAT = "bad command line format"
 _BAD_EXPTIME = "invalid exptime argument"
+_KEY_MAX = c.KEY_MAX_LENGTH
+_Get = c.Get
 
 
 def _noreply(tokens: list[bytes], ntokens: int) -> bool:
@@ -102,7 +104,8 @@ class Parser:
         nl = buf.find(b"\n", scan if scan > pos else pos)
         if nl < 0:
             self._scan = len(buf)
-            self._check_unterminated()
+            if len(buf) - pos > c.MAX_LINE_LENGTH:
+                self._check_unterminated()
             return NEED_DATA
         line = buf[pos : nl - 1 if nl - pos > 1 and buf[nl - 1] == 13 else nl]
         if type(line) is not bytes:
@@ -118,6 +121,8 @@ class Parser:
             if not tokens:
                 raise CommandError()
         word = tokens[0]
+        if word == b"get" and len(tokens) == 2 and len(tokens[1]) <= _KEY_MAX:  # the usual command, in place
+            return _Get((tokens[1],), False)
         handler = _HANDLERS.get(word)
         if handler is None:
             if len(word) < 2:
