@@ -222,6 +222,20 @@ def test_a_batch_whose_callers_all_gave_up_is_not_sent(submit: FakeSubmit) -> No
     assert again.get(timeout=1) == {b"q": b"1"}
 
 
+def test_a_sent_read_whose_callers_all_gave_up_does_not_hold_the_window(submit: FakeSubmit) -> None:
+    gets = make_gets(submit, window=1)
+    stalled = read(gets, [b"a"], seconds=0.05)
+    stalled.join(timeout=5)
+    assert isinstance(stalled.exception, BackendError) and stalled.exception.code == "timeout"
+    assert gets.in_flight == 0 and len(submit.running()) == 1  # its RPC ends at its own deadline
+    nxt = read(gets, [b"b"])
+    assert [c.sent_keys for c in submit.calls] == [[b"a"], [b"b"]]  # at once, not after the stalled one
+    submit.calls[1].finish(hits(submit.calls[1], {b"b": b"2"}))
+    assert nxt.get(timeout=1) == {b"b": b"2"}
+    submit.calls[0].finish(hits(submit.calls[0], {}))
+    assert gets.in_flight == 0 and gets.pending == 0
+
+
 def test_batches_hold_call_slots_and_wait_their_turn_for_one() -> None:
     submit = FakeSubmit()
     slots = Slots(1)
@@ -309,6 +323,22 @@ def test_an_item_whose_client_gave_up_before_its_batch_left_is_never_written(sub
     submit.calls[1].finish(stored(submit.calls[1]))
     first.get(timeout=1)
     stays.get(timeout=1)
+
+
+def test_a_sent_batch_whose_callers_all_gave_up_does_not_hold_the_window(submit: FakeSubmit) -> None:
+    # 20 pipelined sets against a stalled server: their RPCs run on to write_timeout,
+    # but once their clients have their timeouts the next sets must not queue behind them
+    sets, order, _ = make_sets(submit, window=1)
+    stalled = write(sets, order, b"a", b"1", seconds=0.05)
+    stalled.join(timeout=5)
+    assert isinstance(stalled.exception, BackendError) and stalled.exception.code == "timeout"
+    assert sets.in_flight == 0 and order.keys_held == 1  # its RPC runs on, its turn with it
+    nxt = write(sets, order, b"b", b"2")
+    assert [c.sent_keys for c in submit.calls] == [[b"a"], [b"b"]]  # at once
+    submit.calls[1].finish(stored(submit.calls[1]))
+    nxt.get(timeout=1)
+    submit.calls[0].finish(stored(submit.calls[0]))
+    assert sets.in_flight == 0 and order.keys_held == 0
 
 
 def test_a_turn_given_up_while_waiting_still_ends_after_the_earlier_one() -> None:

@@ -16,7 +16,8 @@ wait for room within their deadline), and every batch in flight holds a call
 slot (:class:`~.flow.Slots`). A batch of one key is a unary ``Get``, of more
 a ``GetBatch`` (server streaming). Each key's result (hit, miss, or a failure
 of its own) or the call's error goes back to every caller of that key; one
-slow batch holds its own callers and its slot, not the next batch.
+slow batch holds its own callers and its slot, not the next batch: once every
+caller of a batch in flight has given up, it leaves its place in the window.
 
 Sets (:class:`SetBatcher`)
 --------------------------
@@ -51,7 +52,7 @@ Submit = Callable[[str, Any, int, float], PendingCall]
 class _Batch:
     """Keys (or items) that leave together in one RPC."""
 
-    __slots__ = ("keys", "items", "deadline", "waiting", "event", "done", "sent", "error", "results", "call")
+    __slots__ = ("keys", "items", "deadline", "waiting", "event", "done", "sent", "overdue", "error", "results", "call")
 
     def __init__(self) -> None:
         self.keys: list[bytes] = []
@@ -63,6 +64,8 @@ class _Batch:
         self.event = Signal()
         self.done = False
         self.sent = False
+        #: sent, and every caller gave up on it: it no longer holds a place in the window
+        self.overdue = False
         #: the call's error, else each key's result: bytes, None (a miss), or an Exception
         self.error: BaseException | None = None
         self.results: dict[bytes, Any] = {}
@@ -164,9 +167,21 @@ class _Batcher:
     def _dropped(self, batch: _Batch) -> None:
         """``batch`` is not sent: every caller gave up before it could leave."""
 
+    def _leave(self, batch: _Batch) -> None:
+        """A caller of ``batch`` stopped waiting for it (its deadline passed). Once
+        none waits, a batch in flight gives its place in the window to the next one
+        (it keeps its call slot until its RPC ends): a stalled batch holds its own
+        callers, not those who come after them."""
+        batch.waiting -= 1
+        if batch.waiting <= 0 and batch.sent and not batch.done and not batch.overdue:
+            batch.overdue = True
+            self.in_flight -= 1
+            self._pump()
+
     def _ended(self, batch: _Batch) -> None:
         """The RPC of ``batch`` ended (its outcome is set): wake its callers, go on."""
-        self.in_flight -= 1
+        if not batch.overdue:
+            self.in_flight -= 1
         batch.done = True
         batch.event.set()
         self._slots.release()
@@ -209,7 +224,7 @@ class GetBatcher(_Batcher):
         for i, batch in enumerate(batches):
             if not batch.wait(budget.left()):
                 for left in batches[i:]:
-                    left.waiting -= 1
+                    self._leave(left)
                 raise budget.expired()
         found: dict[bytes, bytes] = {}
         for key, batch in placed.items():
@@ -315,7 +330,7 @@ class SetBatcher(_Batcher):
         if not batch.wait(budget.left()):
             if not batch.sent:
                 item.dropped = True  # never written
-                batch.waiting -= 1
+            self._leave(batch)
             raise budget.expired()
         if batch.error is not None:
             raise rpc_error(batch.error, budget.op, budget.timeout)
