@@ -401,6 +401,40 @@ def test_touch_many(backend: mb.MomentoBackend, server: LocalServer, cache: str)
     assert backend.touch_many([], 10) == {}
 
 
+def test_remaining_ttl(backend: mb.MomentoBackend, server: LocalServer, cache: str) -> None:
+    backend.store(S.SET, b"a", b"1", 0, 100)
+    backend.store(S.SET, b"b", b"2", 5, 0)  # the default TTL (900 s)
+    before = dict(backend.rpc_calls)
+    left = backend.remaining_ttl([b"a", b"missing", b"b", b"a"])
+    assert set(left) == {b"a", b"b"}  # absent keys left out; never None on Momento
+    assert 99.0 < (left[b"a"] or 0) <= 100.0 and 899.0 < (left[b"b"] or 0) <= 900.0
+    calls = {k: v - before.get(k, 0) for k, v in backend.rpc_calls.items() if v != before.get(k, 0)}
+    assert calls == {"ItemGetTtl": 3}  # one per distinct key, nothing else
+    assert 99_000 < (ttl_ms(server, cache, b"a") or 0) <= 100_000  # changes nothing
+    assert raw(server, cache, b"missing") is None
+    assert backend.remaining_ttl([]) == {}
+
+
+def test_remaining_ttl_calls_run_concurrently_within_one_budget(server: LocalServer, cache: str) -> None:
+    b = make_backend(server, cache, request_timeout=3.0)
+    quick = make_backend(server, cache, request_timeout=0.3)
+    try:
+        keys = [b"k%d" % i for i in range(20)]
+        for key in keys:
+            b.store(S.SET, key, b"v", 0, 50)
+        server.faults.add("ItemGetTtl:delay=0.3")
+        assert len(b.remaining_ttl(keys)) == 20  # one after the other: 6 s, past the 3 s budget
+        server.faults.clear()
+        server.faults.add("ItemGetTtl:delay=2")
+        with pytest.raises(BackendError) as err:
+            quick.remaining_ttl(keys)
+        assert (err.value.code, str(err.value)) == ("timeout", "momento timeout after 0.3s on ttl")
+    finally:
+        server.faults.clear()
+        b.close()
+        quick.close()
+
+
 def test_flush_all(backend: mb.MomentoBackend, server: LocalServer, cache: str) -> None:
     backend.store(S.SET, b"k", b"v", 0, 0)
     backend.flush_all()

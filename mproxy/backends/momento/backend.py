@@ -274,6 +274,22 @@ class MomentoBackend(MomentoMeta):
             response = self._outcome(self._rpc("UpdateTtl", request, budget, turns), budget)
             return bool(response.WhichOneof("result") != "missing")
 
+    def remaining_ttl(self, keys: Sequence[bytes]) -> dict[bytes, float | None]:
+        """Seconds each present key has left (never None: every Momento item
+        expires), changing nothing; absent keys are left out. ItemGetTtl per key,
+        :data:`FAN_OUT_WINDOW` at a time, on call slots, within one command's budget
+        (op ``ttl`` in errors)."""
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return {}
+        budget = self._budget("ttl")
+        responses = self._fan_out("ItemGetTtl", [pb._ItemGetTtlRequest(cache_key=key) for key in unique], budget)
+        return {
+            key: response.found.remaining_ttl_millis / 1000.0
+            for key, response in zip(unique, responses)
+            if response.WhichOneof("result") == "found"
+        }
+
     def flush_all(self, delay: int = 0) -> None:
         """FlushCache on the control API, now or from a timer ``delay`` seconds
         from now. A later flush_all replaces a pending delayed one."""
@@ -474,8 +490,9 @@ class MomentoBackend(MomentoMeta):
         except Exception as err:
             raise rpc_error(err, budget.op, budget.timeout) from None
 
-    def _fan_out(self, method: str, requests: list[Any], budget: Budget, turns: Turns) -> list[Any]:
-        """Responses of one write per request, :data:`FAN_OUT_WINDOW` in flight at a time."""
+    def _fan_out(self, method: str, requests: list[Any], budget: Budget, turns: Turns | None = None) -> list[Any]:
+        """Responses of one call per request, :data:`FAN_OUT_WINDOW` in flight at a
+        time: writes when ``turns`` is given (see :meth:`_rpc`), else reads."""
         responses: list[Any] = []
         for start in range(0, len(requests), FAN_OUT_WINDOW):
             window = [self._rpc(method, request, budget, turns) for request in requests[start : start + FAN_OUT_WINDOW]]
