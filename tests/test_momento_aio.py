@@ -230,7 +230,17 @@ print(json.dumps(out))
 """
 
 
-def _patched(server: LocalServer, scenario: str, tmp_path: Path) -> dict[str, float]:
+def _patched(server: LocalServer, scenario: str, tmp_path: Path, fault: str = "") -> dict[str, float]:
+    """Run ``scenario`` of :data:`_PATCHED` in a fresh process (with the server's ``fault`` meanwhile)."""
+    if fault:
+        server.faults.add(fault)
+    try:
+        return _run_patched(server, scenario, tmp_path)
+    finally:
+        server.faults.clear()
+
+
+def _run_patched(server: LocalServer, scenario: str, tmp_path: Path) -> dict[str, float]:
     script = tmp_path / "patched.py"
     script.write_text(_PATCHED)
     root = str(Path(__file__).resolve().parent.parent)
@@ -245,22 +255,14 @@ def _patched(server: LocalServer, scenario: str, tmp_path: Path) -> dict[str, fl
 
 
 def test_patched_a_thousand_waiters_without_a_thread_each(server: LocalServer, tmp_path: Path) -> None:
-    server.faults.add("Get:delay=0.3")
-    try:
-        result = _patched(server, "many", tmp_path)
-    finally:
-        server.faults.clear()
+    result = _patched(server, "many", tmp_path, "Get:delay=0.3")
     assert result["answered"] == 1000
     assert result["threads_added"] <= 8  # gRPC core's own pool may grow a little: nothing per call
     assert result["seconds"] < 30
 
 
 def test_patched_an_idle_transport_does_not_keep_the_hub_alive(server: LocalServer, tmp_path: Path) -> None:
-    server.faults.add("Get:delay=0.3:count=1")
-    try:
-        result = _patched(server, "idle", tmp_path)
-    finally:
-        server.faults.clear()
+    result = _patched(server, "idle", tmp_path, "Get:delay=0.3:count=1")
     assert result["in_flight_answered"] is True
     assert result["in_flight_waited"] >= 0.25  # gevent.wait() waited for the call in flight
     assert result["idle_waited"] < 10  # and not for an idle transport (it would wait 20 s)
