@@ -15,6 +15,7 @@ it never imports grpc) and each worker is ``mproxy --worker N``, started by it
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -100,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from mproxy import systemd
 
     systemd.notify("READY=1")  # every listener is served (and the ready file written)
+    _freeze_startup_objects()
     app.wait()
     app.stop()
     sys.exit(0)
@@ -117,6 +119,14 @@ def _patch(momento: bool) -> None:
         from mproxy.backends.momento import SWITCH_INTERVAL_SECONDS
 
         sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+
+
+def _freeze_startup_objects() -> None:
+    """What start-up made (modules, gRPC, the SDK, config: ~50,000 objects) lives as long
+    as the process: out of the cyclic GC's reach (``gc.freeze``), a full collection no
+    longer walks it. On the Momento path at 40 connections this took the GC from 4.5 %
+    of the process's CPU to 1.2 % (docs/performance.md)."""
+    gc.freeze()
 
 
 def _worker_main(number: int) -> NoReturn:
@@ -142,6 +152,7 @@ def _worker_main(number: int) -> NoReturn:
         app.stop()
         _fail(f"worker {number}: {err}", code=1)
     app.report_ready()
+    _freeze_startup_objects()
     app.wait()
     app.stop()
     sys.exit(0)
