@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from mproxy.protocol import binary as b
 from mproxy.protocol.binary import BinaryParser
-from mproxy.protocol.commands import DEFAULT_MAX_ITEM_SIZE, KEY_MAX_LENGTH, Quit
+from mproxy.protocol.commands import DEFAULT_MAX_ITEM_SIZE, KEY_MAX_LENGTH, MAX_LINE_LENGTH, Quit
 from mproxy.protocol.errors import ProtocolError
 from mproxy.protocol.parser import NeedData, Parser
 from tests.servers import HOST
@@ -63,6 +63,8 @@ EXCLUDED: dict[str, str] = {
     "flush_all / binary flush with a delay > 0": "the outcome depends on the wall clock",
     "exptime 1 .. 2592000 s (relative, not yet past)": "the outcome depends on the wall clock "
     "(both servers see the same input ms apart, but their clocks tick on different seconds)",
+    "meta T or N below zero": "memcached 1.6.18 answers the item's t as its own uptime wrapped to "
+    "32 bits (mg k N0 T-1 t: t4294967234)",
     "binary set/add/replace/append/prepend with a body length of 2**31 or more": "an open finding: "
     "memcached 1.6.18 answers some of them (e.g. replace, flags 0xffffffff, body 0xffffffff: "
     "'Too large.', then reads the next request at once) and closes on others; mproxy answers "
@@ -84,12 +86,24 @@ PARTLY_COMPARED: dict[str, str] = {
     "get/gets/gat/gats naming a key over 250 bytes after other commands in the same read": "memcached "
     "1.6.18 discards the replies of the earlier commands it has not sent yet (a memcached bug: the "
     "client loses replies); mproxy answers them. Not compared",
+    "a fatal error (HTTP request line, command line over 2048 bytes) in the text protocol": "which "
+    "replies before it go out depends on memcached's flush points (every get, mn, 20 commands) and on "
+    "how the input was split into reads (docs/compatibility.md, Pipelines). Checked: one reply is a "
+    "prefix of the other",
+    "incr/decr of a value memcached reads past (empty or white space only)": "memcached's strtoull "
+    "skips the white space and goes on into the bytes after the value in its slab chunk: it answers "
+    "a number left there by an earlier item, or non-numeric (a memcached bug); mproxy answers "
+    "non-numeric. Not compared when that is the only difference",
+    "a malformed data block of a value within memcached's item overhead of the limit": "memcached "
+    "refuses the item from its header (SERVER_ERROR object too large for cache) before reading the "
+    "block, mproxy reads the block first and answers CLIENT_ERROR bad data chunk (an open finding, "
+    "reported). Checked: identical but for that line",
 }
 
 #: Keys the templates use: few, so commands of one input meet each other's items.
 KEYS = (b"a", b"b", b"k1", b"\xc3\xa9t\xc3\xa9", b"x" * KEY_MAX_LENGTH)
 #: Values of the templates (boundary sizes are added by mutation).
-VALUES = (b"", b"v", b"0", b"42", b"18446744073709551615", b"hello world", b" 7", b"\r\n\r\n", b"\0\xff")
+VALUES = (b"", b"v", b"0", b"42", b"18446744073709551615", b"hello world", b" 7", b"a\r\n\r\n", b"\0\xff")
 #: Numbers a mutation swaps in.
 BAD_NUMBERS = (
     b"0", b"-1", b"1", b"4294967295", b"4294967296", b"-2147483648", b"2147483648", b"9223372036854775807",
@@ -258,16 +272,19 @@ def _drop_clock_dependent(data: bytes) -> bytes:
         if slot is not None and len(tokens) > slot and _clock_dependent(tokens[slot], flush=word == b"flush_all"):
             return b"version\r\n"
         if word in (b"mg", b"ms", b"md", b"ma") and any(
-            t[:1] in (b"T", b"N") and _clock_dependent(t[1:], flush=False) for t in tokens[2:]
+            t[:1] in (b"T", b"N") and _clock_dependent(t[1:], flush=False, meta=True) for t in tokens[2:]
         ):
             return b"version\r\n"
     return data
 
 
-def _clock_dependent(token: bytes, flush: bool) -> bool:
+def _clock_dependent(token: bytes, flush: bool, meta: bool = False) -> bool:
     """A number as memcached reads it (strtol: white space, sign, digits, any tail) that is
-    a relative time in the future (or any delay, for flush_all)."""
+    a relative time in the future (or any delay, for flush_all). A meta TTL below zero too:
+    memcached 1.6.18 answers its ``t`` as the seconds since its start, wrapped to 32 bits."""
     digits = token.strip(b" \t\r\n\v\f").lstrip(b"+")
+    if meta and digits.startswith(b"-") and digits[1:2].isdigit() and digits[1:2] != b"0":
+        return True
     n = 0
     for ch in digits:
         if not 48 <= ch <= 57:
@@ -419,6 +436,25 @@ def ends_inside_a_request(data: bytes) -> bool:
 
 
 _GET_WORDS = (b"get", b"gets", b"gat", b"gats")
+_BAD_CHUNK = b"CLIENT_ERROR bad data chunk\r\n"
+_TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
+
+
+def _fatal_text(data: bytes) -> bool:
+    """Whether a text input holds a command after which memcached closes the connection."""
+    if data[:1] == b"\x80":
+        return False
+    tp = Parser()
+    tp.feed(data)
+    while True:
+        try:
+            if isinstance(tp.next_command(), NeedData):
+                return tp.buffered > MAX_LINE_LENGTH  # an over-long last line: closed at EOF
+        except ProtocolError as err:
+            if err.fatal:
+                return True
+        except Exception:  # noqa: BLE001
+            return False
 #: The CAS of a binary write's answer, as normalised (``set status=0x00 opaque=1 cas=<cas#1> ...``).
 _WRITE_CAS = re.compile(rb"(?m)^((?:set|add|replace|append|prepend|increment|decrement)q? status=0x00 opaque=\d+ )cas=\S+")
 
@@ -433,6 +469,31 @@ def long_key_get_after_others(data: bytes) -> bool:
         if tokens[0] in _GET_WORDS and any(len(t) > KEY_MAX_LENGTH for t in tokens[1:]):
             return True
     return False
+
+
+IDENTICAL, PARTLY, NOT_COMPARED, MISMATCH = "identical", "partly compared", "not compared", "mismatch"
+
+
+def classify(data: bytes, got: bytes, expected: bytes) -> str:
+    """Compare mproxy's reply ``got`` with memcached's ``expected`` to input ``data``:
+    :data:`IDENTICAL` after normalisation, else one of the classes of :data:`PARTLY_COMPARED`
+    (:data:`PARTLY` or :data:`NOT_COMPARED`), else :data:`MISMATCH`."""
+    ours, theirs = normalise(data, got), normalise(data, expected)
+    if ours == theirs:
+        return IDENTICAL
+    if long_key_get_after_others(data):
+        return NOT_COMPARED
+    if ends_inside_a_request(data) and ours.startswith(theirs):
+        return PARTLY
+    if _fatal_text(data) and (ours.startswith(theirs) or theirs.startswith(ours)):
+        return PARTLY
+    if ours.count(b"on-numeric") > theirs.count(b"on-numeric"):
+        return NOT_COMPARED
+    if ours.replace(_BAD_CHUNK, _TOO_LARGE) == theirs:
+        return PARTLY
+    if data[:1] == b"\x80" and _WRITE_CAS.sub(rb"\1cas=*", ours) == _WRITE_CAS.sub(rb"\1cas=*", theirs):
+        return PARTLY
+    return MISMATCH
 
 
 def flush(port: int) -> None:
@@ -475,7 +536,7 @@ class Report:
     tried: int = 0
     #: inputs whose replies were compared with memcached's in full, in part (a prefix), not at all
     compared: int = 0
-    prefix_compared: int = 0
+    partly_compared: int = 0
     not_compared: int = 0
     findings: list[Finding] = field(default_factory=list)
     rss_before_kib: int = 0
@@ -514,15 +575,13 @@ def run(
             report.findings.append(Finding(n, "hang", data, got))
         elif memcached_port is not None:
             expected, _ = exchange(memcached_port, data)
-            ours, theirs = normalise(data, got), normalise(data, expected)
-            if ours == theirs:
+            verdict = classify(data, got, expected)
+            if verdict == IDENTICAL:
                 report.compared += 1
-            elif long_key_get_after_others(data):
+            elif verdict == PARTLY:
+                report.partly_compared += 1
+            elif verdict == NOT_COMPARED:
                 report.not_compared += 1
-            elif ends_inside_a_request(data) and ours.startswith(theirs):
-                report.prefix_compared += 1
-            elif data[:1] == b"\x80" and _WRITE_CAS.sub(rb"\1cas=*", ours) == _WRITE_CAS.sub(rb"\1cas=*", theirs):
-                report.prefix_compared += 1
             else:
                 report.findings.append(Finding(n, "mismatch", data, got, expected))
         if len(report.findings) >= max_findings:
