@@ -504,12 +504,36 @@ def flush(port: int) -> None:
 
 
 def rss_kib(pid: int) -> int:
-    """Resident set size of process ``pid`` in KiB (``/proc/PID/status`` VmRSS)."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    """Resident set size in KiB of process ``pid`` and its descendants (a supervisor's
+    workers, the embedded Momento server): ``VmRSS`` of ``/proc/PID/status``, summed."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/status", encoding="ascii") as status:
+                total += next((int(line.split()[1]) for line in status if line.startswith("VmRSS:")), 0)
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # it exited meanwhile
+    return total
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from ``/proc/*/stat``."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
+                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        member = todo.pop()
+        tree.append(member)
+        todo.extend(children.get(member, ()))
+    return tree
 
 
 @dataclass
