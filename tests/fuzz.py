@@ -445,16 +445,18 @@ def _fatal_text(data: bytes) -> bool:
     if data[:1] == b"\x80":
         return False
     tp = Parser()
-    tp.feed(data)
-    while True:
-        try:
-            if isinstance(tp.next_command(), NeedData):
-                return tp.buffered > MAX_LINE_LENGTH  # an over-long last line: closed at EOF
-        except ProtocolError as err:
-            if err.fatal:
-                return True
-        except Exception:  # noqa: BLE001
-            return False
+    for start in range(0, len(data), MAX_LINE_LENGTH):  # in reads of memcached's size: a long line is seen unended
+        tp.feed(data[start : start + MAX_LINE_LENGTH])
+        while True:
+            try:
+                if isinstance(tp.next_command(), NeedData):
+                    break
+            except ProtocolError as err:
+                if err.fatal:
+                    return True
+            except Exception:  # noqa: BLE001
+                return False
+    return False
 #: The CAS of a binary write's answer, as normalised (``set status=0x00 opaque=1 cas=<cas#1> ...``).
 _WRITE_CAS = re.compile(rb"(?m)^((?:set|add|replace|append|prepend|increment|decrement)q? status=0x00 opaque=\d+ )cas=\S+")
 
@@ -466,7 +468,8 @@ def long_key_get_after_others(data: bytes) -> bool:
     lines = data.split(b"\n")
     for line in lines[1:]:
         tokens = line.rstrip(b"\r").split(b" ")
-        if tokens[0] in _GET_WORDS and any(len(t) > KEY_MAX_LENGTH for t in tokens[1:]):
+        # (a damaged block before it may leave a byte or two of the line to the block: "xgets")
+        if tokens[0].endswith(_GET_WORDS) and any(len(t) > KEY_MAX_LENGTH for t in tokens[1:]):
             return True
     return False
 
@@ -489,8 +492,8 @@ def classify(data: bytes, got: bytes, expected: bytes) -> str:
         return PARTLY
     if ours.count(b"on-numeric") > theirs.count(b"on-numeric"):
         return NOT_COMPARED
-    if ours.replace(_BAD_CHUNK, _TOO_LARGE) == theirs:
-        return PARTLY
+    if _BAD_CHUNK in ours and ours.split(_BAD_CHUNK, 1)[0] == theirs.split(_TOO_LARGE, 1)[0] != theirs:
+        return PARTLY  # the same up to the block memcached refused from its header
     if data[:1] == b"\x80" and _WRITE_CAS.sub(rb"\1cas=*", ours) == _WRITE_CAS.sub(rb"\1cas=*", theirs):
         return PARTLY
     return MISMATCH
