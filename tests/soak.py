@@ -345,7 +345,7 @@ class Soak:
                 self._diverged(i, m, key, f"get read {value!r}, the model holds {m.known!r}")
             return
         if op == "set":
-            new: Value = (b"%d" % rng.randrange(10**6)) if m.counter else tag
+            new: bytes = (b"%d" % rng.randrange(10**6)) if m.counter else tag
             self._write(i, session, m, b"set %s 0 0 %d\r\n%s\r\n" % (key, len(new), new), {b"STORED\r\n": new}, new)
             return
         if op in ("incr", "decr"):
