@@ -512,11 +512,32 @@ def rss_kib(pid: int) -> int:
     total = 0
     for member in process_tree(pid):
         try:
-            with open(f"/proc/{member}/status", encoding="ascii") as status:
-                total += next((int(line.split()[1]) for line in status if line.startswith("VmRSS:")), 0)
+            total += rss_kib_one(member)
         except (FileNotFoundError, ProcessLookupError):
             pass  # it exited meanwhile
     return total
+
+
+def rss_by_process(pid: int) -> dict[str, int]:
+    """RSS in KiB of each process of ``pid``'s tree, named ``PID:command`` (for reports)."""
+    out = {}
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/cmdline", "rb") as cmdline:
+                words = cmdline.read().split(b"\0")
+            if b"--worker" in words:
+                name = "worker " + words[words.index(b"--worker") + 1].decode()
+            else:
+                name = next((w.decode() for w in words if w.startswith(b"mproxy")), words[0].decode())
+            out[f"{member}:{name}"] = rss_kib_one(member)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return out
+
+
+def rss_kib_one(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        return next((int(line.split()[1]) for line in status if line.startswith("VmRSS:")), 0)
 
 
 def process_tree(pid: int) -> list[int]:
