@@ -605,9 +605,11 @@ def run(
     start: int = 0,
     max_findings: int = 20,
     progress: Callable[[Report], None] | None = None,
+    found: Callable[[Finding], None] | None = None,
 ) -> Report:
     """Run inputs ``start .. start + count`` of ``seed`` against the proxy (and compare with
-    memcached when ``memcached_port`` is given). Stops early after ``max_findings``."""
+    memcached when ``memcached_port`` is given). Stops early after ``max_findings``.
+    ``progress`` is called every 1,000 inputs, ``found`` with each finding as it is made."""
     report = Report(rss_before_kib=rss_kib(proxy_pid))
     began = time.monotonic()
     for n, data in ((n, generate(random.Random(f"{seed}/{n}"))) for n in range(start, start + count)):
@@ -632,6 +634,8 @@ def run(
                 report.not_compared += 1
             else:
                 report.findings.append(Finding(n, "mismatch", data, got, expected))
+        if found is not None and report.findings and report.findings[-1].n == n:
+            found(report.findings[-1])
         if len(report.findings) >= max_findings:
             break
         if progress is not None and report.tried % 1000 == 0:
