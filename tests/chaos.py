@@ -36,9 +36,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.servers import HOST, LocalMomento, RawSession, Server, _spawn, start_local_momento
+from tests.servers import LocalMomento, RawSession, Server, _spawn, start_local_momento
+from tests.test_momento_e2e import CACHE
+from tests.test_momento_e2e import mproxy_config as e2e_config
 
-CACHE = "chaos"
 #: Seconds between two samples of the proxy's RSS and greenlets.
 SAMPLE_INTERVAL = 0.25
 #: Seconds between two probes while waiting for recovery (a poll, not a synchronisation).
@@ -77,27 +78,8 @@ cli.main()
 
 
 def mproxy_config(momento_port: int, request_timeout: float) -> str:
-    return f"""\
-[proxy]
-workers = 1
-
-[admin]
-host = "{HOST}"
-port = 0
-
-[debug]
-log_level = "warning"
-
-[[cache]]
-host = "{HOST}"
-port = 0
-cache_name = "{CACHE}"
-backend = "momento"
-request_timeout = {request_timeout}
-
-[momento]
-local = "{HOST}:{momento_port}"
-"""
+    """``tests/test_momento_e2e.py``'s config, in one process (the sampler sees every greenlet)."""
+    return "[proxy]\nworkers = 1\n\n" + e2e_config(momento_port, request_timeout)
 
 
 @dataclass

@@ -41,9 +41,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.servers import HOST, LocalMomento, RawSession, Server, start_local_momento, start_mproxy
+from tests.servers import LocalMomento, RawSession, Server, start_local_momento, start_mproxy
+from tests.test_momento_e2e import CACHE, mproxy_config
 
-CACHE = "soak"
 REQUEST_TIMEOUT = 0.5
 #: A command sent this long before SIGTERM has certainly been read by the proxy.
 ACCEPT_MARGIN = 0.2
@@ -71,24 +71,7 @@ Value = bytes | None  # None: the key is absent
 
 
 def config(momento_port: int) -> str:
-    return f"""\
-[admin]
-host = "{HOST}"
-port = 0
-
-[debug]
-log_level = "warning"
-
-[[cache]]
-host = "{HOST}"
-port = 0
-cache_name = "{CACHE}"
-backend = "momento"
-request_timeout = {REQUEST_TIMEOUT}
-
-[momento]
-local = "{HOST}:{momento_port}"
-"""
+    return mproxy_config(momento_port, REQUEST_TIMEOUT)
 
 
 @dataclass
