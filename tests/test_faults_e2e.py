@@ -9,12 +9,14 @@ shared cores in CI); the measured figures are printed and reported by ``scripts/
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests import chaos
+from tests.servers import RawSession
 
 pytestmark = pytest.mark.e2e
 
@@ -61,3 +63,17 @@ def test_in_flight_work_is_bounded_in_a_delay_storm(stack: chaos.Stack) -> None:
     # afterwards: back near the baseline (gRPC's own pools may keep a few), memory flat
     assert figures["greenlets_after"] <= figures["greenlets_base"] + 40, figures  # a pool warms up: +14 here
     assert figures["rss_after_kib"] - figures["rss_base_kib"] < 64 * 1024, figures
+
+
+@pytest.mark.xfail(reason="issue 11 item 8 (Momento engine): a timed-out set lands after a later acknowledged one",
+                   strict=False)
+def test_a_timed_out_set_does_not_land_after_a_later_acknowledged_one(stack: chaos.Stack) -> None:
+    # found by scripts/soak ("reordered"); the server applies a delayed write after its delay
+    with RawSession(stack.mproxy.port) as session:
+        assert chaos.request(session, b"set late 0 0 2\r\nv0\r\n")[0] == b"STORED\r\n"
+        assert stack.momento.control("fault Set:delay=1.5") == "OK"
+        assert chaos.request(session, b"set late 0 0 2\r\nv1\r\n")[0].startswith(b"SERVER_ERROR")
+        assert stack.momento.control("clear") == "OK"
+        assert chaos.request(session, b"set late 0 0 2\r\nv2\r\n")[0] == b"STORED\r\n"
+        time.sleep(2.0)  # past the delayed set's landing (a bound, not a synchronisation)
+        assert chaos.request(session, b"get late\r\n")[0] == b"VALUE late 0 2\r\nv2\r\nEND\r\n"
