@@ -188,6 +188,16 @@ def test_unknown_opcode_discards_bodylen_after_extras_and_key() -> None:
     assert p.buffered == len(NEXT) - 4
 
 
+@pytest.mark.parametrize("opcode", [0x30, Opcode.SASL_AUTH])
+def test_a_body_length_negative_as_a_c_int_discards_nothing(opcode: int) -> None:
+    # memcached passes the bytes to discard to write_bin_error as an int: from 2**31 on the
+    # count is negative and nothing is discarded, so the next request is read at once
+    # (found by scripts/fuzz; memcached 1.6.18 answers both frames)
+    for bodylen in (2**31 + 1, 2**32 - 1):
+        out = feed_whole(req(opcode, b"a", bodylen=bodylen) + NEXT)
+        assert norm(out) == norm([err(opcode, Status.UNKNOWN_COMMAND), NEXT_CMD]), hex(bodylen)
+
+
 def test_sasl_auth_discards_exactly_its_value() -> None:
     out = feed_whole(req(Opcode.SASL_AUTH, b"PLAIN", value=b"\0u\0p") + NEXT)
     assert norm(out) == norm([err(Opcode.SASL_AUTH, Status.UNKNOWN_COMMAND), NEXT_CMD])

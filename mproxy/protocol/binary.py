@@ -439,7 +439,7 @@ class BinaryParser:
         handler = _OPCODES.get(base)
         if handler is None:
             # memcached discards bodylen more bytes, although it consumed extras and key already
-            self._skip = bodylen
+            self._skip = _swallowed(bodylen)
             raise ProtocolError(error(opcode, opaque, Status.UNKNOWN_COMMAND), f"unknown binary opcode 0x{opcode:02x}")
         result = handler(self, header)
         if result is None:  # a store: its value follows
@@ -528,8 +528,14 @@ class BinaryParser:
     def _sasl_auth(self, h: _Header) -> NoReturn:
         if h.extlen or not h.keylen:
             raise self._invalid(h)
-        self._skip = h.bodylen - h.keylen
+        self._skip = _swallowed(h.bodylen - h.keylen)
         raise ProtocolError(error(h.opcode, h.opaque, Status.UNKNOWN_COMMAND), "SASL is not enabled")
+
+
+def _swallowed(count: int) -> int:
+    """The bytes memcached discards after an error reply: its ``write_bin_error`` takes the
+    count as a C ``int``, so from 2**31 on it is negative and nothing is discarded."""
+    return count if count < 2**31 else 0
 
 
 def _store(h: _Header, value: bytes) -> BinStore:
