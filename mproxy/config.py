@@ -464,7 +464,14 @@ class ProxyConfig:
         min=1,
     )
     idle_timeout: float = _option(
-        0.0, _SECONDS, "Close a client connection idle this long; 0 = never.", min=0
+        0.0,
+        _SECONDS,
+        "Close a client connection that completes no command for this long (memcached "
+        "`-o idle_timeout`; counted in the stat `idle_kicks`); 0 = never. Bytes that do "
+        "not complete a command do not count: a client trickling a line or a data block "
+        "is closed too (memcached leaves one in the middle of a data block open). A reply "
+        "the client leaves unread this long closes it as well.",
+        min=0,
     )
     graceful_timeout: float = _option(
         10.0,

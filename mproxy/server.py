@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from time import monotonic
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, cast
 
 import gevent.socket
@@ -256,7 +257,8 @@ class CacheServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(self.idle_timeout)
             self._serve(conn, client)
-        except socket.timeout:
+        except socket.timeout:  # idle_timeout without a completed command (or a reply unread that long)
+            st.idle_kicks += 1
             log.debug("closing idle connection from %s", client)
         except OSError as err:  # reset by peer and the like
             log.debug("connection from %s ended: %s", client, err)
@@ -276,6 +278,12 @@ class CacheServer:
         raw = conn.raw
         readable = conn.readable
         ready = 0  # reads in a row that did not wait
+        # idle_timeout is the time without a completed command, not without a byte (as
+        # memcached's): a read that completes none shortens the socket's timeout to what
+        # is left, so that bytes trickled into a command that never ends cannot hold it
+        idle = self.idle_timeout
+        timeout = idle
+        last = monotonic() if idle is not None else 0.0  # when the last command completed
         while not self.stopping:
             if raw is None:
                 data = sock.recv(READ_SIZE)
@@ -285,7 +293,7 @@ class CacheServer:
                     # connections whose bytes are ready too (gevent.sleep(0) would run us
                     # again before the hub polls, for up to its 5 ms switch interval)
                     ready = 0
-                    wait(readable, self.idle_timeout)  # type: ignore[arg-type]  # set with raw
+                    wait(readable, timeout)  # type: ignore[arg-type]  # set with raw
                 try:
                     data = raw.recv(READ_SIZE)
                 except BlockingIOError:
@@ -301,6 +309,17 @@ class CacheServer:
                 parser = (BinaryParser if data[0] == REQUEST_MAGIC else Parser)(self.max_item_size)
             parser.feed(data)
             commands = conn.commands(parser)
+            if idle is not None:
+                if commands or conn.ending is not None:
+                    last = monotonic()
+                    if timeout != idle:
+                        timeout = idle
+                        sock.settimeout(idle)
+                else:
+                    timeout = last + idle - monotonic()
+                    if timeout <= 0:
+                        raise socket.timeout("no command completed within idle_timeout")
+                    sock.settimeout(timeout)
             if commands:
                 conn.send_replies(run(commands, client))
             if conn.ending is not None and type(conn.ending) is not c.Quit:

@@ -1,0 +1,105 @@
+"""The limits a hostile or careless client meets, in-process (issue 11, defects 2-7).
+
+Servers run on gevent in the test's own process, as in ``tests/test_server.py``;
+clients are ``gevent.socket`` connections, so the test and the servers take turns
+on one hub. Timing: only generous bounds (a connection must close within several
+times its timeout), never a tight one.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gevent
+import gevent.socket
+import pytest
+
+from mproxy.backends.memory import MemoryBackend
+from mproxy.dispatch import Dispatcher
+from mproxy.server import CacheServer
+from mproxy.stats import Stats
+from tests.servers import HOST, RawSession
+
+#: Bound for a condition the server reaches on its own.
+DEADLINE = 10.0
+
+StartServer = Callable[..., CacheServer]
+
+
+@pytest.fixture
+def start() -> Iterator[StartServer]:
+    """``start(backend=None, **CacheServer options) -> CacheServer`` on port 0."""
+    started: list[CacheServer] = []
+
+    def start(backend: Any = None, listener: Any = (HOST, 0), **options: Any) -> CacheServer:
+        stats = Stats()
+        cache = stats.cache("test")
+        dispatcher = Dispatcher(backend if backend is not None else MemoryBackend(), cache, stats)
+        server = CacheServer(listener, dispatcher, cache, **options)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop(timeout=1.0)
+
+
+def session(server: CacheServer) -> RawSession:
+    return RawSession(server.address[1], connect=gevent.socket.create_connection)
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        gevent.sleep(0.001)
+
+
+def trickle(s: RawSession, first: bytes, byte: bytes, every: float, until: float) -> float | None:
+    """Send ``first``, then ``byte`` every ``every`` seconds for ``until`` seconds at most;
+    the seconds after which the server closed the connection, or None if it stayed open."""
+    began = time.monotonic()
+    s.send(first)
+    while time.monotonic() - began < until:
+        if not s.send(byte):
+            return time.monotonic() - began
+        got = s._recv_some(time.monotonic() + every)
+        if got == b"":
+            return time.monotonic() - began
+        assert not got, f"unexpected reply {got!r}"
+    return None
+
+
+# -- defect 4: idle_timeout counts the time without a completed command -----------------
+
+
+@pytest.mark.parametrize(
+    "first, byte",
+    [(b"get ", b"k"), (b"set k 0 0 100000\r\n", b"x")],
+    ids=["command line", "data block"],
+)
+def test_idle_timeout_closes_a_client_trickling_bytes_of_an_unfinished_command(
+    start: StartServer, first: bytes, byte: bytes
+) -> None:
+    server = start(idle_timeout=0.3)
+    with session(server) as s:
+        closed_after = trickle(s, first, byte, every=0.05, until=5.0)
+    assert closed_after is not None, "a trickle of bytes kept the connection open past idle_timeout"
+    assert server.stats.idle_kicks == 1
+
+
+def test_idle_timeout_keeps_a_client_that_completes_commands(start: StartServer) -> None:
+    server = start(idle_timeout=0.3)
+    with session(server) as s:
+        began = time.monotonic()
+        while time.monotonic() - began < 1.0:  # > 3 idle timeouts of steady, slow commands
+            s.send(b"ver")
+            gevent.sleep(0.05)
+            s.send(b"sion\r\n")
+            got, complete = s.recv_until_terminator(b"\r\n")
+            assert complete and got.startswith(b"VERSION "), got
+    assert server.stats.idle_kicks == 0
