@@ -32,9 +32,10 @@ import socket
 from typing import TYPE_CHECKING, Protocol
 
 from gevent.pool import Pool
-from gevent.server import StreamServer
 
+from mproxy.listeners import BACKLOG
 from mproxy.protocol import replies
+from mproxy.server import listening_server
 
 if TYPE_CHECKING:
     from mproxy.handshake import ListenerTls
@@ -119,12 +120,13 @@ class AdminServer:
         max_connections: int = MAX_CONNECTIONS,
         idle_timeout: float = IDLE_TIMEOUT,
         tls: ListenerTls | None = None,
+        backlog: int = BACKLOG,
     ) -> None:
         self.stats = stats
         self.version = version
         self.idle_timeout = idle_timeout
         handle = self._handle if tls is None else tls.serve(self._handle)
-        self._server = StreamServer(listener, handle, spawn=Pool(max_connections))
+        self._server = listening_server(listener, handle, Pool(max_connections), backlog)
 
     @property
     def address(self) -> tuple[str, int]:

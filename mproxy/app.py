@@ -134,6 +134,7 @@ class App:
                 idle_timeout=cfg.proxy.idle_timeout,
                 max_item_size=cfg.proxy.max_item_size,
                 tls=tls,
+                backlog=cfg.proxy.backlog,
             )
             try:
                 server.start()
@@ -156,7 +157,7 @@ class App:
             return
         cfg = self.cfg
         tls = self._listener_tls("admin", cfg.admin)
-        self.admin = AdminServer(listener, self._admin_stats(), __version__, tls=tls)
+        self.admin = AdminServer(listener, self._admin_stats(), __version__, tls=tls, backlog=cfg.proxy.backlog)
         try:
             self.admin.start()
         except OSError as err:

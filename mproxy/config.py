@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Mapping
 
 from mproxy import tls
+from mproxy.listeners import BACKLOG
 from mproxy.protocol.commands import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEM_SIZE
 
 __all__ = [
@@ -462,6 +463,16 @@ class ProxyConfig:
         "as memcached does. With several workers each serves its share, "
         "`max_connections / workers` (at least 1).",
         min=1,
+    )
+    backlog: int = _option(
+        BACKLOG,
+        _INT,
+        "Length of each listening socket's queue of connections not yet accepted "
+        "(memcached `-b`, 1024 too): every listener mproxy binds, data and admin, and each "
+        "worker's socket. The kernel caps it at `net.core.somaxconn`. A socket systemd passes "
+        "keeps the `Backlog=` of its .socket unit.",
+        min=1,
+        max=65535,
     )
     idle_timeout: float = _option(
         0.0,

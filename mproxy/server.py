@@ -35,6 +35,7 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from mproxy.dispatch import Dispatcher
+from mproxy.listeners import BACKLOG
 from mproxy.protocol import commands as c
 from mproxy.protocol.binary import REQUEST_MAGIC, BinaryParser, BinCommand
 from mproxy.protocol import replies as r
@@ -183,6 +184,16 @@ class _Connection:
         self.sock.sendall(payload)
 
 
+def listening_server(
+    listener: tuple[str, int] | socket.socket, handle: Any, pool: Pool, backlog: int
+) -> StreamServer:
+    """A StreamServer on ``listener``: an address, bound with a queue of ``backlog`` (``[proxy]
+    backlog``), or a socket listening already (systemd's, a worker's: its queue as it is)."""
+    if isinstance(listener, tuple):
+        return StreamServer(listener, handle, spawn=pool, backlog=backlog)
+    return StreamServer(listener, handle, spawn=pool)
+
+
 class ConnectionLimit:
     """The connection cap shared by every listener of the process."""
 
@@ -205,6 +216,7 @@ class CacheServer:
         idle_timeout: float = 0.0,
         max_item_size: int = c.DEFAULT_MAX_ITEM_SIZE,
         tls: ListenerTls | None = None,
+        backlog: int = BACKLOG,
     ) -> None:
         self.dispatcher = dispatcher
         self.stats = stats
@@ -216,7 +228,7 @@ class CacheServer:
         # a pool (unbounded: the cap is ConnectionLimit) so that stop() waits for
         # the handlers and then kills them; without one it would not wait at all
         handle = self._handle if tls is None else tls.serve(self._handle)
-        self._server = StreamServer(listener, handle, spawn=Pool())
+        self._server = listening_server(listener, handle, Pool(), backlog)
 
     @property
     def address(self) -> tuple[str, int]:

@@ -153,7 +153,7 @@ class Supervisor(App):
                 self.listeners.append(SharedListener(listener))
                 continue
             try:
-                self.listeners.append(PortGroup(listener))
+                self.listeners.append(PortGroup(listener, cfg.proxy.backlog))
             except OSError as err:
                 raise cannot_listen(cfg, f"cache {cache.name!r}", cache.host, cache.port, err) from err
         if cfg.momento.local == LOCAL_EMBEDDED and any(c.backend == "momento" for c in cfg.caches):

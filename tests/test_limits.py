@@ -103,3 +103,60 @@ def test_idle_timeout_keeps_a_client_that_completes_commands(start: StartServer)
             got, complete = s.recv_until_terminator(b"\r\n")
             assert complete and got.startswith(b"VERSION "), got
     assert server.stats.idle_kicks == 0
+
+
+# -- defect 5: the listen backlog is [proxy] backlog (1024), not 128 ---------------------
+
+
+def connect_without_accepting(port: int, count: int) -> int:
+    """Open ``count`` connections with the stdlib's blocking sockets, never giving the hub a
+    turn (so the server accepts none of them): how many the kernel completed (the listen
+    queue holds ``backlog`` + 1; past it the kernel drops the SYN and the connect waits)."""
+    import socket
+
+    made: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.settimeout(0.5)
+            try:
+                sock.connect((HOST, port))
+            except OSError:
+                sock.close()
+                break
+            made.append(sock)
+        return len(made)
+    finally:
+        for sock in made:
+            sock.close()
+
+
+def test_the_data_listener_queues_backlog_connections(start: StartServer) -> None:
+    server = start()  # the default [proxy] backlog
+    assert connect_without_accepting(server.address[1], 600) == 600
+
+
+def test_the_backlog_is_configurable(start: StartServer) -> None:
+    server = start(backlog=16)
+    assert connect_without_accepting(server.address[1], 64) == 17  # backlog + 1, as Linux counts
+
+
+def test_the_admin_listener_and_a_workers_socket_queue_backlog_connections() -> None:
+    from mproxy.admin import AdminServer
+    from mproxy.listeners import PortGroup
+
+    admin = AdminServer((HOST, 0), Stats(), "test")
+    admin.start()
+    try:
+        assert connect_without_accepting(admin.address[1], 600) == 600
+    finally:
+        admin.stop()
+    group = PortGroup((HOST, 0), backlog=32)
+    try:
+        sock = group.for_worker()
+        try:
+            assert connect_without_accepting(group.address[1], 64) == 33
+        finally:
+            sock.close()
+    finally:
+        group.close()
