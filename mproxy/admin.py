@@ -35,7 +35,7 @@ from gevent.pool import Pool
 
 from mproxy.listeners import BACKLOG
 from mproxy.protocol import replies
-from mproxy.server import listening_server
+from mproxy.server import ExhaustedLog, bound_address, listening_server
 
 if TYPE_CHECKING:
     from mproxy.handshake import ListenerTls
@@ -126,13 +126,12 @@ class AdminServer:
         self.version = version
         self.idle_timeout = idle_timeout
         handle = self._handle if tls is None else tls.serve(self._handle)
-        self._server = listening_server(listener, handle, Pool(max_connections), backlog)
+        self._server = listening_server(listener, handle, Pool(max_connections), backlog, ExhaustedLog("admin", None))
 
     @property
     def address(self) -> tuple[str, int]:
         """The bound (host, port): the real port once started on port 0."""
-        host, port = self._server.address[:2]
-        return host, port
+        return bound_address(self._server)
 
     def start(self) -> None:
         """Bind (unless given a socket) and start accepting."""

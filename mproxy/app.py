@@ -20,9 +20,9 @@ from typing import Any, Sequence, Union
 import gevent
 from gevent.event import Event
 
-from mproxy import __version__, backends, logs, systemd
+from mproxy import __version__, backends, fdlimit, logs, systemd
 from mproxy import audit as audit_mod
-from mproxy.admin import AdminServer, StatsSource
+from mproxy.admin import MAX_CONNECTIONS as ADMIN_MAX_CONNECTIONS, AdminServer, StatsSource
 from mproxy.config import AdminConfig, CacheConfig, Config, ConfigError, listener_tables, load, reload
 from mproxy.dispatch import Dispatcher
 from mproxy.handshake import ListenerTls
@@ -35,6 +35,11 @@ log = logging.getLogger("mproxy")
 
 #: Where a listener is: an address to bind, or a socket bound already (systemd, a supervisor).
 Listener = Union[tuple[str, int], socket.socket]
+
+
+def backend_descriptors(cfg: Config) -> int:
+    """File descriptors the Momento caches' gRPC connections may take (see :mod:`mproxy.fdlimit`)."""
+    return sum(c.connection_count for c in cfg.caches if c.backend == "momento") * fdlimit.PER_BACKEND_CONNECTION
 
 
 class StartupError(Exception):
@@ -74,6 +79,7 @@ class App:
         self._setup_logging()
         for warning in cfg.warnings:
             log.warning("%s", warning)
+        self._check_open_files()
         self.audit = self._open_audit()
         self.stats.attach_audit(self.audit)
         listeners, admin_listener = self._listeners()
@@ -81,6 +87,38 @@ class App:
         self._start_admin(admin_listener)
 
     # -- the steps of start(), hooks of the supervisor and the workers -------------------
+
+    def _descriptors(self) -> dict[str, int]:
+        """The file descriptors this process may hold at once, by what they are for."""
+        cfg = self.cfg
+        return {
+            "client connections": self._limit.maximum,
+            "admin connections": ADMIN_MAX_CONNECTIONS,
+            "backend connections": backend_descriptors(cfg),
+            "listeners, files and the like": fdlimit.HEADROOM,
+        }
+
+    def _check_open_files(self) -> None:
+        """Raise the soft open-file limit; refuse to start when ``[proxy] max_connections``
+        and the rest do not fit (see :mod:`mproxy.fdlimit`)."""
+        cfg = self.cfg
+        needs = self._descriptors()
+        needed = sum(needs.values())
+        try:
+            before, soft, hard = fdlimit.ensure(needed)
+        except fdlimit.FdLimitError as err:
+            detail = ", ".join(f"{count} {what}" for what, count in needs.items() if count)
+            # the cap that would fit: what is left for client connections, in every worker
+            fits = max(0, err.soft - (needed - needs["client connections"])) * max(1, cfg.proxy.workers)
+            raise StartupError(
+                f"{cfg.source}: proxy.max_connections = {cfg.proxy.max_connections} does not fit the "
+                f"open-file limit: {needed} file descriptors needed ({detail}), but the limit is "
+                f"{err.soft} (hard limit {fdlimit.limit_text(err.hard)}). Raise it (systemd: LimitNOFILE="
+                f"{needed} or more in the unit's [Service] section; a shell: ulimit -n {needed}) "
+                f"or lower proxy.max_connections to {fits} or less"
+            ) from err
+        if soft != before:
+            log.info("open-file limit raised from %d to %s (the hard limit); %d needed", before, fdlimit.limit_text(soft), needed)
 
     def _setup_logging(self) -> None:
         cfg = self.cfg

@@ -461,7 +461,9 @@ class ProxyConfig:
         "Client connections served at once, all listeners together (memcached "
         "`-c`); one more is answered `ERROR Too many open connections` and closed, "
         "as memcached does. With several workers each serves its share, "
-        "`max_connections / workers` (at least 1).",
+        "`max_connections / workers` (at least 1). At start mproxy raises its open-file "
+        "limit to the hard limit and refuses to start if these connections, the admin "
+        "port's and about 64 more descriptors do not fit (docs/operations.md, Limits).",
         min=1,
     )
     backlog: int = _option(

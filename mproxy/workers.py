@@ -146,6 +146,14 @@ class Supervisor(App):
 
     # -- start ----------------------------------------------------------------------
 
+    def _descriptors(self) -> dict[str, int]:
+        """A worker's needs (it inherits the limit raised here) with the supervisor's own added:
+        the admin port and three descriptors per worker (its link, audit channel, process)."""
+        needs = super()._descriptors()
+        needs["client connections"] = max(self._shares)
+        needs["admin connections"] += 3 * len(self.slots)
+        return needs
+
     def _start_caches(self, listeners: Sequence[Listener]) -> None:
         cfg = self.cfg
         for cache, listener in zip(cfg.caches, listeners):

@@ -160,3 +160,51 @@ def test_the_admin_listener_and_a_workers_socket_queue_backlog_connections() -> 
             sock.close()
     finally:
         group.close()
+
+
+# -- defect 2: the open-file limit -------------------------------------------------------
+
+
+@pytest.fixture
+def soft_nofile() -> Iterator[Callable[[int], None]]:
+    """``set(n)``: this process's soft RLIMIT_NOFILE set to ``n`` until the test ends."""
+    import resource
+
+    saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def set_soft(n: int) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, saved[1]))
+
+    yield set_soft
+    resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+
+
+def open_fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_accept_without_a_file_descriptor_backs_off_quietly_and_is_counted(
+    start: StartServer, soft_nofile: Callable[[int], None], capfd: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    server = start()
+    first = session(server)  # served: two descriptors (ours and the server's)
+    first.send(b"version\r\n")
+    assert first.recv_until_terminator(b"\r\n")[1]
+    soft_nofile(open_fds())  # (listdir counts its own descriptor) room for one more client socket, none for the server's end
+    waiting = gevent.socket.socket()
+    waiting.settimeout(DEADLINE)
+    waiting.connect((HOST, server.address[1]))  # completes in the kernel's listen queue
+    # a few failures, each followed by a pause (gevent's own path prints a traceback for each)
+    wait_until(lambda: server.stats.listen_disabled_num >= 3, "accept to fail a few times")
+    soft_nofile(4096)
+    waiting.sendall(b"version\r\n")
+    assert waiting.recv(100).startswith(b"VERSION ")  # accepted once descriptors are back
+    waiting.close()
+    first.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "EMFILE" not in err, err
+
