@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Mapping
 
 from mproxy import tls
-from mproxy.listeners import BACKLOG
 from mproxy.protocol.commands import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEM_SIZE
 
 __all__ = [
@@ -75,6 +74,9 @@ _MAX_SHOWN_VALUE = 60
 
 #: Most ``[proxy] workers`` (a sanity bound: one worker per core is the intended use).
 MAX_WORKERS = 1024
+
+#: ``[proxy] backlog``'s default: the queue of each listening socket (memcached's ``-b``).
+DEFAULT_BACKLOG = 1024
 
 
 class ConfigError(ValueError):
@@ -421,6 +423,37 @@ class AdminConfig:
 
     host: str = _option("127.0.0.1", _HOST, "Interface the admin port listens on.")
     port: int = _option(9999, _PORT, "Admin TCP port; 0 picks a free port (tests).")
+    max_connections: int = _option(
+        64,
+        _INT,
+        "Admin connections served at once (apart from `[proxy] max_connections`, so that "
+        "clients cannot lock operators out); one more is answered `ERROR Too many open "
+        "connections` and closed.",
+        min=1,
+        max=65535,
+    )
+    idle_timeout: float = _option(
+        60.0,
+        _SECONDS,
+        "Close an admin connection that sends nothing for this long.",
+        min=0.001,
+    )
+    command_timeout: float = _option(
+        10.0,
+        _SECONDS,
+        "Seconds a client has to send a whole command line (or an HTTP request's line and "
+        "headers) from its first byte; past it the connection is closed, so that bytes "
+        "trickled one at a time cannot hold a connection.",
+        min=0.001,
+    )
+    allow_reset: bool = _option(
+        True,
+        _BOOL,
+        "`false` refuses `stats reset` on every port, admin and data (text and binary), with "
+        "`CLIENT_ERROR stats reset not allowed` (as memcached refuses a disabled command); "
+        "`true` resets as memcached does.",
+        reload=True,
+    )
     tls: bool = _tls("tls")
     tls_cert: str = _tls("tls_cert")
     tls_key: str = _tls("tls_key")
@@ -467,7 +500,7 @@ class ProxyConfig:
         min=1,
     )
     backlog: int = _option(
-        BACKLOG,
+        DEFAULT_BACKLOG,
         _INT,
         "Length of each listening socket's queue of connections not yet accepted "
         "(memcached `-b`, 1024 too): every listener mproxy binds, data and admin, and each "

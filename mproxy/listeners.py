@@ -23,15 +23,9 @@ from __future__ import annotations
 
 import socket
 
-#: Length of each listening socket's accept queue: ``[proxy] backlog``'s default (memcached's ``-b``).
-BACKLOG = 1024
-
-
-def bind(
-    address: tuple[str, int], reuse_port: bool = False, listen: bool = True, backlog: int = BACKLOG
-) -> socket.socket:
+def bind(address: tuple[str, int], reuse_port: bool = False, listen: bool = True, backlog: int = 0) -> socket.socket:
     """A TCP socket bound to ``address`` (``SO_REUSEADDR``; ``SO_REUSEPORT`` if asked),
-    listening with a queue of ``backlog`` unless ``listen`` is False."""
+    listening with a queue of ``backlog`` (``[proxy] backlog``) unless ``listen`` is False."""
     host, port = address
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -81,7 +75,7 @@ class PortGroup:
     program using ``SO_REUSEADDR`` too could take the port.
     """
 
-    def __init__(self, address: tuple[str, int], backlog: int = BACKLOG) -> None:
+    def __init__(self, address: tuple[str, int], backlog: int) -> None:
         host, port = address
         self._backlog = backlog
         if port:

@@ -36,8 +36,8 @@ from gevent.socket import wait
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
+from mproxy.config import DEFAULT_BACKLOG
 from mproxy.dispatch import Dispatcher
-from mproxy.listeners import BACKLOG
 from mproxy.protocol import commands as c
 from mproxy.protocol.binary import REQUEST_MAGIC, BinaryParser, BinCommand
 from mproxy.protocol import replies as r
@@ -302,7 +302,7 @@ class CacheServer:
         idle_timeout: float = 0.0,
         max_item_size: int = c.DEFAULT_MAX_ITEM_SIZE,
         tls: ListenerTls | None = None,
-        backlog: int = BACKLOG,
+        backlog: int = DEFAULT_BACKLOG,
     ) -> None:
         self.dispatcher = dispatcher
         self.stats = stats

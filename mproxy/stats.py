@@ -366,6 +366,8 @@ class Stats:
         #: :data:`WORKER_FIGURES` values when several workers serve (the supervisor sets them).
         self.worker_figures: dict[str, int] = {}
         self.caches: dict[str, CacheStats] = {}
+        #: ``[admin] allow_reset``: False refuses the data ports' ``stats reset`` (dispatch asks)
+        self.allow_reset = True
         for name in PROCESS_COUNTERS:
             setattr(self, name, 0)
         self._audit: AuditCounters | None = None

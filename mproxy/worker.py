@@ -160,6 +160,9 @@ class Worker(App):
     def _announce(self, message: str) -> None:
         log.debug("%s", message)
 
+    def _warn_exposed(self, where: str, address: tuple[str, int], settings: Any) -> None:
+        pass  # the supervisor warned
+
     def _effective(self, cfg: Config) -> Config:
         return effective(cfg, self.spec.momento_local)
 

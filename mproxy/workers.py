@@ -170,12 +170,13 @@ class Supervisor(App):
             self._spawn(slot)
         self._wait_ready()
         self._starting = False
-        for cache, group in zip(cfg.caches, self.listeners):
+        for i, (cache, group) in enumerate(zip(cfg.caches, self.listeners)):
             host, port = group.address
             self._announce(
                 f"cache {cache.name} listening on {host}:{port} (backend {cache.backend}, "
                 f"cache_name {cache.cache_name}, {len(self.slots)} workers)"
             )
+            self._warn_exposed(f"cache[{i}]", group.address, cache)
 
     def _start_embedded(self) -> None:
         """The bundled Momento server, one for all workers (they get its address)."""

@@ -208,3 +208,118 @@ def test_accept_without_a_file_descriptor_backs_off_quietly_and_is_counted(
     err = capfd.readouterr().err
     assert "Traceback" not in err and "EMFILE" not in err, err
 
+
+
+# -- defect 3: the admin port's own limits, and stats reset an operator can turn off ------
+
+
+@pytest.fixture
+def admin_server() -> Iterator[Callable[..., Any]]:
+    """``admin_server(**[admin] settings) -> AdminServer`` on port 0 over a fresh Stats."""
+    from mproxy.admin import AdminServer
+    from mproxy.config import AdminConfig
+
+    started: list[AdminServer] = []
+
+    def make(**settings: Any) -> AdminServer:
+        server = AdminServer((HOST, 0), Stats(), "test", settings=AdminConfig(**settings))
+        server.start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+def admin_session(server: Any) -> RawSession:
+    return RawSession(server.address[1], connect=gevent.socket.create_connection)
+
+
+def test_the_admin_port_caps_its_connections_and_says_so(admin_server: Callable[..., Any]) -> None:
+    admin = admin_server(max_connections=2)
+    held = [admin_session(admin) for _ in range(2)]
+    try:
+        for s in held:
+            s.send(b"version\r\n")
+            assert s.recv_until_terminator(b"\r\n")[0] == b"VERSION test\r\n"
+        with admin_session(admin) as third:
+            assert third.recv_until_closed() == (b"ERROR Too many open connections\r\n", True)
+        held.pop().close()
+        wait_until(lambda: admin.active == 1, "the closed admin connection to be released")
+        with admin_session(admin) as again:
+            again.send(b"version\r\n")
+            assert again.recv_until_terminator(b"\r\n")[0] == b"VERSION test\r\n"
+    finally:
+        for s in held:
+            s.close()
+
+
+@pytest.mark.parametrize("first", [b"stats", b"GET /metrics HTTP/1.1\r\nHost: x\r\n"], ids=["command", "http head"])
+def test_the_admin_port_closes_a_command_trickled_past_command_timeout(
+    admin_server: Callable[..., Any], first: bytes
+) -> None:
+    admin = admin_server(command_timeout=0.3)
+    with admin_session(admin) as s:
+        closed_after = trickle(s, first, b"x", every=0.05, until=5.0)
+    assert closed_after is not None, "a trickle of bytes held an admin connection past command_timeout"
+
+
+def test_tricklers_lock_the_admin_port_for_command_timeout_at_most(admin_server: Callable[..., Any]) -> None:
+    admin = admin_server(max_connections=4, command_timeout=0.3)
+    tricklers = [admin_session(admin) for _ in range(4)]
+    try:
+        for s in tricklers:
+            s.send(b"st")
+        wait_until(lambda: admin.active == 4, "the tricklers to hold every slot")
+        for s in tricklers:  # a byte each, never a line end: all closed past command_timeout
+            s.send(b"a")
+        wait_until(lambda: admin.active == 0, "the tricklers to be closed")
+        with admin_session(admin) as operator:
+            operator.send(b"version\r\n")
+            assert operator.recv_until_terminator(b"\r\n")[0] == b"VERSION test\r\n"
+    finally:
+        for s in tricklers:
+            s.close()
+
+
+def test_an_admin_port_that_refuses_reset_says_so_and_keeps_the_counters(admin_server: Callable[..., Any]) -> None:
+    admin = admin_server(allow_reset=False)
+    admin.stats.cache("c").cmd_get = 5
+    with admin_session(admin) as s:
+        s.send(b"stats reset\r\n")
+        assert s.recv_until_terminator(b"\r\n")[0] == b"CLIENT_ERROR stats reset not allowed\r\n"
+    assert admin.stats.cache("c").cmd_get == 5
+    allowing = admin_server()
+    with admin_session(allowing) as s:
+        s.send(b"stats reset\r\n")
+        assert s.recv_until_terminator(b"\r\n")[0] == b"RESET\r\n"
+
+
+def test_the_data_ports_refuse_reset_too_text_and_binary(start: StartServer) -> None:
+    from mproxy.protocol import binary as b
+    from tests.test_binary_parser import req
+
+    server = start()
+    root = server.dispatcher.root_stats
+    assert root is not None
+    root.allow_reset = False
+    server.stats.cmd_get = 7
+    with session(server) as s:
+        s.send(b"stats reset\r\n")
+        assert s.recv_until_terminator(b"\r\n")[0] == b"CLIENT_ERROR stats reset not allowed\r\n"
+    with session(server) as s:
+        s.send(req(b.Opcode.STAT, key=b"reset"))
+        reply, _ = s.recv_until(lambda got: len(got) >= 24)
+        assert int.from_bytes(reply[6:8], "big") == b.Status.AUTH_ERROR
+    assert server.stats.cmd_get == 7
+
+
+def test_allow_reset_is_applied_by_a_reload() -> None:
+    from mproxy.config import loads, reload
+
+    base = '[[cache]]\ncache_name = "c"\n'
+    running, pending = reload(loads(base), loads("[admin]\nallow_reset = false\n" + base))
+    assert running.admin.allow_reset is False and pending == []
+    running, pending = reload(loads(base), loads("[admin]\nmax_connections = 8\n" + base))
+    assert running.admin.max_connections == 64 and pending == ["[admin] max_connections"]

@@ -103,3 +103,30 @@ def test_the_soft_open_file_limit_is_raised_to_the_hard_one(tmp_path: Path, work
     finally:
         proc.terminate()
         proc.communicate(timeout=START)
+
+
+# -- defect 3: a listener reachable beyond this host is warned about ------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one process", "two workers"])
+def test_listeners_on_non_loopback_addresses_are_warned_about_once(tmp_path: Path, workers: int) -> None:
+    from tests.servers import start_mproxy
+
+    backend = "memory" if workers == 1 else "momento"
+    config = MEMORY.format(max_connections=64, workers=workers, backend=backend).replace("127.0.0.1", "0.0.0.0")
+    if workers > 1:
+        config += '\n[momento]\nlocal = "embedded"\n'
+    server = start_mproxy(config, tmp_path)
+    try:
+        text = server.output()
+        admin = [line for line in text.splitlines() if "admin listens on 0.0.0.0:" in line]
+        cache = [line for line in text.splitlines() if "cache[0] listens on 0.0.0.0:" in line]
+        assert len(admin) == 1 and "WARNING" in admin[0] and "tls_verify" in admin[0], text
+        assert len(cache) == 1 and "WARNING" in cache[0] and "in plaintext" in cache[0], text
+    finally:
+        server.stop()
+    quiet = start_mproxy(MEMORY.format(max_connections=64, workers=1, backend="memory"), tmp_path)
+    try:
+        assert "not a loopback address" not in quiet.output()
+    finally:
+        quiet.stop()

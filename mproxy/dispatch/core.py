@@ -458,7 +458,8 @@ class Dispatcher:
 
     def _stats(self, cmd: c.Stats) -> tuple[bytes, str]:
         if cmd.args and cmd.args[0] == b"reset":
-            self.reset_stats()
+            if not self.reset_stats():
+                return r.RESET_NOT_ALLOWED, "refused"
             return r.RESET, "ok"
         if not cmd.args:
             return r.stats(self.stats_section(cmd.args) or {}), "ok"
@@ -638,12 +639,15 @@ class Dispatcher:
             return self.admin.settings_snapshot()
         return None
 
-    def reset_stats(self) -> None:
-        """``stats reset``."""
+    def reset_stats(self) -> bool:
+        """``stats reset``; False when ``[admin] allow_reset`` refuses it."""
         if self.root_stats is not None:
+            if not self.root_stats.allow_reset:
+                return False
             self.root_stats.reset()
         else:
             self.stats.reset()
+        return True
 
     # -- audit ----------------------------------------------------------------
 

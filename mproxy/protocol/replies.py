@@ -13,6 +13,9 @@ TOUCHED = b"TOUCHED\r\n"
 END = b"END\r\n"
 OK = b"OK\r\n"
 RESET = b"RESET\r\n"
+#: ``stats reset`` refused (``[admin] allow_reset = false``), worded as memcached refuses its
+#: disabled commands (``-F``'s flush_all, ``-X``'s stats cachedump)
+RESET_NOT_ALLOWED = b"CLIENT_ERROR stats reset not allowed\r\n"
 ERROR = b"ERROR\r\n"
 MN = b"MN\r\n"
 TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
