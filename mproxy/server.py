@@ -422,6 +422,7 @@ class CacheServer:
                 conn.send_replies(run(commands, client))
             if conn.ending is not None and type(conn.ending) is not c.Quit:
                 conn.drop_unsent(commands)
+                conn.add(cast(ProtocolError, conn.ending).reply)  # a fatal error's own reply, if it has one
                 conn.flush()
                 log.debug("closing connection from %s: %s", client, conn.ending)
                 return

@@ -323,3 +323,37 @@ def test_allow_reset_is_applied_by_a_reload() -> None:
     assert running.admin.allow_reset is False and pending == []
     running, pending = reload(loads(base), loads("[admin]\nmax_connections = 8\n" + base))
     assert running.admin.max_connections == 64 and pending == ["[admin] max_connections"]
+
+
+# -- defect 6: a get line over the 4 MiB line limit ----------------------------------------
+
+
+def test_a_get_line_over_the_limit_answers_memcacheds_out_of_memory_error_then_closes(start: StartServer) -> None:
+    from mproxy.protocol.commands import MAX_GET_LINE_LENGTH
+
+    server = start()
+    with session(server) as s:
+        s.send(b"set k 0 0 1\r\nx\r\nget k\r\n")
+        assert s.recv_until_terminator(b"END\r\n")[1]
+        chunk = b" k" * 32768
+        sent = 3
+        s.send(b"get")
+        while sent <= MAX_GET_LINE_LENGTH and s.send(chunk):
+            sent += len(chunk)
+        got, closed = s.recv_until_closed()
+    assert (got, closed) == (b"SERVER_ERROR out of memory reading request\r\n", True)
+    assert server.stats.protocol_errors == 1
+
+
+def test_a_get_line_just_under_the_limit_is_served(start: StartServer) -> None:
+    from mproxy.protocol.commands import MAX_GET_LINE_LENGTH
+
+    server = start()
+    key = b"k" * 250
+    keys = (MAX_GET_LINE_LENGTH - 8) // (len(key) + 1)
+    with session(server) as s:
+        s.send(b"set " + key + b" 0 0 1\r\nx\r\n")
+        assert s.recv_until_terminator(b"STORED\r\n")[1]
+        s.send(b"get" + (b" " + key) * keys + b"\r\n")
+        got, complete = s.recv_until_terminator(b"END\r\n", timeout=60.0)
+    assert complete and got.count(b"VALUE " + key + b" 0 1\r\nx\r\n") == keys

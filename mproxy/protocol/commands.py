@@ -19,7 +19,8 @@ KEY_MAX_LENGTH = 250
 #: (unless the line is a multi-get), ``try_read_command_ascii``.
 MAX_LINE_LENGTH = 2048
 #: Our bound on a multi-get line (memcached's is unbounded): enough for
-#: thousands of maximal keys, small enough to bound a connection's memory.
+#: thousands of maximal keys, small enough to bound a connection's memory. A longer
+#: one answers memcached's ``SERVER_ERROR out of memory reading request`` and closes.
 MAX_GET_LINE_LENGTH = 4 * 1024 * 1024
 #: memcached ``MAX_TOKENS``: a line is split into at most 23 tokens + a rest.
 MAX_TOKENS = 24

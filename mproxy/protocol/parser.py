@@ -23,7 +23,7 @@ from mproxy.protocol import admin
 from mproxy.protocol import commands as c
 from mproxy.protocol import meta
 from mproxy.protocol.commands import StoreMode
-from mproxy.protocol.errors import ClientError, CommandError, ConnectionClosed, ProtocolError
+from mproxy.protocol.errors import ClientError, CommandError, ConnectionClosed, ProtocolError, RequestTooLarge
 from mproxy.protocol.numbers import parse_i32, parse_u32, parse_u64
 
 
@@ -203,7 +203,8 @@ class Parser:
         ):
             raise ConnectionClosed(f"line of over {c.MAX_LINE_LENGTH} bytes without a newline")
         if held > c.MAX_GET_LINE_LENGTH:
-            raise ConnectionClosed(f"get line of over {c.MAX_GET_LINE_LENGTH} bytes")
+            self._pos = self._scan = len(self._buf)  # what is held is dropped: the connection ends
+            raise RequestTooLarge(f"get line of over {c.MAX_GET_LINE_LENGTH} bytes")
 
     # -- one command each ----------------------------------------------------
 
