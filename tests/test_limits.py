@@ -357,3 +357,60 @@ def test_a_get_line_just_under_the_limit_is_served(start: StartServer) -> None:
         s.send(b"get" + (b" " + key) * keys + b"\r\n")
         got, complete = s.recv_until_terminator(b"END\r\n", timeout=60.0)
     assert complete and got.count(b"VALUE " + key + b" 0 1\r\nx\r\n") == keys
+
+
+# -- defect 7: flush_all with a bad argument where flush is refused ------------------------
+
+
+FLUSH_FORMS = [
+    b"flush_all abc\r\n",
+    b"flush_all abc noreply\r\n",
+    b"flush_all\r\n",
+    b"flush_all 0\r\n",
+    b"flush_all 1 2\r\n",
+    b"flush_all 1 2 3\r\n",
+    b"flush_all noreply\r\n",
+]
+
+#: memcached 1.6.18's replies to FLUSH_FORMS, each followed by ``mn``, with and without -F
+#: (checked by test_flush_forms_match_memcached when the binary is installed)
+FLUSH_REPLIES = {
+    True: [b"CLIENT_ERROR invalid exptime argument\r\n", b"", b"OK\r\n", b"OK\r\n", b"OK\r\n", b"ERROR\r\n", b""],
+    False: [b"CLIENT_ERROR flush_all not allowed\r\n", b"", b"CLIENT_ERROR flush_all not allowed\r\n",
+            b"CLIENT_ERROR flush_all not allowed\r\n", b"CLIENT_ERROR flush_all not allowed\r\n",
+            b"ERROR\r\n", b""],
+}
+
+
+def flush_replies(port: int, connect: Any) -> list[bytes]:
+    out = []
+    for form in FLUSH_FORMS:
+        with RawSession(port, connect=connect) as s:
+            s.send(form + b"mn\r\n")
+            got, complete = s.recv_until_terminator(b"MN\r\n")
+            assert complete, (form, got)
+            out.append(got[: -len(b"MN\r\n")])
+    return out
+
+
+@pytest.mark.parametrize("allowed", [True, False], ids=["flush allowed", "flush refused (-F)"])
+def test_flush_all_forms_answer_as_memcached(start: StartServer, allowed: bool) -> None:
+    server = start(MemoryBackend(allow_flush=allowed))
+    assert flush_replies(server.address[1], gevent.socket.create_connection) == FLUSH_REPLIES[allowed]
+    assert server.stats.cmd_flush == 6  # as memcached: every form but the one answered ERROR
+
+
+@pytest.mark.memcached
+@pytest.mark.parametrize("allowed", [True, False], ids=["flush allowed", "flush refused (-F)"])
+def test_flush_forms_match_memcached(tmp_path: Any, allowed: bool) -> None:
+    import socket
+
+    from tests.servers import memcached_binary, start_memcached
+
+    if memcached_binary() is None:
+        pytest.skip("memcached is not installed")
+    memcached = start_memcached(tmp_path, () if allowed else ("-F",))
+    try:
+        assert flush_replies(memcached.port, socket.create_connection) == FLUSH_REPLIES[allowed]
+    finally:
+        memcached.stop()

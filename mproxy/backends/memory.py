@@ -261,6 +261,11 @@ class MemoryBackend:
         self._bump(entry, now)
         return True
 
+    @property
+    def allow_flush(self) -> bool:
+        """False when ``flush_all`` is refused (``allow_flush = false``, memcached ``-F``)."""
+        return self._allow_flush
+
     def flush_all(self, delay: int = 0) -> None:
         """Invalidate everything now, or at ``delay`` seconds from now (an
         absolute Unix time above 30 days). A later flush_all replaces a

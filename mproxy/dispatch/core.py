@@ -134,6 +134,8 @@ class Dispatcher:
         self.root_stats = root_stats
         self.audit = audit if audit is not None else NullAudit()
         self.cache_name = cache_name or stats.name
+        #: False when the backend refuses flush_all (``allow_flush = false``, memcached ``-F``)
+        self.allow_flush: bool = getattr(backend, "allow_flush", True)
         #: keys one backend read takes: the size of a group of pipelined gets
         self.max_batch_keys: int = backend.max_batch_keys
         #: run the groups of a read concurrently (see the module docstring)
@@ -452,6 +454,12 @@ class Dispatcher:
         return (r.TOUCHED, "touched") if touched else (r.NOT_FOUND, "not_found")
 
     def _flush_all(self, cmd: c.FlushAll) -> tuple[bytes, str]:
+        if cmd.delay is None:  # memcached: counted, refused under -F, else the argument's error
+            self.stats.cmd_flush += 1
+            if not self.allow_flush:
+                return r.FLUSH_NOT_ALLOWED, "refused"
+            self.stats.protocol_errors += 1
+            return r.BAD_EXPTIME, "error"
         if not self.flush(cmd.delay):
             return r.FLUSH_NOT_ALLOWED, "refused"
         return r.OK, "ok"

@@ -185,7 +185,9 @@ class Touch(OneKey):
 
 @dataclass(frozen=True, slots=True)
 class FlushAll:
-    delay: int = 0
+    #: None: the delay argument is not a number (memcached answers that only once it has
+    #: checked that flush_all is allowed: ``-F`` answers ``not allowed`` first)
+    delay: int | None = 0
     noreply: bool = False
     name = "flush_all"
     keys = None

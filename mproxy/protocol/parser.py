@@ -284,12 +284,9 @@ class Parser:
         if not 2 <= ntokens <= 4:
             raise CommandError()
         noreply = _noreply(tokens, ntokens)
-        delay = 0
+        delay: int | None = 0
         if ntokens != (3 if noreply else 2):
-            parsed = parse_i32(tokens[1])
-            if parsed is None:
-                raise ClientError(_BAD_EXPTIME, noreply)
-            delay = parsed
+            delay = parse_i32(tokens[1])  # None: not a number, answered by dispatch (see FlushAll)
         return c.FlushAll(delay, noreply)
 
     def _verbosity(self, tokens: list[bytes], ntokens: int) -> c.Command:

@@ -277,6 +277,11 @@ class MomentoBackend(MomentoMeta):
             request = pb._UpdateTtlRequest(cache_key=key, overwrite_to_milliseconds=ttl_ms)
             return self._unary("UpdateTtl", request, budget).WhichOneof("result") != "missing"
 
+    @property
+    def allow_flush(self) -> bool:
+        """False when ``flush_all`` is refused (``allow_flush = false``, memcached ``-F``)."""
+        return self._allow_flush
+
     def flush_all(self, delay: int = 0) -> None:
         """FlushCache on the control API, now or from a timer ``delay`` seconds
         from now. A later flush_all replaces a pending delayed one."""
