@@ -529,7 +529,9 @@ class ProxyConfig:
     max_item_size: int = _option(
         DEFAULT_MAX_ITEM_SIZE,
         _INT,
-        "Largest value accepted by a storage command, in bytes (memcached `-I`).",
+        "Largest item accepted by a storage command, in bytes (memcached `-I`), counted as "
+        "memcached counts it, on every backend: key + value + 59 bytes (63 with flags), so "
+        "with 1 MiB the largest value for a 1-byte key is 1,048,516 bytes.",
         min=1024,
         max=1024**3,
     )

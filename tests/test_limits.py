@@ -414,3 +414,32 @@ def test_flush_forms_match_memcached(tmp_path: Any, allowed: bool) -> None:
         assert flush_replies(memcached.port, socket.create_connection) == FLUSH_REPLIES[allowed]
     finally:
         memcached.stop()
+
+
+# -- defect 7: one rule for the item size limit, in the parsers ----------------------------
+
+
+def test_the_parsers_refuse_an_item_over_max_item_size_as_memcached_counts_it() -> None:
+    import struct
+
+    from mproxy.protocol import commands as c
+    from mproxy.protocol.binary import BinaryParser, BinStore, BinTooLarge, Opcode
+    from mproxy.protocol.parser import Parser
+    from tests.test_binary_parser import req
+
+    limit = 1024 * 1024
+    largest = limit - 1 - c.ITEM_OVERHEAD  # key "k", no flags: 1048516, memcached 1.6.18's figure
+    assert largest == 1048516
+    for nbytes, fits in ((largest, True), (largest + 1, False), (limit, False)):
+        text = Parser(limit)
+        text.feed(b"set k 0 0 %d\r\n%s\r\n" % (nbytes, b"x" * nbytes))
+        assert isinstance(text.next_command(), c.Store if fits else c.TooLarge), nbytes
+        meta = Parser(limit)
+        meta.feed(b"ms k %d\r\n%s\r\n" % (nbytes, b"x" * nbytes))
+        assert isinstance(meta.next_command(), c.Ms if fits else c.MsTooLarge), nbytes
+        binary = BinaryParser(limit)
+        binary.feed(req(Opcode.SET, b"k", struct.pack(">II", 0, 0), b"x" * nbytes))
+        assert isinstance(binary.next_command(), BinStore if fits else BinTooLarge), nbytes
+    flagged = Parser(limit)  # non-zero flags take 4 bytes more
+    flagged.feed(b"set k 5 0 %d\r\n%s\r\n" % (largest - 3, b"x" * (largest - 3)))
+    assert isinstance(flagged.next_command(), c.TooLarge)

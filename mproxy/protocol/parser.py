@@ -253,7 +253,7 @@ class Parser:
             cas_unique = parsed
         if nbytes < 0 or nbytes > 2**31 - 3:
             raise ClientError(_BAD_FORMAT, noreply)
-        if nbytes > self.max_item_size:
+        if c.item_size(key, nbytes, flags) > self.max_item_size:
             self._swallowing(c.TooLarge(mode, key, flags, exptime, nbytes, noreply), nbytes + 2)
             return None
         self._pending = (mode, key, flags, exptime, cas_unique, noreply, nbytes + 2)
@@ -307,7 +307,7 @@ class Parser:
         except meta.MsError as err:
             self._swallowing(None, err.swallow)
             raise
-        if header.nbytes > self.max_item_size:
+        if c.item_size(header.key, header.nbytes, header.client_flags) > self.max_item_size:
             self._swallowing(c.MsTooLarge(header.key, header.nbytes), header.nbytes + 2)
             return None
         self._pending = (header.command, header.nbytes + 2)
