@@ -42,7 +42,7 @@ from gevent.pool import Pool
 
 from mproxy.config import DEFAULT_BACKLOG, AdminConfig
 from mproxy.protocol import replies
-from mproxy.server import ExhaustedLog, bound_address, listening_server
+from mproxy.server import ExhaustedLog, bound_address, listening_server, refuse
 
 if TYPE_CHECKING:
     from mproxy.handshake import ListenerTls
@@ -174,11 +174,7 @@ class AdminServer:
     def _handle(self, sock: socket.socket, address: object) -> None:
         if self.active >= self.max_connections:
             self.rejected += 1
-            try:
-                sock.sendall(replies.TOO_MANY_CONNECTIONS)
-            except OSError:
-                pass
-            sock.close()
+            refuse(sock)
             return
         self.active += 1
         settings = self.settings

@@ -339,11 +339,7 @@ class CacheServer:
         limit = self.limit
         if limit.active >= limit.maximum or self.stopping:
             st.rejected_connections += 1
-            try:
-                sock.sendall(r.TOO_MANY_CONNECTIONS)
-            except OSError:
-                pass
-            sock.close()
+            refuse(sock)
             return
         conn = _Connection(sock, st)
         self._conns.add(conn)
@@ -430,6 +426,15 @@ class CacheServer:
             conn.busy = False
             if conn.ending is not None:  # quit, once the replies before it are sent
                 return
+
+
+def refuse(sock: socket.socket) -> None:
+    """A connection over a cap: answered as memcached answers one over its ``-c``, and closed."""
+    try:
+        sock.sendall(r.TOO_MANY_CONNECTIONS)
+    except OSError:
+        pass
+    sock.close()
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -8,7 +8,6 @@ times its timeout), never a tight one.
 
 from __future__ import annotations
 
-import errno
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,45 +17,12 @@ import gevent.socket
 import pytest
 
 from mproxy.backends.memory import MemoryBackend
-from mproxy.dispatch import Dispatcher
-from mproxy.server import CacheServer
 from mproxy.stats import Stats
 from tests.servers import HOST, RawSession
+from tests.test_server import StartServer, session, start, wait_until  # noqa: F401  # start: a fixture
 
 #: Bound for a condition the server reaches on its own.
 DEADLINE = 10.0
-
-StartServer = Callable[..., CacheServer]
-
-
-@pytest.fixture
-def start() -> Iterator[StartServer]:
-    """``start(backend=None, **CacheServer options) -> CacheServer`` on port 0."""
-    started: list[CacheServer] = []
-
-    def start(backend: Any = None, listener: Any = (HOST, 0), **options: Any) -> CacheServer:
-        stats = Stats()
-        cache = stats.cache("test")
-        dispatcher = Dispatcher(backend if backend is not None else MemoryBackend(), cache, stats)
-        server = CacheServer(listener, dispatcher, cache, **options)
-        server.start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop(timeout=1.0)
-
-
-def session(server: CacheServer) -> RawSession:
-    return RawSession(server.address[1], connect=gevent.socket.create_connection)
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        gevent.sleep(0.001)
 
 
 def trickle(s: RawSession, first: bytes, byte: bytes, every: float, until: float) -> float | None:
