@@ -418,7 +418,9 @@ class CacheServer:
                 conn.send_replies(run(commands, client))
             if conn.ending is not None and type(conn.ending) is not c.Quit:
                 conn.drop_unsent(commands)
-                conn.add(cast(ProtocolError, conn.ending).reply)  # a fatal error's own reply, if it has one
+                reply = cast(ProtocolError, conn.ending).reply  # a fatal error's own, if it has one
+                if reply:
+                    conn.add(reply)
                 conn.flush()
                 log.debug("closing connection from %s: %s", client, conn.ending)
                 return
