@@ -6,13 +6,19 @@ Text protocol (lines end with ``\\n`` or ``\\r\\n``)::
     stats cache    STAT <cache>:<name> <value> lines, END (Stats.cache_snapshot)
     stats workers  STAT <worker>:<name> <value> lines, END: each worker process's own
                    stats, workers numbered from 1 (one process is worker 1)
-    stats reset    RESET
+    stats reset    RESET; with ``[admin] allow_reset = false``
+                   CLIENT_ERROR stats reset not allowed
     version        VERSION <version>
     quit           closes the connection
     anything else  ERROR (an empty line too, as memcached); the connection stays
 
-A line longer than :data:`MAX_LINE` bytes, or :data:`IDLE_TIMEOUT` seconds
-in which nothing arrives, closes the connection. If the
+The port has limits of its own (``[admin]``), apart from the data ports', so that
+clients cannot lock operators out: ``max_connections`` at once (one more is
+answered ``ERROR Too many open connections`` and closed); ``idle_timeout``
+seconds in which nothing arrives close a connection, and so does a command line
+not complete ``command_timeout`` seconds after its first byte (an HTTP request:
+its line and headers), so that bytes trickled one at a time cannot hold it. A
+line longer than :data:`MAX_LINE` bytes closes it too. If the
 first line of a connection is an HTTP/1.x request line, the connection is
 HTTP instead: ``GET /metrics`` answers the Prometheus text format
 (:func:`mproxy.stats.prometheus_text`), other paths 404, other methods 405,
@@ -29,12 +35,14 @@ from __future__ import annotations
 
 import re
 import socket
+from time import monotonic
 from typing import TYPE_CHECKING, Protocol
 
 from gevent.pool import Pool
-from gevent.server import StreamServer
 
+from mproxy.config import DEFAULT_BACKLOG, AdminConfig
 from mproxy.protocol import replies
+from mproxy.server import ExhaustedLog, bound_address, listening_server, refuse
 
 if TYPE_CHECKING:
     from mproxy.handshake import ListenerTls
@@ -61,11 +69,6 @@ MAX_LINE = 2048
 MAX_HEADERS = 64
 #: Bytes asked of one recv.
 RECV_SIZE = 4096
-#: Admin connections served at once; more wait in the listen backlog.
-MAX_CONNECTIONS = 64
-#: Seconds an admin connection may stay silent before it is closed, so that clients
-#: that connect and say nothing cannot hold the ``MAX_CONNECTIONS`` slots forever.
-IDLE_TIMEOUT = 60.0
 
 HTTP_REQUEST_LINE = re.compile(rb"([A-Z]+) (\S+) HTTP/1\.[01]")
 METRICS_PATH = b"/metrics"
@@ -73,11 +76,20 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _LineReader:
-    """Lines from a socket, with a bounded buffer."""
+    """Lines from a socket, with a bounded buffer and the port's two timeouts: ``idle``
+    seconds for a line's first byte, ``command`` seconds from it to the line's end (or,
+    once :attr:`deadline` is set, to that time: an HTTP request's whole head).
+    Raises ``socket.timeout`` past either."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, idle: float, command: float) -> None:
         self.sock = sock
+        self.idle = idle
+        self.command = command
         self.buf = b""
+        #: when the first of the buffered bytes arrived (None: nothing buffered)
+        self.since: float | None = None
+        #: a deadline for every line from now on (monotonic), or None
+        self.deadline: float | None = None
 
     def readline(self) -> bytes | None:
         """The next line without ``\\r\\n``/``\\n``; None at EOF or when a line exceeds MAX_LINE."""
@@ -85,14 +97,27 @@ class _LineReader:
             end = self.buf.find(b"\n")
             if end >= 0:
                 line, self.buf = self.buf[:end], self.buf[end + 1 :]
+                self.since = monotonic() if self.buf else None  # what follows began by now
                 if line.endswith(b"\r"):
                     line = line[:-1]
                 return line if len(line) <= MAX_LINE else None
             if len(self.buf) > MAX_LINE + 1:  # +1: a line of MAX_LINE may wait for "\n" after "\r"
                 return None
+            deadline = self.deadline
+            if deadline is None and self.since is not None:
+                deadline = self.since + self.command
+            if deadline is None:
+                self.sock.settimeout(self.idle)
+            else:
+                left = deadline - monotonic()
+                if left <= 0:
+                    raise socket.timeout("command line not complete within [admin] command_timeout")
+                self.sock.settimeout(min(left, self.idle))
             data = self.sock.recv(RECV_SIZE)
             if not data:
                 return None
+            if self.since is None:
+                self.since = monotonic()
             self.buf += data
 
 
@@ -109,28 +134,34 @@ def http_response(status: str, body: bytes, content_type: str = "text/plain; cha
 
 
 class AdminServer:
-    """The admin listener: one greenlet per connection, at most ``max_connections`` at once."""
+    """The admin listener: one greenlet per connection, at most ``settings.max_connections`` at once."""
 
     def __init__(
         self,
         listener: tuple[str, int] | socket.socket,
         stats: StatsSource,
         version: str,
-        max_connections: int = MAX_CONNECTIONS,
-        idle_timeout: float = IDLE_TIMEOUT,
+        settings: AdminConfig = AdminConfig(),
         tls: ListenerTls | None = None,
+        backlog: int = DEFAULT_BACKLOG,
     ) -> None:
         self.stats = stats
         self.version = version
-        self.idle_timeout = idle_timeout
+        #: the ``[admin]`` table; a reload replaces it (``allow_reset`` applies at once, the
+        #: connection cap only after a restart)
+        self.settings = settings
+        self.max_connections = settings.max_connections
+        self.active = 0
+        #: connections refused at the cap
+        self.rejected = 0
         handle = self._handle if tls is None else tls.serve(self._handle)
-        self._server = StreamServer(listener, handle, spawn=Pool(max_connections))
+        # unbounded: the cap is max_connections, answered as memcached answers its -c
+        self._server = listening_server(listener, handle, Pool(), backlog, ExhaustedLog("admin", None))
 
     @property
     def address(self) -> tuple[str, int]:
         """The bound (host, port): the real port once started on port 0."""
-        host, port = self._server.address[:2]
-        return host, port
+        return bound_address(self._server)
 
     def start(self) -> None:
         """Bind (unless given a socket) and start accepting."""
@@ -141,23 +172,31 @@ class AdminServer:
         self._server.stop(timeout)
 
     def _handle(self, sock: socket.socket, address: object) -> None:
-        reader = _LineReader(sock)
+        if self.active >= self.max_connections:
+            self.rejected += 1
+            refuse(sock)
+            return
+        self.active += 1
+        settings = self.settings
+        reader = _LineReader(sock, settings.idle_timeout, settings.command_timeout)
         try:
-            sock.settimeout(self.idle_timeout)
             line = reader.readline()
             request = HTTP_REQUEST_LINE.fullmatch(line) if line is not None else None
             if request is not None:
+                reader.deadline = (reader.since or monotonic()) + settings.command_timeout
                 self._http(sock, reader, request.group(1), request.group(2))
                 return
             while line is not None:
                 reply = self._command(line)
                 if reply is None:
                     return
+                sock.settimeout(settings.idle_timeout)  # a reply left unread that long closes too
                 sock.sendall(reply)
                 line = reader.readline()
         except OSError:
-            return  # the client went away, or stayed silent past idle_timeout
+            return  # the client went away, or was silent or slow past a timeout
         finally:
+            self.active -= 1
             sock.close()
 
     def _command(self, line: bytes) -> bytes | None:
@@ -166,6 +205,8 @@ class AdminServer:
         if tokens == [b"stats"]:
             return replies.stats(self.stats.snapshot())
         if tokens == [b"stats", b"reset"]:
+            if not self.settings.allow_reset:
+                return replies.RESET_NOT_ALLOWED
             self.stats.reset()
             return replies.RESET
         if tokens == [b"stats", b"cache"]:

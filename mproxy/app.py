@@ -13,6 +13,7 @@ hooks below.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 from typing import Any, Sequence, Union
@@ -20,7 +21,7 @@ from typing import Any, Sequence, Union
 import gevent
 from gevent.event import Event
 
-from mproxy import __version__, backends, logs, systemd
+from mproxy import __version__, backends, fdlimit, logs, systemd
 from mproxy import audit as audit_mod
 from mproxy.admin import AdminServer, StatsSource
 from mproxy.config import AdminConfig, CacheConfig, Config, ConfigError, listener_tables, load, reload
@@ -35,6 +36,44 @@ log = logging.getLogger("mproxy")
 
 #: Where a listener is: an address to bind, or a socket bound already (systemd, a supervisor).
 Listener = Union[tuple[str, int], socket.socket]
+
+
+def backend_descriptors(cfg: Config) -> int:
+    """File descriptors the Momento caches' gRPC connections may take (see :mod:`mproxy.fdlimit`)."""
+    return sum(c.connection_count for c in cfg.caches if c.backend == "momento") * fdlimit.PER_BACKEND_CONNECTION
+
+
+def exposure(where: str, address: tuple[str, int], settings: AdminConfig | CacheConfig) -> str | None:
+    """The warning for a listener bound to ``address`` reachable beyond this host, or None.
+
+    A loopback address draws none. The admin port draws one unless it admits only clients
+    with a certificate (``tls`` with ``tls_verify = "require"``): its stats, ``/metrics`` and
+    ``stats reset`` need no password. A data port draws one unless it serves TLS: memcached's
+    protocol has no authentication, so in plaintext whoever can reach the port owns the cache;
+    with TLS on the operator chose remote clients (``tls_verify = "require"`` admits only
+    those with a certificate)."""
+    host, port = address[:2]
+    try:
+        if ipaddress.ip_address(host.split("%", 1)[0]).is_loopback:
+            return None
+    except ValueError:  # not an IP address: a bound socket always has one
+        return None
+    if where == "admin":
+        if settings.tls and settings.tls_verify == "require":
+            return None
+        return (
+            f"admin listens on {host}:{port}, not a loopback address: whoever can reach it reads every "
+            "stat and /metrics and can reset the stats (see [admin] allow_reset); bind 127.0.0.1, "
+            'firewall the port, or set [admin] tls = true with tls_verify = "require"'
+        )
+    if settings.tls:
+        return None
+    return (
+        f"{where} listens on {host}:{port}, not a loopback address, in plaintext: whoever can reach it "
+        "can read, write and flush the cache (memcached's protocol has no authentication); bind "
+        f'127.0.0.1, firewall the port, or set {where}.tls = true (with tls_verify = "require" to '
+        "admit only clients with a certificate)"
+    )
 
 
 class StartupError(Exception):
@@ -74,6 +113,8 @@ class App:
         self._setup_logging()
         for warning in cfg.warnings:
             log.warning("%s", warning)
+        self._check_open_files()
+        self.stats.allow_reset = cfg.admin.allow_reset
         self.audit = self._open_audit()
         self.stats.attach_audit(self.audit)
         listeners, admin_listener = self._listeners()
@@ -81,6 +122,38 @@ class App:
         self._start_admin(admin_listener)
 
     # -- the steps of start(), hooks of the supervisor and the workers -------------------
+
+    def _descriptors(self) -> dict[str, int]:
+        """The file descriptors this process may hold at once, by what they are for."""
+        cfg = self.cfg
+        return {
+            "client connections": self._limit.maximum,
+            "admin connections": cfg.admin.max_connections,
+            "backend connections": backend_descriptors(cfg),
+            "listeners, files and the like": fdlimit.HEADROOM,
+        }
+
+    def _check_open_files(self) -> None:
+        """Raise the soft open-file limit; refuse to start when ``[proxy] max_connections``
+        and the rest do not fit (see :mod:`mproxy.fdlimit`)."""
+        cfg = self.cfg
+        needs = self._descriptors()
+        needed = sum(needs.values())
+        try:
+            before, soft, hard = fdlimit.ensure(needed)
+        except fdlimit.FdLimitError as err:
+            detail = ", ".join(f"{count} {what}" for what, count in needs.items() if count)
+            # the cap that would fit: what is left for client connections, in every worker
+            fits = max(0, err.soft - (needed - needs["client connections"])) * max(1, cfg.proxy.workers)
+            raise StartupError(
+                f"{cfg.source}: proxy.max_connections = {cfg.proxy.max_connections} does not fit the "
+                f"open-file limit: {needed} file descriptors needed ({detail}), but the limit is "
+                f"{err.soft} (hard limit {fdlimit.limit_text(err.hard)}). Raise it (systemd: LimitNOFILE="
+                f"{needed} or more in the unit's [Service] section; a shell: ulimit -n {needed}) "
+                f"or lower proxy.max_connections to {fits} or less"
+            ) from err
+        if soft != before:
+            log.info("open-file limit raised from %d to %s (the hard limit); %d needed", before, fdlimit.limit_text(soft), needed)
 
     def _setup_logging(self) -> None:
         cfg = self.cfg
@@ -134,6 +207,7 @@ class App:
                 idle_timeout=cfg.proxy.idle_timeout,
                 max_item_size=cfg.proxy.max_item_size,
                 tls=tls,
+                backlog=cfg.proxy.backlog,
             )
             try:
                 server.start()
@@ -142,10 +216,18 @@ class App:
             self.servers.append(server)
             host, port = server.address
             self._announce(f"cache {name} listening on {host}:{port} (backend {cache.backend}, cache_name {cache.cache_name})")
+            self._warn_exposed(f"cache[{i}]", server.address, cache)
 
     def _announce(self, message: str) -> None:
         """Say where a listener serves (a worker says it quieter: the supervisor says it once)."""
         log.info("%s", message)
+
+    def _warn_exposed(self, where: str, address: tuple[str, int], settings: AdminConfig | CacheConfig) -> None:
+        """Warn, loudly, of a listener reachable beyond this host (see :func:`exposure`; a
+        worker leaves it to the supervisor, which says it once)."""
+        warning = exposure(where, address, settings)
+        if warning is not None:
+            log.warning("%s", warning)
 
     def _admin_stats(self) -> StatsSource:
         """What the admin port shows: this process's stats."""
@@ -156,13 +238,16 @@ class App:
             return
         cfg = self.cfg
         tls = self._listener_tls("admin", cfg.admin)
-        self.admin = AdminServer(listener, self._admin_stats(), __version__, tls=tls)
+        self.admin = AdminServer(
+            listener, self._admin_stats(), __version__, settings=cfg.admin, tls=tls, backlog=cfg.proxy.backlog
+        )
         try:
             self.admin.start()
         except OSError as err:
             raise cannot_listen(cfg, "admin", cfg.admin.host, cfg.admin.port, err) from err
         host, port = self.admin.address
         log.info("admin listening on %s:%d", host, port)
+        self._warn_exposed("admin", self.admin.address, cfg.admin)
 
     def _listener_tls(self, where: str, settings: AdminConfig | CacheConfig) -> ListenerTls:
         """The TLS of the listener of table ``where`` (its context None while ``tls`` is off)."""
@@ -215,6 +300,9 @@ class App:
         logs.set_level(self._log_level or running.debug.log_level)
         self.audit.reconfigure(running.audit)
         self._reload_tls(running)
+        self.stats.allow_reset = running.admin.allow_reset
+        if self.admin is not None:
+            self.admin.settings = running.admin
         for what in pending:
             log.warning("reload: %s changed; it takes effect only after a restart", what)
         self.cfg = running

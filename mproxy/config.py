@@ -75,6 +75,9 @@ _MAX_SHOWN_VALUE = 60
 #: Most ``[proxy] workers`` (a sanity bound: one worker per core is the intended use).
 MAX_WORKERS = 1024
 
+#: ``[proxy] backlog``'s default: the queue of each listening socket (memcached's ``-b``).
+DEFAULT_BACKLOG = 1024
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used.
@@ -420,6 +423,37 @@ class AdminConfig:
 
     host: str = _option("127.0.0.1", _HOST, "Interface the admin port listens on.")
     port: int = _option(9999, _PORT, "Admin TCP port; 0 picks a free port (tests).")
+    max_connections: int = _option(
+        64,
+        _INT,
+        "Admin connections served at once (apart from `[proxy] max_connections`, so that "
+        "clients cannot lock operators out); one more is answered `ERROR Too many open "
+        "connections` and closed.",
+        min=1,
+        max=65535,
+    )
+    idle_timeout: float = _option(
+        60.0,
+        _SECONDS,
+        "Close an admin connection that sends nothing for this long.",
+        min=0.001,
+    )
+    command_timeout: float = _option(
+        10.0,
+        _SECONDS,
+        "Seconds a client has to send a whole command line (or an HTTP request's line and "
+        "headers) from its first byte; past it the connection is closed, so that bytes "
+        "trickled one at a time cannot hold a connection.",
+        min=0.001,
+    )
+    allow_reset: bool = _option(
+        True,
+        _BOOL,
+        "`false` refuses `stats reset` on every port, admin and data (text and binary), with "
+        "`CLIENT_ERROR stats reset not allowed` (as memcached refuses a disabled command); "
+        "`true` resets as memcached does.",
+        reload=True,
+    )
     tls: bool = _tls("tls")
     tls_cert: str = _tls("tls_cert")
     tls_key: str = _tls("tls_key")
@@ -460,11 +494,30 @@ class ProxyConfig:
         "Client connections served at once, all listeners together (memcached "
         "`-c`); one more is answered `ERROR Too many open connections` and closed, "
         "as memcached does. With several workers each serves its share, "
-        "`max_connections / workers` (at least 1).",
+        "`max_connections / workers` (at least 1). At start mproxy raises its open-file "
+        "limit to the hard limit and refuses to start if these connections, the admin "
+        "port's and about 64 more descriptors do not fit (docs/operations.md, Limits).",
         min=1,
     )
+    backlog: int = _option(
+        DEFAULT_BACKLOG,
+        _INT,
+        "Length of each listening socket's queue of connections not yet accepted "
+        "(memcached `-b`, 1024 too): every listener mproxy binds, data and admin, and each "
+        "worker's socket. The kernel caps it at `net.core.somaxconn`. A socket systemd passes "
+        "keeps the `Backlog=` of its .socket unit.",
+        min=1,
+        max=65535,
+    )
     idle_timeout: float = _option(
-        0.0, _SECONDS, "Close a client connection idle this long; 0 = never.", min=0
+        0.0,
+        _SECONDS,
+        "Close a client connection that completes no command for this long (memcached "
+        "`-o idle_timeout`; counted in the stat `idle_kicks`); 0 = never. Bytes that do "
+        "not complete a command do not count: a client trickling a line or a data block "
+        "is closed too (memcached leaves one in the middle of a data block open). A reply "
+        "the client leaves unread this long closes it as well.",
+        min=0,
     )
     graceful_timeout: float = _option(
         10.0,
@@ -476,7 +529,9 @@ class ProxyConfig:
     max_item_size: int = _option(
         DEFAULT_MAX_ITEM_SIZE,
         _INT,
-        "Largest value accepted by a storage command, in bytes (memcached `-I`).",
+        "Largest item accepted by a storage command, in bytes (memcached `-I`), counted as "
+        "memcached counts it, on every backend: key + value + 59 bytes (63 with flags), so "
+        "with 1 MiB the largest value for a 1-byte key is 1,048,516 bytes.",
         min=1024,
         max=1024**3,
     )

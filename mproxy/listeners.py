@@ -23,13 +23,9 @@ from __future__ import annotations
 
 import socket
 
-#: Length of each listening socket's accept queue (gevent's StreamServer's default).
-BACKLOG = 128
-
-
-def bind(address: tuple[str, int], reuse_port: bool = False, listen: bool = True) -> socket.socket:
+def bind(address: tuple[str, int], reuse_port: bool = False, listen: bool = True, backlog: int = 0) -> socket.socket:
     """A TCP socket bound to ``address`` (``SO_REUSEADDR``; ``SO_REUSEPORT`` if asked),
-    listening unless ``listen`` is False."""
+    listening with a queue of ``backlog`` (``[proxy] backlog``) unless ``listen`` is False."""
     host, port = address
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -39,7 +35,7 @@ def bind(address: tuple[str, int], reuse_port: bool = False, listen: bool = True
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         if listen:
-            sock.listen(BACKLOG)
+            sock.listen(backlog)
     except OSError:
         sock.close()
         raise
@@ -79,8 +75,9 @@ class PortGroup:
     program using ``SO_REUSEADDR`` too could take the port.
     """
 
-    def __init__(self, address: tuple[str, int]) -> None:
+    def __init__(self, address: tuple[str, int], backlog: int) -> None:
         host, port = address
+        self._backlog = backlog
         if port:
             bind(address, listen=False).close()  # EADDRINUSE if anything holds it, even a group
         self._holder = bind(address, reuse_port=True, listen=False)
@@ -93,7 +90,7 @@ class PortGroup:
 
     def for_worker(self) -> socket.socket:
         """A new socket of the group, listening: the new worker's own."""
-        return bind((self._host, self._port), reuse_port=True)
+        return bind((self._host, self._port), reuse_port=True, backlog=self._backlog)
 
     def close(self) -> None:
         """Release the port (the workers' sockets close with them)."""

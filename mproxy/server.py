@@ -23,9 +23,12 @@ never end.
 
 from __future__ import annotations
 
+import errno
 import logging
+import resource
 import socket
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, cast
+from time import monotonic
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, cast
 
 import gevent.socket
 from gevent import get_hub
@@ -33,6 +36,7 @@ from gevent.socket import wait
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
+from mproxy.config import DEFAULT_BACKLOG
 from mproxy.dispatch import Dispatcher
 from mproxy.protocol import commands as c
 from mproxy.protocol.binary import REQUEST_MAGIC, BinaryParser, BinCommand
@@ -50,6 +54,12 @@ log = logging.getLogger(__name__)
 READ_SIZE = 64 * 1024
 #: replies of one read are sent early once they reach this size
 FLUSH_BYTES = 1024 * 1024
+#: errnos of an accept that failed for want of a file descriptor (or of kernel memory for one)
+FD_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: seconds a listener stops accepting after such a failure
+ACCEPT_PAUSE = 0.1
+#: seconds between two log lines about such failures
+EXHAUSTED_LOG_EVERY = 60.0
 #: after this many reads in a row that found data waiting (never giving the hub a
 #: turn), a connection lets the others whose data is ready go first (gevent's recv
 #: returns at once when data is there: a busy connection would be served over and
@@ -182,6 +192,94 @@ class _Connection:
         self.sock.sendall(payload)
 
 
+class _Listener(StreamServer):
+    """gevent's StreamServer, quiet when the process has no file descriptor left.
+
+    gevent logs a traceback for every failed ``accept`` and retries after a delay that
+    grows to 1 s: past the open-file limit that is a traceback a second, for ever. Here
+    an accept that fails for want of a descriptor pauses accepting for
+    :data:`ACCEPT_PAUSE` (the clients wait in the listen queue, as with memcached, whose
+    stat ``listen_disabled_num`` counts its pauses: ``on_exhausted`` counts these) and
+    logs at most once per :data:`EXHAUSTED_LOG_EVERY`."""
+
+    #: called with the error at each such failure
+    on_exhausted: Callable[[OSError], None] | None = None
+
+    def do_read(self) -> Any:
+        try:
+            return super().do_read()
+        except OSError as err:
+            if err.errno not in FD_EXHAUSTED:
+                raise
+            if self.on_exhausted is not None:
+                self.on_exhausted(err)
+        self.stop_accepting()
+        self._timer = timer = self.loop.timer(ACCEPT_PAUSE)
+        timer.start(self._resume)
+        return None
+
+    def _resume(self) -> None:
+        if self.started:
+            self.start_accepting()
+            # accept what waited meanwhile now: libev does not always report again a socket
+            # that stayed readable while its watcher was stopped
+            self._do_read()  # type: ignore[attr-defined]  # gevent's accept loop, not in its stubs
+
+
+def listening_server(
+    listener: tuple[str, int] | socket.socket,
+    handle: Any,
+    pool: Pool,
+    backlog: int,
+    on_exhausted: Callable[[OSError], None] | None = None,
+) -> StreamServer:
+    """A StreamServer on ``listener``: an address, bound with a queue of ``backlog`` (``[proxy]
+    backlog``), or a socket listening already (systemd's, a worker's: its queue as it is).
+    ``on_exhausted`` is told of each accept that failed for want of a file descriptor."""
+    if isinstance(listener, tuple):
+        server = _Listener(listener, handle, spawn=pool, backlog=backlog)
+    else:
+        server = _Listener(listener, handle, spawn=pool)
+    server.on_exhausted = on_exhausted
+    return server
+
+
+class ExhaustedLog:
+    """Counts accepts that failed for want of a file descriptor (``listen_disabled_num``) and
+    logs them, at most once per :data:`EXHAUSTED_LOG_EVERY` seconds."""
+
+    __slots__ = ("what", "stats", "logged", "since")
+
+    def __init__(self, what: str, stats: CacheStats | None) -> None:
+        self.what = what
+        self.stats = stats
+        self.logged = -EXHAUSTED_LOG_EVERY
+        self.since = 0  # failures not logged yet
+
+    def __call__(self, err: OSError) -> None:
+        if self.stats is not None:
+            self.stats.listen_disabled_num += 1
+        self.since += 1
+        now = monotonic()
+        if now - self.logged >= EXHAUSTED_LOG_EVERY:
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            log.warning(
+                "%s: cannot accept a connection: %s (open-file limit %d; %d such failures since the "
+                "last report): new clients wait in the listen queue; raise the open-file limit "
+                "(LimitNOFILE) or lower [proxy] max_connections",
+                self.what, err.strerror or err, soft, self.since,
+            )
+            self.logged = now
+            self.since = 0
+
+
+def bound_address(server: StreamServer) -> tuple[str, int]:
+    """The (host, port) a started server listens on (the real port when bound to port 0)."""
+    address = server.address
+    assert isinstance(address, tuple), address  # a TCP listener
+    return address[0], address[1]
+
+
 class ConnectionLimit:
     """The connection cap shared by every listener of the process."""
 
@@ -204,6 +302,7 @@ class CacheServer:
         idle_timeout: float = 0.0,
         max_item_size: int = c.DEFAULT_MAX_ITEM_SIZE,
         tls: ListenerTls | None = None,
+        backlog: int = DEFAULT_BACKLOG,
     ) -> None:
         self.dispatcher = dispatcher
         self.stats = stats
@@ -215,11 +314,11 @@ class CacheServer:
         # a pool (unbounded: the cap is ConnectionLimit) so that stop() waits for
         # the handlers and then kills them; without one it would not wait at all
         handle = self._handle if tls is None else tls.serve(self._handle)
-        self._server = StreamServer(listener, handle, spawn=Pool())
+        self._server = listening_server(listener, handle, Pool(), backlog, ExhaustedLog(f"cache {stats.name}", stats))
 
     @property
     def address(self) -> tuple[str, int]:
-        return self._server.address[:2]
+        return bound_address(self._server)
 
     def start(self) -> None:
         self._server.start()
@@ -240,11 +339,7 @@ class CacheServer:
         limit = self.limit
         if limit.active >= limit.maximum or self.stopping:
             st.rejected_connections += 1
-            try:
-                sock.sendall(r.TOO_MANY_CONNECTIONS)
-            except OSError:
-                pass
-            sock.close()
+            refuse(sock)
             return
         conn = _Connection(sock, st)
         self._conns.add(conn)
@@ -256,7 +351,8 @@ class CacheServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(self.idle_timeout)
             self._serve(conn, client)
-        except socket.timeout:
+        except socket.timeout:  # idle_timeout without a completed command (or a reply unread that long)
+            st.idle_kicks += 1
             log.debug("closing idle connection from %s", client)
         except OSError as err:  # reset by peer and the like
             log.debug("connection from %s ended: %s", client, err)
@@ -276,6 +372,12 @@ class CacheServer:
         raw = conn.raw
         readable = conn.readable
         ready = 0  # reads in a row that did not wait
+        # idle_timeout is the time without a completed command, not without a byte (as
+        # memcached's): a read that completes none shortens the socket's timeout to what
+        # is left, so that bytes trickled into a command that never ends cannot hold it
+        idle = self.idle_timeout
+        timeout = idle
+        last = monotonic() if idle is not None else 0.0  # when the last command completed
         while not self.stopping:
             if raw is None:
                 data = sock.recv(READ_SIZE)
@@ -285,7 +387,7 @@ class CacheServer:
                     # connections whose bytes are ready too (gevent.sleep(0) would run us
                     # again before the hub polls, for up to its 5 ms switch interval)
                     ready = 0
-                    wait(readable, self.idle_timeout)  # type: ignore[arg-type]  # set with raw
+                    wait(readable, timeout)  # type: ignore[arg-type]  # set with raw
                 try:
                     data = raw.recv(READ_SIZE)
                 except BlockingIOError:
@@ -301,10 +403,24 @@ class CacheServer:
                 parser = (BinaryParser if data[0] == REQUEST_MAGIC else Parser)(self.max_item_size)
             parser.feed(data)
             commands = conn.commands(parser)
+            if idle is not None:
+                if commands or conn.ending is not None:
+                    last = monotonic()
+                    if timeout != idle:
+                        timeout = idle
+                        sock.settimeout(idle)
+                else:
+                    timeout = last + idle - monotonic()
+                    if timeout <= 0:
+                        raise socket.timeout("no command completed within idle_timeout")
+                    sock.settimeout(timeout)
             if commands:
                 conn.send_replies(run(commands, client))
             if conn.ending is not None and type(conn.ending) is not c.Quit:
                 conn.drop_unsent(commands)
+                reply = cast(ProtocolError, conn.ending).reply  # a fatal error's own, if it has one
+                if reply:
+                    conn.add(reply)
                 conn.flush()
                 log.debug("closing connection from %s: %s", client, conn.ending)
                 return
@@ -312,6 +428,15 @@ class CacheServer:
             conn.busy = False
             if conn.ending is not None:  # quit, once the replies before it are sent
                 return
+
+
+def refuse(sock: socket.socket) -> None:
+    """A connection over a cap: answered as memcached answers one over its ``-c``, and closed."""
+    try:
+        sock.sendall(r.TOO_MANY_CONNECTIONS)
+    except OSError:
+        pass
+    sock.close()
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -42,6 +42,8 @@ COUNTERS = (
     "curr_connections",
     "total_connections",
     "rejected_connections",
+    "listen_disabled_num",
+    "idle_kicks",
     "cmd_get",
     "cmd_set",
     "cmd_flush",
@@ -74,6 +76,8 @@ HELP = {
     "curr_connections": "Client connections open now.",
     "total_connections": "Client connections accepted since start.",
     "rejected_connections": "Client connections refused: [proxy] max_connections were open already, or mproxy was stopping.",
+    "listen_disabled_num": "Times accepting paused because the process had no file descriptor left (accept failed with EMFILE or ENFILE).",
+    "idle_kicks": "Client connections closed by [proxy] idle_timeout: that long without a completed command.",
     "cmd_get": "Keys requested by get, gets, gat and gats (a multi-get of N keys counts N).",
     "cmd_set": "Storage commands: set, add, replace, append, prepend, cas.",
     "cmd_flush": "flush_all commands.",
@@ -241,6 +245,8 @@ class CacheStats:
     curr_connections: int
     total_connections: int
     rejected_connections: int
+    listen_disabled_num: int
+    idle_kicks: int
     cmd_get: int
     cmd_set: int
     cmd_flush: int
@@ -388,6 +394,8 @@ class Stats:
         #: :data:`WORKER_FIGURES` values when several workers serve (the supervisor sets them).
         self.worker_figures: dict[str, int] = {}
         self.caches: dict[str, CacheStats] = {}
+        #: ``[admin] allow_reset``: False refuses the data ports' ``stats reset`` (dispatch asks)
+        self.allow_reset = True
         for name in PROCESS_COUNTERS:
             setattr(self, name, 0)
         self._audit: AuditCounters | None = None

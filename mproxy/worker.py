@@ -144,6 +144,11 @@ class Worker(App):
     def _listeners(self) -> tuple[Sequence[Listener], Listener | None]:
         return [socket.socket(fileno=fd) for fd in self.spec.listeners], None
 
+    def _descriptors(self) -> dict[str, int]:
+        needs = super()._descriptors()
+        del needs["admin connections"]  # the supervisor serves the admin port
+        return needs
+
     def _start_caches(self, listeners: Sequence[Listener]) -> None:
         # Accept one connection per wake-up, not up to 100: on a socket the workers share (one
         # systemd passed) every worker wakes when a connection comes, and the first would take
@@ -154,6 +159,9 @@ class Worker(App):
 
     def _announce(self, message: str) -> None:
         log.debug("%s", message)
+
+    def _warn_exposed(self, where: str, address: tuple[str, int], settings: Any) -> None:
+        pass  # the supervisor warned
 
     def _effective(self, cfg: Config) -> Config:
         return effective(cfg, self.spec.momento_local)

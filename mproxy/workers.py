@@ -143,6 +143,14 @@ class Supervisor(App):
 
     # -- start ----------------------------------------------------------------------
 
+    def _descriptors(self) -> dict[str, int]:
+        """A worker's needs (it inherits the limit raised here) with the supervisor's own added:
+        the admin port and three descriptors per worker (its link, audit channel, process)."""
+        needs = super()._descriptors()
+        needs["client connections"] = max(self._shares)
+        needs["admin connections"] += 3 * len(self.slots)
+        return needs
+
     def _start_caches(self, listeners: Sequence[Listener]) -> None:
         cfg = self.cfg
         for cache, listener in zip(cfg.caches, listeners):
@@ -150,7 +158,7 @@ class Supervisor(App):
                 self.listeners.append(SharedListener(listener))
                 continue
             try:
-                self.listeners.append(PortGroup(listener))
+                self.listeners.append(PortGroup(listener, cfg.proxy.backlog))
             except OSError as err:
                 raise cannot_listen(cfg, f"cache {cache.name!r}", cache.host, cache.port, err) from err
         if cfg.momento.local == LOCAL_EMBEDDED and any(c.backend == "momento" for c in cfg.caches):
@@ -159,12 +167,13 @@ class Supervisor(App):
             self._spawn(slot)
         self._wait_ready()
         self._starting = False
-        for cache, group in zip(cfg.caches, self.listeners):
+        for i, (cache, group) in enumerate(zip(cfg.caches, self.listeners)):
             host, port = group.address
             self._announce(
                 f"cache {cache.name} listening on {host}:{port} (backend {cache.backend}, "
                 f"cache_name {cache.cache_name}, {len(self.slots)} workers)"
             )
+            self._warn_exposed(f"cache[{i}]", group.address, cache)
 
     def _start_embedded(self) -> None:
         """The bundled Momento server, one for all workers (they get its address)."""

@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mproxy.admin import MAX_LINE, AdminServer
+from mproxy.config import AdminConfig
 from mproxy.stats import COUNTERS, Stats
 
 TIMEOUT = 30.0
@@ -234,7 +235,7 @@ def test_stop_closes_idle_connections(stats: Stats) -> None:
 
 
 def test_silent_connection_is_closed_after_idle_timeout(stats: Stats) -> None:
-    srv = AdminServer(("127.0.0.1", 0), stats, "1.0", idle_timeout=0.2)
+    srv = AdminServer(("127.0.0.1", 0), stats, "1.0", settings=AdminConfig(idle_timeout=0.2))
     srv.start()
     try:
         c = Client(srv.address)

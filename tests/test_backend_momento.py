@@ -46,7 +46,7 @@ from mproxy.backends.base import (
 from mproxy.config import MomentoConfig
 from mproxy.dispatch import Dispatcher
 from mproxy.momento_local.server import LocalServer, serve
-from mproxy.protocol.commands import Store
+from mproxy.protocol.commands import Store, item_size
 from mproxy.protocol.parser import Parser
 from mproxy.stats import Stats
 
@@ -258,7 +258,7 @@ def test_append_prepend_keep_flags_and_ttl(backend: mb.MomentoBackend, server: L
 
 
 def test_append_result_too_large_is_not_stored(server: LocalServer, cache: str) -> None:
-    b = make_backend(server, cache, max_value_size=10)
+    b = make_backend(server, cache, max_value_size=item_size(b"k", 10, 0))
     try:
         b.store(S.SET, b"k", b"12345678", 0, 0)
         assert b.store(S.APPEND, b"k", b"abc", 0, 0) is R.NOT_STORED
@@ -298,7 +298,7 @@ def test_read_modify_write_retries_when_a_concurrent_writer_wins(
 
 
 def test_too_large(server: LocalServer, cache: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    b = make_backend(server, cache, max_value_size=100)
+    b = make_backend(server, cache, max_value_size=item_size(b"k", 100, 0))
     try:
         b.store(S.SET, b"k", b"old", 0, 0)
         with pytest.raises(ValueTooLarge):
@@ -330,7 +330,7 @@ def test_too_large(server: LocalServer, cache: str, monkeypatch: pytest.MonkeyPa
 def test_too_large_set_through_dispatch_drops_the_old_value(server: LocalServer, cache: str) -> None:
     """memcached drops the old value when a set is too large (no stale data): on
     Momento too, whichever limit refuses the value."""
-    b = make_backend(server, cache, max_value_size=100)
+    b = make_backend(server, cache, max_value_size=item_size(b"k", 100, 0))
     try:
         stats = Stats()
         dispatcher = Dispatcher(b, stats.cache(cache), stats)

@@ -234,7 +234,7 @@ def test_a_huge_claimed_length_is_never_buffered() -> None:
 
 
 def test_waits_for_a_whole_value_within_the_limit() -> None:
-    p = BinaryParser(max_item_size=100)
+    p = BinaryParser(max_item_size=c.item_size(b"k", 100, 0))  # the item fits exactly
     frame = store_req(Opcode.SET, b"k", b"v" * 100)
     p.feed(frame[:-1])
     assert p.next_command() is NEED_DATA

@@ -581,6 +581,7 @@ def test_reloadable_options_are_the_log_level_the_audit_log_and_tls() -> None:
         {"debug.log_level"}
         | {f"klog.{f.name}" for f in dataclasses.fields(AuditConfig)}
         | {f"{section}.{key}" for section in ("admin", "cache") for key in tls_keys}
+        | {"admin.allow_reset"}
     )
 
 

@@ -24,7 +24,7 @@ def accept_all(sock: socket.socket) -> int:
 
 
 def test_a_group_spreads_connections_over_its_workers() -> None:
-    group = PortGroup((HOST, 0))
+    group = PortGroup((HOST, 0), backlog=64)
     try:
         host, port = group.address
         assert host == HOST and port > 0
@@ -44,22 +44,22 @@ def test_a_group_spreads_connections_over_its_workers() -> None:
 
 
 def test_a_serving_group_refuses_another_and_a_taken_port_refuses_a_group() -> None:
-    group = PortGroup((HOST, 0))
+    group = PortGroup((HOST, 0), backlog=64)
     worker = group.for_worker()
     try:
         with pytest.raises(OSError):
             bind(group.address)  # another program
         with pytest.raises(OSError):
-            PortGroup(group.address)  # another mproxy: an error, not a silent share of the connections
+            PortGroup(group.address, backlog=64)  # another mproxy: an error, not a silent share of the connections
     finally:
         worker.close()
         group.close()
-    again = PortGroup(group.address)  # released
+    again = PortGroup(group.address, backlog=64)  # released
     again.close()
     taken = bind((HOST, 0))
     try:
         with pytest.raises(OSError):
-            PortGroup(taken.getsockname())
+            PortGroup(taken.getsockname(), backlog=64)
     finally:
         taken.close()
 

@@ -65,17 +65,16 @@ from mproxy.backends.base import (
     ttl_seconds,
 )
 from mproxy.backends.counters import apply_delta
-from mproxy.protocol.commands import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEM_SIZE, StoreMode, slab_class
+from mproxy.protocol.commands import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_ITEM_SIZE,
+    FLAGS_OVERHEAD,
+    ITEM_OVERHEAD,
+    StoreMode,
+    item_size,
+    slab_class,
+)
 
-#: Bytes memcached 1.6 (64-bit build) spends on an item besides its key and
-#: value: 48-byte header, 8-byte CAS, the NUL after the key and the CRLF after
-#: the value. With a 1 MiB item size and a 1-byte key, memcached 1.6.18 stores
-#: at most a 1,048,516-byte value; ``1 + 1048516 + 59 == 2**20``.
-ITEM_OVERHEAD = 59
-
-#: memcached keeps non-zero client flags in 4 more bytes (its largest value
-#: for a 1-byte key with flags 5 is 1,048,512 bytes).
-FLAGS_OVERHEAD = 4
 
 
 #: ``expires_at`` of an item that never expires, and ``_flush_at`` when no
@@ -102,11 +101,6 @@ STALE = 2
 TOKEN_SENT = 4
 #: ``ITEM_KEY_BINARY``: stored by a meta set with a base64 key
 KEY_BINARY = 8
-
-
-def item_size(key: bytes, value_length: int, flags: int) -> int:
-    """Bytes an item occupies, as memcached counts them."""
-    return len(key) + value_length + ITEM_OVERHEAD + (FLAGS_OVERHEAD if flags else 0)
 
 
 class MemoryBackend:
@@ -260,6 +254,11 @@ class MemoryBackend:
         self._retime(key, entry, self._expires_at(exptime, now), now)
         self._bump(entry, now)
         return True
+
+    @property
+    def allow_flush(self) -> bool:
+        """False when ``flush_all`` is refused (``allow_flush = false``, memcached ``-F``)."""
+        return self._allow_flush
 
     def flush_all(self, delay: int = 0) -> None:
         """Invalidate everything now, or at ``delay`` seconds from now (an

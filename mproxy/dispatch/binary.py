@@ -191,7 +191,8 @@ class _Handlers:
         key = cmd.key
         # memcached compares "reset" and "settings" as prefixes, the other groups exactly
         if key.startswith(b"reset"):
-            self.d.reset_stats()
+            if not self.d.reset_stats():  # [admin] allow_reset = false: refused as a refused flush is
+                return b.error(cmd.opcode, cmd.opaque, Status.AUTH_ERROR), "refused"
             pairs: Any = {}
         elif key.startswith(b"settings"):
             pairs = self.d.stats_section((b"settings",))

@@ -134,6 +134,8 @@ class Dispatcher:
         self.root_stats = root_stats
         self.audit = audit if audit is not None else NullAudit()
         self.cache_name = cache_name or stats.name
+        #: False when the backend refuses flush_all (``allow_flush = false``, memcached ``-F``)
+        self.allow_flush: bool = getattr(backend, "allow_flush", True)
         #: keys one backend read takes: the size of a group of pipelined gets
         self.max_batch_keys: int = backend.max_batch_keys
         #: run the groups of a read concurrently (see the module docstring)
@@ -452,13 +454,20 @@ class Dispatcher:
         return (r.TOUCHED, "touched") if touched else (r.NOT_FOUND, "not_found")
 
     def _flush_all(self, cmd: c.FlushAll) -> tuple[bytes, str]:
+        if cmd.delay is None:  # memcached: counted, refused under -F, else the argument's error
+            self.stats.cmd_flush += 1
+            if not self.allow_flush:
+                return r.FLUSH_NOT_ALLOWED, "refused"
+            self.stats.protocol_errors += 1
+            return r.BAD_EXPTIME, "error"
         if not self.flush(cmd.delay):
             return r.FLUSH_NOT_ALLOWED, "refused"
         return r.OK, "ok"
 
     def _stats(self, cmd: c.Stats) -> tuple[bytes, str]:
         if cmd.args and cmd.args[0] == b"reset":
-            self.reset_stats()
+            if not self.reset_stats():
+                return r.RESET_NOT_ALLOWED, "refused"
             return r.RESET, "ok"
         if not cmd.args:
             return r.stats(self.stats_section(cmd.args) or {}), "ok"
@@ -638,12 +647,15 @@ class Dispatcher:
             return self.admin.settings_snapshot()
         return None
 
-    def reset_stats(self) -> None:
-        """``stats reset``."""
+    def reset_stats(self) -> bool:
+        """``stats reset``; False when ``[admin] allow_reset`` refuses it."""
         if self.root_stats is not None:
+            if not self.root_stats.allow_reset:
+                return False
             self.root_stats.reset()
         else:
             self.stats.reset()
+        return True
 
     # -- audit ----------------------------------------------------------------
 

@@ -481,9 +481,9 @@ class BinaryParser:
 
     def _value(self, h: _Header) -> BinTooLarge | None:
         vlen = h.bodylen - h.extlen - h.keylen
-        if vlen > self.max_item_size:
+        flags, exptime = _STORE_EXTRAS.unpack(h.extras) if h.extlen else (0, 0)
+        if c.item_size(h.key, vlen, flags) > self.max_item_size:
             self._skip = vlen
-            flags, exptime = _STORE_EXTRAS.unpack(h.extras) if h.extlen else (0, 0)
             return BinTooLarge(h.opcode, h.opaque, _STORE_MODES[h.base], h.key, flags, exptime, vlen, h.quiet)
         self._pending = (h, vlen)
         return None

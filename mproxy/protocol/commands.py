@@ -19,12 +19,31 @@ KEY_MAX_LENGTH = 250
 #: (unless the line is a multi-get), ``try_read_command_ascii``.
 MAX_LINE_LENGTH = 2048
 #: Our bound on a multi-get line (memcached's is unbounded): enough for
-#: thousands of maximal keys, small enough to bound a connection's memory.
+#: thousands of maximal keys, small enough to bound a connection's memory. A longer
+#: one answers memcached's ``SERVER_ERROR out of memory reading request`` and closes.
 MAX_GET_LINE_LENGTH = 4 * 1024 * 1024
 #: memcached ``MAX_TOKENS``: a line is split into at most 23 tokens + a rest.
 MAX_TOKENS = 24
 #: memcached ``-I`` default: largest item accepted (``[proxy] max_item_size``).
 DEFAULT_MAX_ITEM_SIZE = 1024 * 1024
+#: Bytes memcached 1.6 (64-bit build) spends on an item besides its key and
+#: value: 48-byte header, 8-byte CAS, the NUL after the key and the CRLF after
+#: the value. With a 1 MiB item size and a 1-byte key, memcached 1.6.18 stores
+#: at most a 1,048,516-byte value; ``1 + 1048516 + 59 == 2**20``.
+ITEM_OVERHEAD = 59
+#: memcached keeps non-zero client flags in 4 more bytes (its largest value
+#: for a 1-byte key with flags 5 is 1,048,512 bytes).
+FLAGS_OVERHEAD = 4
+
+
+def item_size(key: bytes, value_length: int, flags: int) -> int:
+    """Bytes an item occupies, as memcached counts them: what ``-I`` (``[proxy]
+    max_item_size``) bounds, and what a memory cache's budget counts. The parsers refuse
+    a store whose item would not fit, on every backend (memcached refuses it when it
+    allocates the item, before reading its data)."""
+    return len(key) + value_length + ITEM_OVERHEAD + (FLAGS_OVERHEAD if flags else 0)
+
+
 #: memcached ``-m 64`` default: bytes of items a cache holds (its ``limit_maxbytes``);
 #: the budget of a ``backend = "memory"`` cache unless ``memory_cache_bytes`` says otherwise.
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
@@ -184,7 +203,9 @@ class Touch(OneKey):
 
 @dataclass(frozen=True, slots=True)
 class FlushAll:
-    delay: int = 0
+    #: None: the delay argument is not a number (memcached answers that only once it has
+    #: checked that flush_all is allowed: ``-F`` answers ``not allowed`` first)
+    delay: int | None = 0
     noreply: bool = False
     name = "flush_all"
     keys = None

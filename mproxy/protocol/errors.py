@@ -41,3 +41,14 @@ class ConnectionClosed(ProtocolError):
 
     def __init__(self, detail: str) -> None:
         super().__init__(b"", detail)
+
+
+class RequestTooLarge(ProtocolError):
+    """A request larger than the connection may hold (a get line over
+    ``MAX_GET_LINE_LENGTH``): memcached's answer when it cannot grow its input buffer
+    for a request (``try_read_network``), then the connection closes."""
+
+    fatal = True
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(b"SERVER_ERROR out of memory reading request\r\n", detail)

@@ -23,7 +23,7 @@ from mproxy.protocol import admin
 from mproxy.protocol import commands as c
 from mproxy.protocol import meta
 from mproxy.protocol.commands import StoreMode
-from mproxy.protocol.errors import ClientError, CommandError, ConnectionClosed, ProtocolError
+from mproxy.protocol.errors import ClientError, CommandError, ConnectionClosed, ProtocolError, RequestTooLarge
 from mproxy.protocol.numbers import parse_i32, parse_u32, parse_u64
 
 
@@ -203,7 +203,8 @@ class Parser:
         ):
             raise ConnectionClosed(f"line of over {c.MAX_LINE_LENGTH} bytes without a newline")
         if held > c.MAX_GET_LINE_LENGTH:
-            raise ConnectionClosed(f"get line of over {c.MAX_GET_LINE_LENGTH} bytes")
+            self._pos = self._scan = len(self._buf)  # what is held is dropped: the connection ends
+            raise RequestTooLarge(f"get line of over {c.MAX_GET_LINE_LENGTH} bytes")
 
     # -- one command each ----------------------------------------------------
 
@@ -252,7 +253,7 @@ class Parser:
             cas_unique = parsed
         if nbytes < 0 or nbytes > 2**31 - 3:
             raise ClientError(_BAD_FORMAT, noreply)
-        if nbytes > self.max_item_size:
+        if c.item_size(key, nbytes, flags) > self.max_item_size:
             self._swallowing(c.TooLarge(mode, key, flags, exptime, nbytes, noreply), nbytes + 2)
             return None
         self._pending = (mode, key, flags, exptime, cas_unique, noreply, nbytes + 2)
@@ -283,12 +284,9 @@ class Parser:
         if not 2 <= ntokens <= 4:
             raise CommandError()
         noreply = _noreply(tokens, ntokens)
-        delay = 0
+        delay: int | None = 0
         if ntokens != (3 if noreply else 2):
-            parsed = parse_i32(tokens[1])
-            if parsed is None:
-                raise ClientError(_BAD_EXPTIME, noreply)
-            delay = parsed
+            delay = parse_i32(tokens[1])  # None: not a number, answered by dispatch (see FlushAll)
         return c.FlushAll(delay, noreply)
 
     def _verbosity(self, tokens: list[bytes], ntokens: int) -> c.Command:
@@ -309,7 +307,7 @@ class Parser:
         except meta.MsError as err:
             self._swallowing(None, err.swallow)
             raise
-        if header.nbytes > self.max_item_size:
+        if c.item_size(header.key, header.nbytes, header.client_flags) > self.max_item_size:
             self._swallowing(c.MsTooLarge(header.key, header.nbytes), header.nbytes + 2)
             return None
         self._pending = (header.command, header.nbytes + 2)

@@ -13,11 +13,16 @@ TOUCHED = b"TOUCHED\r\n"
 END = b"END\r\n"
 OK = b"OK\r\n"
 RESET = b"RESET\r\n"
+#: ``stats reset`` refused (``[admin] allow_reset = false``), worded as memcached refuses its
+#: disabled commands (``-F``'s flush_all, ``-X``'s stats cachedump)
+RESET_NOT_ALLOWED = b"CLIENT_ERROR stats reset not allowed\r\n"
 ERROR = b"ERROR\r\n"
 MN = b"MN\r\n"
 TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
 NON_NUMERIC = b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
 FLUSH_NOT_ALLOWED = b"CLIENT_ERROR flush_all not allowed\r\n"
+#: ``flush_all <not a number>`` when flush_all is allowed
+BAD_EXPTIME = b"CLIENT_ERROR invalid exptime argument\r\n"
 TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
 
 

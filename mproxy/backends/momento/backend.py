@@ -60,7 +60,7 @@ from mproxy.backends.momento.transport import (
     data_metadata,
     sdk_contract,
 )
-from mproxy.protocol.commands import DEFAULT_MAX_ITEM_SIZE, StoreMode
+from mproxy.protocol.commands import DEFAULT_MAX_ITEM_SIZE, StoreMode, item_size
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class MomentoBackend(MomentoMeta):
         """Raises :class:`ValueTooLarge` (saying which limit) without a call
         when the value or the stored item does not fit."""
         stored = codec.encode(value, flags, self._with_flags)
-        too_large = self._too_large(key, value, stored)
+        too_large = self._too_large(key, value, flags, stored)
         if too_large:
             raise ValueTooLarge(too_large)
         budget = self._budget(mode.value)
@@ -289,6 +289,11 @@ class MomentoBackend(MomentoMeta):
             for key, response in zip(unique, responses)
             if response.WhichOneof("result") == "found"
         }
+
+    @property
+    def allow_flush(self) -> bool:
+        """False when ``flush_all`` is refused (``allow_flush = false``, memcached ``-F``)."""
+        return self._allow_flush
 
     def flush_all(self, delay: int = 0) -> None:
         """FlushCache on the control API, now or from a timer ``delay`` seconds
@@ -393,7 +398,7 @@ class MomentoBackend(MomentoMeta):
             value, flags = codec.decode(found.stored, self._with_flags)
             value = value + data if append else data + value
             new = codec.encode(value, flags, self._with_flags)
-            if self._too_large(key, value, new):
+            if self._too_large(key, value, flags, new):
                 return StoreResult.NOT_STORED  # memcached: an append that would not fit
             if self._set_if_hash(key, new, ttl_ms, found.hash, budget, turns):
                 return StoreResult.STORED
@@ -505,10 +510,12 @@ class MomentoBackend(MomentoMeta):
         value, flags = codec.decode(stored, self._with_flags)
         return Item(value, flags, codec.cas_unique(stored) if with_cas else 0)
 
-    def _too_large(self, key: bytes, value: bytes, stored: bytes) -> str:
-        """Why an item does not fit (the proxy's value limit or Momento's item limit), or ``""``."""
-        if len(value) > self._max_value_size:
-            return f"value of {len(value)} bytes is above max_item_size ({self._max_value_size} bytes)"
+    def _too_large(self, key: bytes, value: bytes, flags: int, stored: bytes) -> str:
+        """Why an item does not fit (``max_item_size``, counted as memcached counts an item, or
+        Momento's item limit), or ``""``."""
+        size = item_size(key, len(value), flags)
+        if size > self._max_value_size:
+            return f"item of {size} bytes (memcached's count) is above max_item_size ({self._max_value_size} bytes)"
         if len(key) + len(stored) > MOMENTO_MAX_ITEM_BYTES:
             return f"item of {len(key) + len(stored)} bytes is above Momento's {MOMENTO_MAX_ITEM_BYTES}-byte item limit"
         return ""
