@@ -1,19 +1,21 @@
 """``mproxy`` command line: owns the process (patching, signals, exit).
 
-Order matters: gevent patches the standard library FIRST, then grpc is told
-about gevent (only when a Momento backend is configured), and only then are
-backends created. Signal handlers only set flags / wake the main greenlet.
-This is the only module that calls ``sys.exit``.
+Order matters: gevent patches the standard library FIRST, and only then are
+backends created (a Momento backend starts gRPC on a thread of its own, in the
+serving process: :mod:`mproxy.backends.momento.aio`). A process serving a
+Momento backend gets a shorter GIL switch interval. Signal handlers only set
+flags / wake the main greenlet. This is the only module that calls ``sys.exit``.
 
 One process (``[proxy] workers = 1``) runs an :class:`~mproxy.app.App`. With
 more, this process is the supervisor (:mod:`mproxy.workers`: patched too, but
 it never imports grpc) and each worker is ``mproxy --worker N``, started by it
-(:mod:`mproxy.worker`), which patches and prepares grpc as one process does.
+(:mod:`mproxy.worker`), which patches and prepares itself as one process does.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -73,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(0)
 
     supervise = cfg.proxy.workers > 1  # the supervisor has no backend: no grpc
-    _patch(grpc=not supervise and any(cache.backend == "momento" for cache in cfg.caches))
+    _patch(momento=not supervise and any(cache.backend == "momento" for cache in cfg.caches))
     from mproxy.app import App, StartupError
 
     app: Any
@@ -99,23 +101,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     from mproxy import systemd
 
     systemd.notify("READY=1")  # every listener is served (and the ready file written)
+    _freeze_startup_objects()
     app.wait()
     app.stop()
     sys.exit(0)
 
 
-def _patch(grpc: bool) -> None:
-    """gevent's monkey-patching, first; then, with a Momento backend, grpc told about gevent."""
+def _patch(momento: bool) -> None:
+    """gevent's monkey-patching, first; with a Momento backend, the switch interval."""
     # gRPC core's own INFO lines (fork support, GOAWAY) are noise for operators
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from gevent import monkey
 
     monkey.patch_all()
-    if grpc:
-        # the first import of grpc, right after patching and before any channel
-        from mproxy.backends.momento import prepare_gevent
+    if momento:
+        # gRPC runs on a thread of its own: hand it the GIL sooner when the hub is busy
+        from mproxy.backends.momento import SWITCH_INTERVAL_SECONDS
 
-        prepare_gevent()
+        sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+
+
+def _freeze_startup_objects() -> None:
+    """What start-up made (modules, gRPC, the SDK, config: ~50,000 objects) lives as long
+    as the process: out of the cyclic GC's reach (``gc.freeze``), a full collection no
+    longer walks it. On the Momento path at 40 connections this took the GC from 4.5 %
+    of the process's CPU to 1.2 % (docs/performance.md)."""
+    gc.freeze()
 
 
 def _worker_main(number: int) -> NoReturn:
@@ -129,7 +140,7 @@ def _worker_main(number: int) -> NoReturn:
         cfg = effective(config_mod.loads(spec.config, spec.source), spec.momento_local)
     except (KeyError, ValueError, TypeError) as err:  # ConfigError is a ValueError
         _fail(f"--worker {number}: no valid worker spec in ${ENV} ({err}): workers are started by mproxy itself")
-    _patch(grpc=any(cache.backend == "momento" for cache in cfg.caches))
+    _patch(momento=any(cache.backend == "momento" for cache in cfg.caches))
     from mproxy.app import StartupError
     from mproxy.worker import Worker
 
@@ -141,6 +152,7 @@ def _worker_main(number: int) -> NoReturn:
         app.stop()
         _fail(f"worker {number}: {err}", code=1)
     app.report_ready()
+    _freeze_startup_objects()
     app.wait()
     app.stop()
     sys.exit(0)

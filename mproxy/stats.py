@@ -6,8 +6,9 @@ observation per backend call (:meth:`CacheStats.observe`).
 
 A backend may keep figures of its own (``Backend.stats()``: a memory cache
 counts its items, bytes, evictions and the expired or flushed items it
-found, :data:`FIGURES`); :meth:`CacheStats.attach_backend` makes them part of
-its cache's stats. A cache whose backend keeps none does not show them.
+found, :data:`FIGURES`; a remote backend its calls, :data:`CALL_FIGURES`);
+:meth:`CacheStats.attach_backend` makes them part of its cache's stats. A
+cache whose backend keeps none does not show them.
 
 Three views of the same numbers:
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import resource
 import struct
 import time
@@ -115,6 +117,33 @@ FIGURES: dict[str, tuple[str, str]] = {
     "limit_maxbytes": ("gauge", "Byte budget of the cache."),
     "evictions": ("counter", "Live items removed to make room for new ones."),
 }
+
+#: Figures of a remote backend's calls (``Backend.stats()`` of the Momento backend), shown
+#: after :data:`FIGURES`: these, and per RPC ``backend_rpc_<rpc>_calls`` (RPCs sent) and
+#: ``backend_rpc_<rpc>_keys`` (keys they carried), counters (:data:`RPC_FIGURE`).
+CALL_FIGURES: dict[str, tuple[str, str]] = {
+    "backend_rpc_retries": ("counter", "RPCs sent again after a retryable failure (UNAVAILABLE, INTERNAL)."),
+    "backend_rpc_in_flight": ("gauge", "RPCs in flight now (each holds one of max_in_flight call slots)."),
+    "backend_rpc_writes_in_flight": ("gauge", "Keys with a write RPC in flight, or waiting for an earlier one to end."),
+}
+#: A per-RPC call figure: group 1 the RPC (snake case), group 2 ``calls`` or ``keys``.
+RPC_FIGURE = re.compile(r"backend_rpc_([a-z0-9_]+)_(calls|keys)")
+
+
+def figure_kind(name: str) -> str | None:
+    """``counter`` or ``gauge`` for a backend figure mproxy shows; None for any other name."""
+    known = FIGURES.get(name) or CALL_FIGURES.get(name)
+    if known is not None:
+        return known[0]
+    return "counter" if RPC_FIGURE.fullmatch(name) else None
+
+
+def figure_order(names: Iterable[str]) -> list[str]:
+    """The backend figures mproxy shows among ``names``, in the order it shows them."""
+    present = set(names)
+    rpc = sorted(name for name in present if RPC_FIGURE.fullmatch(name))
+    return [n for n in FIGURES if n in present] + [n for n in CALL_FIGURES if n in present] + rpc
+
 
 #: Figures of the supervisor, shown (after the audit lines) only when several workers
 #: serve: name -> (Prometheus type, help).
@@ -262,14 +291,13 @@ class CacheStats:
         self._figures_base = {}
 
     def figures(self) -> dict[str, int]:
-        """The backend's figures in :data:`FIGURES` order; counters since the last reset."""
+        """The backend's figures in :func:`figure_order`; counters since the last reset."""
         if self._figures is None:
             return {}
         raw = self._figures()
         return {
-            name: raw[name] - self._figures_base.get(name, 0) if kind == "counter" else raw[name]
-            for name, (kind, _) in FIGURES.items()
-            if name in raw
+            name: raw[name] - self._figures_base.get(name, 0) if figure_kind(name) == "counter" else raw[name]
+            for name in figure_order(raw)
         }
 
     def observe(self, op: str, seconds: float, error_code: str | None = None) -> None:
@@ -290,7 +318,7 @@ class CacheStats:
         self.curr_connections = curr
         if self._figures is not None:
             raw = self._figures()
-            self._figures_base = {n: raw[n] for n, (kind, _) in FIGURES.items() if kind == "counter" and n in raw}
+            self._figures_base = {n: raw[n] for n in raw if figure_kind(n) == "counter"}
 
     def export(self) -> Export:
         """This cache's figures as plain data (see :meth:`Stats.export`)."""
@@ -470,7 +498,7 @@ class Stats:
             for code, n in st.backend_error_codes.items():
                 error_codes[code] = error_codes.get(code, 0) + n
         out.update(totals)
-        out.update((name, figures[name]) for name in FIGURES if name in figures)
+        out.update((name, figures[name]) for name in figure_order(figures))
         out.update(backend_stats(latency, error_codes))
         out.update((name, getattr(self, name)) for name in PROCESS_COUNTERS)
         out["audit_lines_written"] = self.audit_lines_written
@@ -551,7 +579,7 @@ def without_gauges(export: Export) -> Export:
     caches = {}
     for name, cache in export["caches"].items():
         counters = {c: 0 if c in GAUGES else v for c, v in cache["counters"].items()}
-        figures = {f: v for f, v in cache["figures"].items() if FIGURES.get(f, ("gauge",))[0] == "counter"}
+        figures = {f: v for f, v in cache["figures"].items() if figure_kind(f) == "counter"}
         caches[name] = {**cache, "counters": counters, "figures": figures}
     return {**export, "caches": caches}
 
@@ -597,6 +625,19 @@ def prometheus_text(stats: Stats) -> str:
         name = f"mproxy_{figure}_total" if kind == "counter" else f"mproxy_{figure}"
         samples = (f'{name}{{cache="{_label(c)}"}} {values[figure]}' for c, values in figures if figure in values)
         _family(lines, name, kind, help_text, samples)
+    for figure, (kind, help_text) in CALL_FIGURES.items():
+        name = f"mproxy_{figure}_total" if kind == "counter" else f"mproxy_{figure}"
+        samples = (f'{name}{{cache="{_label(c)}"}} {values[figure]}' for c, values in figures if figure in values)
+        _family(lines, name, kind, help_text, samples)
+    for what, help_text in (("calls", "RPCs sent to the backend, by RPC."), ("keys", "Keys the RPCs carried, by RPC.")):
+        name = f"mproxy_backend_rpc_{what}_total"
+        samples = (
+            f'{name}{{cache="{_label(c)}",rpc="{_label(match.group(1))}"}} {value}'
+            for c, values in figures
+            for figure, value in values.items()
+            if (match := RPC_FIGURE.fullmatch(figure)) is not None and match.group(2) == what
+        )
+        _family(lines, name, "counter", help_text, samples)
     _family(
         lines,
         "mproxy_backend_errors_by_code_total",

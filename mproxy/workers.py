@@ -12,10 +12,9 @@ exec), not forks of this process: this process runs a gevent loop (admin
 port, links, audit) whose servers a plain fork would copy into the child
 (gevent keeps a forked loop's watchers: the child would serve the admin
 port too), and the SDK, grpc and gevent, what a worker spends its start-up
-importing, are not loaded here anyway, so a fork would save little (gRPC's
-own fork support, ``GRPC_ENABLE_FORK_SUPPORT``, would not help either: it
-works only with gRPC's epoll1 and poll pollers, not with the gevent I/O of
-``init_gevent``, and there is no gRPC here to carry over). Each
+importing, are not loaded here anyway, so a fork would save little (and
+``grpc.aio``'s process state does not survive a fork: a worker starts gRPC
+itself, :mod:`mproxy.backends.momento.aio`). Each
 worker inherits a listening socket per ``[[cache]]`` (its own in a
 ``SO_REUSEPORT`` group, or a socket systemd passed, shared: see
 :mod:`mproxy.listeners`), creates its own backends and gRPC channels, and has
@@ -37,7 +36,6 @@ While running, the supervisor
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import signal
@@ -45,7 +43,6 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any, Sequence
 
 import gevent
@@ -180,7 +177,8 @@ class Supervisor(App):
 
     def _start_embedded(self) -> None:
         """The bundled Momento server, one for all workers (they get its address)."""
-        embedded = _embedded_module()
+        from mproxy.backends.momento import embedded  # stdlib only: no SDK, no grpc
+
         try:
             self._embedded = embedded.acquire()
         except embedded.EmbeddedServerError as err:
@@ -380,7 +378,9 @@ class Supervisor(App):
             admin.join(timeout=2.0)
         self.audit.close(timeout=min(self.cfg.proxy.graceful_timeout, 5.0))
         if self._embedded is not None:
-            _embedded_module().release()
+            from mproxy.backends.momento import embedded
+
+            embedded.release()
         log.info("stopped")
 
 
@@ -477,20 +477,3 @@ def worker_environment(spec: WorkerSpec) -> dict[str, str]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(mproxy.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     return env
-
-
-def _embedded_module() -> ModuleType:
-    """``mproxy.backends.momento.embedded`` (stdlib only) without its package, whose
-    ``__init__`` imports the Momento SDK and grpc: the supervisor must not load them."""
-    name = "mproxy.backends.momento.embedded"
-    module = sys.modules.get(name) or sys.modules.get("_mproxy_supervisor_embedded")
-    if module is not None:
-        return module
-    path = os.path.join(os.path.dirname(os.path.abspath(mproxy.__file__)), "backends", "momento", "embedded.py")
-    spec = importlib.util.spec_from_file_location("_mproxy_supervisor_embedded", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # before running it: its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-

@@ -67,8 +67,8 @@ def sample():
             out.write(f"{time.monotonic():.3f} {rss} {count}\\n")
             gevent.sleep(interval)
 
-def patched(grpc):
-    patch(grpc)
+def patched(*args, **kwargs):
+    patch(*args, **kwargs)
     import gevent
     gevent.spawn(sample)
 

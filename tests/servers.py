@@ -379,18 +379,21 @@ class LocalMomento:
 
 
 def start_local_momento(
-    tmp_path: Path, cache: str, port: int = 0, faults: tuple[str, ...] = (), workers: int = 128
+    tmp_path: Path, cache: str, port: int = 0, faults: tuple[str, ...] = (), workers: int | None = None
 ) -> LocalMomento:
     """Start the bundled local server (``--cache cache``) and wait for its listening line.
 
     ``port`` 0 lets the server pick (it reports it); a fixed port is used to
-    restart a server where a proxy expects it. ``workers``: RPCs served at once
-    (delayed calls hold one each, so the concurrency test needs >= 100).
+    restart a server where a proxy expects it. ``workers``: calls served at once
+    (``--workers``; None: the server's default). A call asleep in a fault's delay
+    gives its place up, so delays do not hold other calls back.
     """
     argv = [
         sys.executable, "-m", "mproxy.momento_local", "--host", HOST, "--port", str(port),
-        "--control-port", "0", "--cache", cache, "--workers", str(workers),
+        "--control-port", "0", "--cache", cache,
     ]
+    if workers is not None:
+        argv += ["--workers", str(workers)]
     for spec in faults:
         argv += ["--fault", spec]
     log_path = tmp_path / f"momento-local-{port}-{time.monotonic_ns()}.log"

@@ -1,15 +1,19 @@
 """The Momento backend against the bundled Momento-compatible server.
 
 Semantic tests run the backend in this (un-patched) process against
-``mproxy.momento_local.server.serve()``; the concurrency tests run it in a
-gevent-patched subprocess. Each test gets a fresh cache on a shared server.
-The backend is a hybrid: the SDK's ``CacheClient`` for the calls it has, raw
-stubs for the rest; tests below check which path each call takes.
+``mproxy.momento_local.server.serve()`` (gevent's hub runs whenever the test
+waits for a call); the concurrency tests run it in a gevent-patched
+subprocess. Each test gets a fresh cache on a shared server. Every data call
+is an RPC of the generated stubs on ``grpc.aio`` (the SDK serves credentials,
+configuration and control calls); tests below check which RPC each command
+sends, and the SDK facts that design takes (the canary tests). Coalescing,
+single-flight and the order of writes per key: ``tests/test_momento_batcher.py``.
 """
 
 from __future__ import annotations
 
 import base64
+import inspect
 import itertools
 import json
 import os
@@ -17,10 +21,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
+import gevent
 import grpc
 import pytest
 
@@ -57,7 +63,7 @@ R = StoreResult
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LocalServer]:
-    srv = serve(host=HOST, port=0, max_workers=64)
+    srv = serve(host=HOST, port=0)
     try:
         yield srv
     finally:
@@ -155,22 +161,23 @@ def test_get_many_one_key_is_one_get_and_many_keys_are_concurrent_batches(
     assert backend.get_many([]) == {}
 
 
-def test_large_multi_keys_commands_go_in_bounded_windows(
+def test_large_multi_keys_commands_go_in_bounded_batches_and_windows(
     backend: mb.MomentoBackend, server: LocalServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(backend, "max_batch_keys", 2)
-    monkeypatch.setattr(backend_module, "GET_BATCH_WINDOW", 2)
+    monkeypatch.setattr(backend._gets, "max_keys", 2)
     monkeypatch.setattr(backend_module, "FAN_OUT_WINDOW", 3)
     keys = [b"k%d" % i for i in range(11)]
     for key in keys[:9]:
         backend.store(S.SET, key, key, 0, 10)
     server.stats.reset()
     assert set(backend.get_many(keys)) == set(keys[:9])
-    assert server.stats.snapshot()["calls"] == {"GetBatch": 6}
+    # 11 keys, 2 per batch: 5 GetBatch and a lone key as a unary Get
+    assert server.stats.snapshot() == {"calls": {"GetBatch": 5, "Get": 1}, "keys": {"GetBatch": 10, "Get": 1}}
     assert set(backend.touch_many(keys, 300)) == set(keys[:9])
     assert all(299_000 < (server.store.remaining_ttl_ms(backend.cache_name, key) or 0) for key in keys[:9])
     assert set(backend.touch_many(keys, -1)) == set(keys[:9])
     assert server.store.get_many(backend.cache_name, keys) == [None] * 11
+    assert backend.stats()["backend_rpc_in_flight"] == 0
 
 
 def test_flags_survive_and_plain_values_stay_readable_by_other_clients(
@@ -394,6 +401,40 @@ def test_touch_many(backend: mb.MomentoBackend, server: LocalServer, cache: str)
     assert backend.touch_many([], 10) == {}
 
 
+def test_remaining_ttl(backend: mb.MomentoBackend, server: LocalServer, cache: str) -> None:
+    backend.store(S.SET, b"a", b"1", 0, 100)
+    backend.store(S.SET, b"b", b"2", 5, 0)  # the default TTL (900 s)
+    before = dict(backend.rpc_calls)
+    left = backend.remaining_ttl([b"a", b"missing", b"b", b"a"])
+    assert set(left) == {b"a", b"b"}  # absent keys left out; never None on Momento
+    assert 99.0 < (left[b"a"] or 0) <= 100.0 and 899.0 < (left[b"b"] or 0) <= 900.0
+    calls = {k: v - before.get(k, 0) for k, v in backend.rpc_calls.items() if v != before.get(k, 0)}
+    assert calls == {"ItemGetTtl": 3}  # one per distinct key, nothing else
+    assert 99_000 < (ttl_ms(server, cache, b"a") or 0) <= 100_000  # changes nothing
+    assert raw(server, cache, b"missing") is None
+    assert backend.remaining_ttl([]) == {}
+
+
+def test_remaining_ttl_calls_run_concurrently_within_one_budget(server: LocalServer, cache: str) -> None:
+    b = make_backend(server, cache, request_timeout=3.0)
+    quick = make_backend(server, cache, request_timeout=0.3)
+    try:
+        keys = [b"k%d" % i for i in range(20)]
+        for key in keys:
+            b.store(S.SET, key, b"v", 0, 50)
+        server.faults.add("ItemGetTtl:delay=0.3")
+        assert len(b.remaining_ttl(keys)) == 20  # one after the other: 6 s, past the 3 s budget
+        server.faults.clear()
+        server.faults.add("ItemGetTtl:delay=2")
+        with pytest.raises(BackendError) as err:
+            quick.remaining_ttl(keys)
+        assert (err.value.code, str(err.value)) == ("timeout", "momento timeout after 0.3s on ttl")
+    finally:
+        server.faults.clear()
+        b.close()
+        quick.close()
+
+
 def test_flush_all(backend: mb.MomentoBackend, server: LocalServer, cache: str) -> None:
     backend.store(S.SET, b"k", b"v", 0, 0)
     backend.flush_all()
@@ -518,115 +559,113 @@ def _established_to(port: int) -> int:
 
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc/net/tcp")
 def test_connection_count_opens_separate_connections() -> None:
-    """N CacheClients = N connections (distinct channel arguments); each raw
-    channel shares its client's connection (identical arguments); a second
-    backend in the process gets connections of its own."""
+    """N channels = N connections, used round-robin by every kind of call; a
+    second backend in the process gets connections of its own."""
     srv = serve(host=HOST, port=0, caches=["c"])
     b = mb.MomentoBackend(mb.Endpoint.local(HOST, srv.port), "c", connection_count=3)
     other = None
     try:
         for i in range(6):
-            b.get_many([b"k%d" % i])  # SDK Get
+            b.get_many([b"k%d" % i])  # Get
         assert _established_to(srv.port) == 3
         for i in range(6):
-            b.get_many([b"k%d" % i, b"x"])  # raw GetBatch
-            b.touch(b"k%d" % i, 10)  # raw UpdateTtl
-            b.store(S.SET, b"k%d" % i, b"v", 0, 0)  # SDK Set
+            b.get_many([b"k%d" % i, b"x"])  # GetBatch
+            b.touch(b"k%d" % i, 10)  # UpdateTtl
+            b.store(S.SET, b"k%d" % i, b"v", 0, 0)  # Set
         assert srv.stats.snapshot()["calls"] == {"Get": 6, "GetBatch": 6, "UpdateTtl": 6, "Set": 6}
         assert _established_to(srv.port) == 3
         other = mb.MomentoBackend(mb.Endpoint.local(HOST, srv.port), "c", connection_count=2)
         for i in range(4):
             other.get_many([b"k%d" % i])
-            other.delete(b"k%d" % i)  # raw KeysExist + SDK Delete
+            other.delete(b"k%d" % i)  # KeysExist + Delete
         assert _established_to(srv.port) == 5
     finally:
         b.close()
         if other is not None:
             other.close()
         srv.stop(None)
+    assert _established_to(srv.port) == 0
 
 
-def test_channel_ids_are_unique_among_live_backends(server: LocalServer, cache: str) -> None:
-    first = make_backend(server, cache, connection_count=2)
-    second = make_backend(server, cache, connection_count=2)
-    try:
-        assert not set(first._connections.channel_ids) & set(second._connections.channel_ids)
-        ids = list(first._connections.channel_ids)
-        first.close()
-        third = make_backend(server, cache, connection_count=2)
-        assert third._connections.channel_ids == ids  # released ids are reused: the send limit stays near the SDK's
-        third.close()
-    finally:
-        first.close()
-        second.close()
+# ---- which RPC each command sends -------------------------------------------------------
 
 
-# ---- which path each call takes ---------------------------------------------------------
-
-
-SDK_METHODS = ("get", "set", "delete", "set_if_not_exists", "flush_cache", "create_cache")
+SDK_DATA_METHODS = ("get", "set", "delete", "set_if_not_exists", "set_if_absent", "get_batch", "set_batch")
 
 
 @pytest.fixture
 def sdk_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Counts of calls of the SDK CacheClient's methods (spies that still call them)."""
-    from momento import CacheClient
+    """Counts of calls of the SDK clients' data and control methods (spies that still call them)."""
+    from momento import CacheClient, CacheClientAsync
 
-    counts = dict.fromkeys(SDK_METHODS, 0)
-    for name in SDK_METHODS:
-        real = getattr(CacheClient, name)
+    counts: dict[str, int] = {}
+    for cls in (CacheClient, CacheClientAsync):
+        for name in (*SDK_DATA_METHODS, "create_cache", "flush_cache"):
+            real = getattr(cls, name, None)
+            if real is None:
+                continue
+            key = f"{cls.__name__}.{name}"
+            counts[key] = 0
+            if inspect.iscoroutinefunction(real):
 
-        def spy(self: object, *args: object, _real: object = real, _name: str = name) -> object:
-            counts[_name] += 1
-            return _real(self, *args)  # type: ignore[operator]
+                async def spy(self: object, *args: object, _real: Any = real, _key: str = key) -> object:
+                    counts[_key] += 1
+                    return await _real(self, *args)
 
-        monkeypatch.setattr(CacheClient, name, spy)
+            else:
+
+                def spy(self: object, *args: object, _real: Any = real, _key: str = key) -> object:  # type: ignore[misc]
+                    counts[_key] += 1
+                    return _real(self, *args)
+
+            monkeypatch.setattr(cls, name, spy)
     return counts
 
 
-def test_sdk_path_is_used_for_the_calls_the_sdk_has(
+def test_data_calls_are_rpcs_and_control_calls_go_through_the_sdk(
     server: LocalServer, cache: str, sdk_calls: dict[str, int]
 ) -> None:
     cache_cfg, cfg = config(f"{HOST}:{server.port}", cache_name=f"{cache}-sdk")
     b = mb.from_config(cache_cfg, cfg)  # type: ignore[arg-type]
     try:
-        assert sdk_calls["create_cache"] == 1
         server.stats.reset()
-        assert b.store(S.SET, b"k", b"v", 5, 0) is R.STORED  # SDK set
-        assert b.store(S.ADD, b"k", b"w", 0, 0) is R.NOT_STORED  # SDK set_if_not_exists
+        assert b.store(S.SET, b"k", b"v", 5, 0) is R.STORED  # Set
+        assert b.store(S.ADD, b"k", b"w", 0, 0) is R.NOT_STORED  # SetIfNotExists
         assert b.store(S.ADD, b"n", b"1", 0, 0) is R.STORED
-        assert b.get_many([b"k"])[b"k"].flags == 5  # SDK get
+        assert b.get_many([b"k"])[b"k"].flags == 5  # Get
         assert b.get_many([b"missing"]) == {}
-        assert b.delete(b"k") is True  # KeysExist (raw) + SDK delete
-        assert b.store(S.SET, b"n", b"2", 0, -1) is R.STORED  # past exptime: SDK delete
-        b.flush_all()  # SDK flush_cache
-        # raw only: GetBatch, SetIf, GetWithHash + ItemGetTtl + SetIfHash, UpdateTtl
-        b.get_many([b"a", b"b"])
-        b.store(S.REPLACE, b"a", b"x", 0, 0)
+        assert b.delete(b"k") is True  # KeysExist + Delete
+        assert b.store(S.SET, b"n", b"2", 0, -1) is R.STORED  # past exptime: Delete
+        b.flush_all()  # FlushCache (SDK)
+        b.get_many([b"a", b"b"])  # GetBatch
+        b.store(S.REPLACE, b"a", b"x", 0, 0)  # SetIf
         b.store(S.SET, b"c", b"1", 0, 0)
-        b.incr_decr(b"c", 1, True)
-        b.touch(b"c", 10)
+        b.incr_decr(b"c", 1, True)  # GetWithHash + ItemGetTtl + SetIfHash
+        b.touch(b"c", 10)  # UpdateTtl
         assert {k: v for k, v in sdk_calls.items() if v} == {
-            "create_cache": 1, "set": 2, "set_if_not_exists": 2, "get": 2, "delete": 2, "flush_cache": 1,
+            "CacheClientAsync.create_cache": 1, "CacheClientAsync.flush_cache": 1,
         }
-        assert server.stats.snapshot()["calls"] == {
-            "Set": 2, "SetIfNotExists": 2, "Get": 2, "KeysExist": 1, "Delete": 2, "FlushCache": 1,
+        calls = {
+            "Set": 2, "SetIfNotExists": 2, "Get": 2, "KeysExist": 1, "Delete": 2,
             "GetBatch": 1, "SetIf": 1, "GetWithHash": 1, "ItemGetTtl": 1, "SetIfHash": 1, "UpdateTtl": 1,
         }
+        assert server.stats.snapshot()["calls"] == {**calls, "FlushCache": 1}
+        figures = b.stats()
+        assert {name: figures[f"backend_rpc_{backend_module._snake(name)}_calls"] for name in calls} == calls
+        assert figures["backend_rpc_get_batch_keys"] == 2 and figures["backend_rpc_retries"] == 0
+        assert figures["backend_rpc_in_flight"] == figures["backend_rpc_writes_in_flight"] == 0
     finally:
         b.close()
 
 
-def test_sdk_ttls_are_exact_milliseconds(backend: mb.MomentoBackend, server: LocalServer, cache: str) -> None:
-    from momento.internal._utilities import _timedelta_to_ms  # what the SDK sends
-
-    assert all(_timedelta_to_ms(transport.sdk_ttl(ms)) == ms for ms in range(1, 200_001))
-    assert _timedelta_to_ms(transport.sdk_ttl(86_400_000)) == 86_400_000
+def test_ttls_are_exact_milliseconds(backend: mb.MomentoBackend, server: LocalServer, cache: str) -> None:
     backend.store(S.SET, b"k", b"v", 0, 10)
     assert 9_000 < (ttl_ms(server, cache, b"k") or 0) <= 10_000
+    backend.store(S.REPLACE, b"k", b"v", 0, 3)
+    assert 2_000 < (ttl_ms(server, cache, b"k") or 0) <= 3_000
 
 
-# ---- errors on the SDK path map as on the raw path ----------------------------------------
+# ---- errors of unary and streaming RPCs map alike; retries ------------------------------------
 
 STATUSES = [
     ("UNAVAILABLE", "unavailable"),
@@ -646,27 +685,29 @@ STATUSES = [
 
 
 @pytest.mark.parametrize("status, code", STATUSES)
-def test_sdk_errors_map_like_raw_errors(backend: mb.MomentoBackend, server: LocalServer, status: str, code: str) -> None:
-    # forever (no count): the SDK retries UNAVAILABLE/INTERNAL of idempotent calls
-    server.faults.add(f"Get:error={status}:message=injected {status}")
-    server.faults.add(f"GetBatch:error={status}:message=injected {status}")
+def test_errors_map_alike_and_idempotent_rpcs_are_retried(
+    backend: mb.MomentoBackend, server: LocalServer, status: str, code: str
+) -> None:
+    # forever (no count): UNAVAILABLE/INTERNAL of idempotent RPCs are retried, then answered
+    for rpc in ("Get", "GetBatch", "SetIf"):
+        server.faults.add(f"{rpc}:error={status}:message=injected {status}")
     server.stats.reset()
-    with pytest.raises(BackendError) as sdk_err:
-        backend.get_many([b"k"])  # SDK get
-    with pytest.raises(BackendError) as raw_err:
-        backend.get_many([b"a", b"b"])  # raw GetBatch
-    assert (sdk_err.value.code, str(sdk_err.value)) == (code, f"momento {code.replace('_', ' ')} on get: injected {status}")
-    assert (raw_err.value.code, str(raw_err.value)) == (sdk_err.value.code, str(sdk_err.value))
-    calls = server.stats.snapshot()["calls"]
-    assert calls["GetBatch"] == 1  # no retries of our own
-    if status in ("UNAVAILABLE", "INTERNAL"):
-        assert calls["Get"] > 1, "the SDK retries these"
-    else:
-        assert calls["Get"] == 1
+    with pytest.raises(BackendError) as unary:
+        backend.get_many([b"k"])  # Get
+    with pytest.raises(BackendError) as streaming:
+        backend.get_many([b"a", b"b"])  # GetBatch
+    with pytest.raises(BackendError) as conditional:
+        backend.store(S.REPLACE, b"k", b"v", 0, 0)  # SetIf: not idempotent
+    assert (unary.value.code, str(unary.value)) == (code, f"momento {code.replace('_', ' ')} on get: injected {status}")
+    assert (streaming.value.code, str(streaming.value)) == (unary.value.code, str(unary.value))
+    assert (conditional.value.code, str(conditional.value)) == (code, f"momento {code.replace('_', ' ')} on replace: injected {status}")
+    attempts = 1 + transport.SDK_MAX_RETRIES if status in ("UNAVAILABLE", "INTERNAL") else 1
+    assert server.stats.snapshot()["calls"] == {"Get": attempts, "GetBatch": attempts, "SetIf": 1}
+    assert backend.stats()["backend_rpc_retries"] == 2 * (attempts - 1)
 
 
-def test_sdk_retries_stay_within_the_request_timeout(server: LocalServer, cache: str) -> None:
-    """The SDK retries UNAVAILABLE, but a retry gets what is left of the deadline, not a new one."""
+def test_retries_stay_within_the_request_timeout(server: LocalServer, cache: str) -> None:
+    """An idempotent RPC is retried on UNAVAILABLE, but a retry gets what is left of the deadline."""
     b = make_backend(server, cache, request_timeout=0.5)
     try:
         b.store(S.SET, b"k", b"v", 0, 0)
@@ -686,15 +727,27 @@ def test_sdk_retries_stay_within_the_request_timeout(server: LocalServer, cache:
         b.close()
 
 
-def test_sdk_write_and_control_errors(server: LocalServer, cache: str) -> None:
+def _until(condition: Callable[[], bool], what: str) -> None:
+    """Wait for ``condition`` (polled while gevent's hub delivers the backend's calls)."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {WAIT_SECONDS} s"
+        gevent.sleep(0.02)  # polling interval; the hub runs meanwhile
+
+
+def test_write_and_control_errors(server: LocalServer, cache: str) -> None:
     b = make_backend(server, cache, request_timeout=0.3)
     try:
-        server.faults.add("Set:delay=1")  # past the SDK deadline
+        server.faults.add("Set:delay=1")  # past the request timeout
         start = time.monotonic()
         with pytest.raises(BackendError) as err:
             b.store(S.SET, b"k", b"v", 0, 0)
         assert (err.value.code, str(err.value)) == ("timeout", "momento timeout after 0.3s on set")
-        assert time.monotonic() - start < 1.0  # one attempt: DEADLINE_EXCEEDED is not retried
+        assert time.monotonic() - start < 1.0
+        # the write was not cancelled: it applies when the server gets to it (docs/compatibility.md)
+        assert b.stats()["backend_rpc_writes_in_flight"] == 1
+        _until(lambda: b.stats()["backend_rpc_writes_in_flight"] == 0, "the timed-out write did not end")
+        assert raw(server, cache, b"k") == b"v"
         server.faults.clear()
         server.faults.add("SetIfNotExists:error=RESOURCE_EXHAUSTED:message=rate limited")
         with pytest.raises(BackendError) as err:
@@ -745,6 +798,20 @@ def test_from_config_local_creates_the_cache(server: LocalServer) -> None:
         again.close()  # the cache existed already: fine
     finally:
         b.close()
+
+
+def test_importing_the_package_and_embedded_is_cheap() -> None:
+    """The supervisor imports ``embedded`` from the package: neither grpc, the SDK nor gevent load."""
+    code = (
+        "import sys\n"
+        "from mproxy.backends.momento import embedded, SWITCH_INTERVAL_SECONDS\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'momento', 'momento_wire_types', 'gevent')))\n"
+        "from mproxy.backends.momento import MomentoBackend\n"
+        "print('grpc' in sys.modules and MomentoBackend.kind == 'momento')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[]", "True"]
 
 
 def test_local_endpoint_brackets_ipv6_hosts() -> None:
@@ -865,57 +932,39 @@ def test_sdk_contract_has_not_moved() -> None:
     )
 
 
-def test_sdk_contract_cache_client_and_configuration() -> None:
-    """Canary: the CacheClient, Configuration and channel facts the hybrid relies on."""
+def test_sdk_contract_client_configuration_and_retries() -> None:
+    """Canary: the control client, configuration, channel and retry facts mproxy takes from the SDK."""
     from momento.internal._utilities._grpc_channel_options import (
         DEFAULT_MAX_MESSAGE_SIZE,
         grpc_data_channel_options_from_grpc_config,
     )
+    from momento.internal.aio._scs_control_client import _DEADLINE_SECONDS
     from momento.retry import FixedCountRetryStrategy
 
+    from mproxy.backends.momento import aio
+
     sdk = transport.sdk_contract()
-    for name in (*SDK_METHODS, "__exit__"):
-        assert callable(getattr(sdk.cache_client, name, None)), f"CacheClient.{name} is gone"
-    assert not hasattr(sdk.cache_client, "close"), "CacheClient.close() appeared: transport.Connections.close should use it now"
+    for name in ("create_cache", "flush_cache", "__aexit__"):
+        assert inspect.iscoroutinefunction(getattr(sdk.cache_client_async, name, None)), f"CacheClientAsync.{name} changed"
+    assert not hasattr(sdk.cache_client_async, "close"), (
+        "CacheClientAsync.close() appeared: transport.Connection.close should use it now"
+    )
+    assert transport.SDK_CONTROL_TIMEOUT_SECONDS == _DEADLINE_SECONDS
     assert transport.SDK_MAX_MESSAGE_BYTES == DEFAULT_MAX_MESSAGE_SIZE
-    configuration = transport.sdk_configuration(sdk, 0.3, 7)
+    configuration = transport.sdk_configuration(sdk, 0.3)
     grpc_config = configuration.get_transport_strategy().get_grpc_configuration()
-    preset = sdk.configurations.InRegion.Default.v1().get_transport_strategy().get_grpc_configuration()
     assert grpc_config.get_deadline().total_seconds() == 0.3
-    assert grpc_config.get_max_send_message_length() == DEFAULT_MAX_MESSAGE_SIZE + 7
-    for getter in ("get_keepalive_permit_without_calls", "get_keepalive_time", "get_keepalive_timeout",
-                   "get_max_receive_message_length", "get_root_certificates_pem"):
-        assert getattr(grpc_config, getter)() == getattr(preset, getter)(), f"{getter} differs from the preset"
+    # mproxy's channels get exactly the arguments the SDK gives its data channels, plus the reconnect backoff
+    assert [*grpc_data_channel_options_from_grpc_config(grpc_config), *transport.RECONNECT_OPTIONS] == (
+        transport.channel_options(grpc_config)
+    ), "the SDK builds its data channels differently now: update transport.channel_options"
+    # the SDK's retry rule: the preset's count, its statuses, the RPCs it retries
     preset_retry = sdk.configurations.InRegion.Default.v1().get_retry_strategy()
     assert isinstance(preset_retry, FixedCountRetryStrategy) and preset_retry._max_attempts == transport.SDK_MAX_RETRIES
-    assert isinstance(configuration.get_retry_strategy(), sdk.retry_strategy)
-    # the SDK's RetryInterceptor reads these props and calls calculate_retry_deadline(overall_deadline)
-    from momento.internal.synchronous._retry_interceptor import RetryInterceptor
-    from momento.retry import RetryableProps
-
-    assert "calculate_retry_deadline" in RetryInterceptor.intercept_unary_unary.__code__.co_names
-    assert {"grpc_status", "grpc_method", "attempt_number", "overall_deadline"} <= set(RetryableProps.__dataclass_fields__)
-    # a raw channel must get exactly the arguments of its CacheClient's channel to share its connection
-    assert [*grpc_data_channel_options_from_grpc_config(grpc_config), *transport.RECONNECT_OPTIONS] == transport.channel_options(
-        grpc_config
-    ), "the SDK builds its data channels differently now: update transport.channel_options"
-    # the SDK's channels get the short reconnect backoff through the builder its grpc manager calls
-    import importlib
-
-    manager = importlib.import_module(transport.SDK_CHANNEL_OPTIONS_MODULE)
-    builder = getattr(manager, transport.SDK_CHANNEL_OPTIONS_FUNCTION, None)
-    assert builder is not None and f"options={transport.SDK_CHANNEL_OPTIONS_FUNCTION}(" in _source(manager), (
-        f"{transport.SDK_CHANNEL_OPTIONS_MODULE} no longer builds data channel options with {transport.SDK_CHANNEL_OPTIONS_FUNCTION}"
-    )
-    assert list(builder(grpc_config)) == transport.channel_options(grpc_config), (
-        "the SDK's data channels no longer get mproxy's reconnect backoff: update transport._shorten_sdk_reconnect_backoff"
-    )
-
-
-def _source(module: object) -> str:
-    import inspect
-
-    return inspect.getsource(module)  # type: ignore[arg-type]
+    assert sdk.retryable_status_codes == aio.RETRYABLE_CODES
+    retried = {name.rsplit("/", 1)[1] for name in sdk.retryable_request_types if name.startswith("/cache_client.Scs/")}
+    assert transport.SDK_RETRIED_RPCS <= retried, f"the SDK no longer retries {transport.SDK_RETRIED_RPCS - retried}"
+    assert not {"SetIf", "SetIfNotExists", "SetIfHash", "Increment"} & (retried | transport.IDEMPOTENT_RPCS)
 
 
 class _FakeRpcError(grpc.RpcError):
@@ -933,17 +982,12 @@ class _FakeRpcError(grpc.RpcError):
 
 
 def test_sdk_contract_responses_and_error_codes() -> None:
-    """Canary: the response classes and attributes read, and one error table for both paths."""
+    """Canary: the control responses read, and one error table for RPCs and SDK errors."""
     from momento.errors import InvalidArgumentException, MomentoErrorCode, convert_error
     from momento.internal.services import Service
 
     sdk = transport.sdk_contract()
-    assert sdk.cache_get.Hit(b"x").value_bytes == b"x"
     for family, names in (
-        (sdk.cache_get, ("Hit", "Miss", "Error")),
-        (sdk.cache_set, ("Success", "Error")),
-        (sdk.cache_set_if_not_exists, ("Stored", "NotStored", "Error")),
-        (sdk.cache_delete, ("Success", "Error")),
         (sdk.cache_flush, ("Success", "Error")),
         (sdk.create_cache, ("Success", "CacheAlreadyExists", "Error")),
     ):
@@ -952,17 +996,24 @@ def test_sdk_contract_responses_and_error_codes() -> None:
     for status in grpc.StatusCode:
         if status is grpc.StatusCode.OK:
             continue
-        response = sdk.cache_get.Error(convert_error(_FakeRpcError(status), Service.CACHE))
+        response = sdk.cache_flush.Error(convert_error(_FakeRpcError(status), Service.CACHE))
         expected = errors.STATUS_CODES.get(status, "internal")
-        err = errors.sdk_error(response, "get", 1.0)
+        err = errors.sdk_error(response, "flush_all", 1.0)
         assert isinstance(err, BackendError) and err.code == expected, status
+        raw_err = errors.rpc_error(grpc.aio.AioRpcError(status, grpc.aio.Metadata(), grpc.aio.Metadata(), "d"), "get", 1.0)
+        assert isinstance(raw_err, BackendError) and raw_err.code == expected, status
         # error_code alone (used without transport details) says the same, but for the two
         # statuses the SDK calls BAD_REQUEST_ERROR although nothing was wrong with the request
         by_error_code = errors.SDK_ERROR_CODES.get(response.error_code.name, "internal")
         assert by_error_code == expected or status in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNKNOWN), status
     too_large = _FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, (("err", "item_size_limit_exceeded"),))
-    assert isinstance(errors.sdk_error(sdk.cache_set.Error(convert_error(too_large, Service.CACHE)), "set", 1.0), ValueTooLarge)
-    client_side = errors.sdk_error(sdk.cache_set.Error(InvalidArgumentException("bad ttl", Service.CACHE)), "set", 1.0)
+    assert isinstance(errors.sdk_error(sdk.cache_flush.Error(convert_error(too_large, Service.CACHE)), "set", 1.0), ValueTooLarge)
+    aio_too_large = grpc.aio.AioRpcError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(("err", "item_size_limit_exceeded")), "big"
+    )
+    assert not isinstance(aio_too_large, grpc.Call)  # so rpc_error must not require one
+    assert isinstance(errors.rpc_error(aio_too_large, "set", 1.0), ValueTooLarge)
+    client_side = errors.sdk_error(sdk.cache_flush.Error(InvalidArgumentException("bad ttl", Service.CACHE)), "set", 1.0)
     assert isinstance(client_side, BackendError) and client_side.code == "invalid_argument"
 
 
@@ -974,20 +1025,36 @@ monkey.patch_all()
 import json, sys, time
 import gevent
 from mproxy.backends import momento as mb
-from mproxy.backends.base import StoreMode
-mb.prepare_gevent()
+from mproxy.backends.base import Item, StoreMode
 port, cache, in_flight = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 b = mb.MomentoBackend(mb.Endpoint.local("127.0.0.1", port), cache, max_in_flight=in_flight, connection_count=2)
-b.store(StoreMode.SET, b"k1", b"v", 0, 0)
+keys = [b"k%d" % i for i in range(100)]
+for key in keys:
+    b.store(StoreMode.SET, key, key, 0, 0)
 b.get_many([b"warm-up"])
 result = {}
-for name, keys in (("get", [b"k1"]), ("multi", [b"k1", b"k2", b"k3"])):
+
+
+def calls():
+    figures = b.stats()
+    return sum(v for k, v in figures.items() if k.endswith("_calls"))
+
+
+def timed(name, greenlets, expected):
+    before = calls()
     start = time.perf_counter()
-    greenlets = [gevent.spawn(b.get_many, keys) for _ in range(100)]
+    greenlets = [gevent.spawn(*spec) for spec in greenlets]
     gevent.joinall(greenlets, raise_error=True)
     result[name] = time.perf_counter() - start
-    expected = b.get_many([b"k1"])
-    assert all(g.value == expected for g in greenlets), "wrong get_many results"
+    result[name + "_calls"] = calls() - before
+    assert [g.value for g in greenlets] == expected, f"wrong {name} results"
+
+
+item = {key: Item(key, 0, 0) for key in keys}
+timed("get", [(b.get_many, [key]) for key in keys], [{key: item[key]} for key in keys])
+timed("same", [(b.get_many, [b"k1"]) for _ in keys], [{b"k1": item[b"k1"]}] * 100)
+timed("multi", [(b.get_many, keys[i : i + 3]) for i in range(100)], [{k: item[k] for k in keys[i : i + 3]} for i in range(100)])
+timed("touch", [(b.touch, key, 600) for key in keys[:50]], [True] * 50)
 b.close()
 print(json.dumps(result))
 """
@@ -1013,25 +1080,30 @@ def _run_gevent(server: LocalServer, cache: str, in_flight: int, tmp_path: Path)
 
 @pytest.fixture
 def slow_server() -> Iterator[LocalServer]:
-    srv = serve(host=HOST, port=0, caches=["c"], faults=["Get:delay=0.05", "GetBatch:delay=0.05"], max_workers=256)
+    srv = serve(host=HOST, port=0, caches=["c"], faults=["Get:delay=0.05", "GetBatch:delay=0.05", "UpdateTtl:delay=0.05"])
     try:
         yield srv
     finally:
         srv.stop(None)
 
 
-def test_gevent_concurrent_get_many_do_not_serialize(slow_server: LocalServer, tmp_path: Path) -> None:
+def test_gevent_concurrent_gets_coalesce_and_do_not_serialize(slow_server: LocalServer, tmp_path: Path) -> None:
     figures = _run_gevent(slow_server, "c", 256, tmp_path)
     print(f"100 concurrent get_many, server delay 50 ms: {figures}")
     # serialized they would take 100 x 50 ms = 5 s; the bound leaves room for a loaded machine
-    assert figures["get"] < 2.5
-    assert figures["multi"] < 2.5
+    assert figures["get"] < 2.5 and figures["multi"] < 2.5 and figures["same"] < 2.5
+    # 100 distinct keys: a first call per window slot (2 connections x 2), the rest in a batch or two
+    assert figures["get_calls"] <= 8, figures
+    assert figures["same_calls"] <= 2, figures  # single-flight: one read of the key serves all
+    assert figures["multi_calls"] <= 8, figures
+    assert figures["touch_calls"] == 50  # UpdateTtl is per key
+    assert figures["touch"] < 2.5
 
 
 def test_gevent_max_in_flight_applies_back_pressure(slow_server: LocalServer, tmp_path: Path) -> None:
     figures = _run_gevent(slow_server, "c", 5, tmp_path)
-    # 100 calls of >= 50 ms, 5 at a time: at least 20 rounds
-    assert figures["get"] >= 20 * 0.05
+    # 50 UpdateTtl calls of >= 50 ms, 5 RPCs at a time: at least 10 rounds
+    assert figures["touch"] >= 10 * 0.05, figures
 
 
 _GEVENT_EMBEDDED_SCRIPT = r"""

@@ -130,8 +130,10 @@ RULES: tuple[Rule, ...] = (
     Rule(
         ("mproxy.workers",),
         "the supervisor creates no backend and never loads the Momento SDK or gRPC "
-        "(its workers are started afresh, and load them themselves)",
+        "(its workers are started afresh, and load them themselves); it starts the "
+        "embedded Momento server (stdlib only) its workers share",
         never=(*SDK, "mproxy.backends", "mproxy.dispatch"),
+        unless=("mproxy.backends.momento.embedded",),
     ),
     Rule(
         ("mproxy.__init__",),

@@ -72,7 +72,7 @@ def embedded(mproxy_factory: MproxyFactory) -> Server:
 
 @pytest.fixture(scope="module")
 def local_momento(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMomento]:
-    server = start_local_momento(tmp_path_factory.mktemp("momento-local"), MOMENTO_CACHE_NAME, workers=32)
+    server = start_local_momento(tmp_path_factory.mktemp("momento-local"), MOMENTO_CACHE_NAME)
     try:
         yield server
     finally:

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mproxy import __version__
 from mproxy.stats import (
+    CALL_FIGURES,
     COUNTERS,
     FIGURES,
     HELP,
@@ -259,6 +260,48 @@ def test_a_memory_backend_reports_every_figure() -> None:
 def test_operations_guide_documents_every_backend_figure() -> None:
     guide = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
     assert [name for name in FIGURES if f"| `{name}` |" not in guide] == []
+
+
+# -- figures of a remote backend's calls (Momento caches) --------------------------------------
+
+CALLS = {
+    "backend_rpc_get_calls": 5, "backend_rpc_get_keys": 5, "backend_rpc_get_batch_calls": 2,
+    "backend_rpc_get_batch_keys": 40, "backend_rpc_retries": 1, "backend_rpc_in_flight": 3,
+    "backend_rpc_writes_in_flight": 1, "not_a_figure": 9,
+}  # fmt: skip
+
+
+def test_call_figures_in_stats_after_the_memory_figures_and_reset() -> None:
+    stats = scripted()
+    backend = FakeBackend(**CALLS)
+    stats.cache("a").attach_backend(backend.stats)
+    snap = stats.cache("a").snapshot()
+    shown = [k for k in snap if k in CALLS]
+    assert shown == [
+        "backend_rpc_retries", "backend_rpc_in_flight", "backend_rpc_writes_in_flight", "backend_rpc_get_batch_calls",
+        "backend_rpc_get_batch_keys", "backend_rpc_get_calls", "backend_rpc_get_keys",
+    ]  # fmt: skip
+    assert "not_a_figure" not in snap and stats.snapshot()["backend_rpc_get_batch_keys"] == 40
+    stats.reset()
+    snap = stats.cache("a").snapshot()
+    assert (snap["backend_rpc_get_calls"], snap["backend_rpc_retries"]) == (0, 0)  # counters
+    assert (snap["backend_rpc_in_flight"], snap["backend_rpc_writes_in_flight"]) == (3, 1)  # gauges
+    backend.figures["backend_rpc_get_calls"] += 4
+    assert stats.cache("a").snapshot()["backend_rpc_get_calls"] == 4
+    families = {f.name: f for f in text_string_to_metric_families(prometheus_text(stats))}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("mproxy_backend_rpc_calls_total", (("cache", "a"), ("rpc", "get")))] == 4
+    assert samples[("mproxy_backend_rpc_keys_total", (("cache", "a"), ("rpc", "get_batch")))] == 0
+    assert samples[("mproxy_backend_rpc_in_flight", (("cache", "a"),))] == 3
+    exported = without_gauges(stats.export())["caches"]["a"]["figures"]
+    assert "backend_rpc_in_flight" not in exported and exported["backend_rpc_get_calls"] == 4
+
+
+def test_operations_guide_documents_the_call_figures() -> None:
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    assert [name for name in CALL_FIGURES if f"| `{name}` |" not in guide] == []
+    for pattern in ("backend_rpc_<rpc>_calls", "backend_rpc_<rpc>_keys"):
+        assert f"| `{pattern}` |" in guide
 
 
 # -- several workers: export, exact sums, per-worker views --------------------------------

@@ -1,38 +1,37 @@
 """The Momento backend: memcached semantics on Momento Cache's gRPC protocol.
 
-A hybrid of the SDK and the wire protocol:
+Every data call is an RPC of the generated ``momento_wire_types`` stubs on
+the cache's :class:`~.transport.Connection` (``grpc.aio`` on a real thread,
+bridged to the hub: :mod:`.aio`), with the metadata the SDK sends; the SDK
+serves credentials, configuration and the control calls (FlushCache,
+CreateCache). Per command:
 
-* The calls the SDK's synchronous ``CacheClient`` (1.29.1) has go through it:
-  Get (single key), Set, Delete, SetIfNotExists, FlushCache, CreateCache.
-  Its response objects (``CacheGet.Hit``/``Miss``/``Error``, ...) and
-  ``Error.error_code`` map to the same :class:`BackendError` codes and
-  messages as the raw path (:mod:`.errors`).
-* The RPCs the SDK does not wrap (GetBatch, SetIf, SetIfHash, GetWithHash,
-  KeysExist, UpdateTtl, ItemGetTtl) go through channels of our own and the
-  generated ``momento_wire_types`` stubs, with the metadata the SDK sends
-  (``cache``, ``authorization``, ``agent``, ``runtime-version``). Per-key
-  Deletes fanned out concurrently (``gat`` with a past exptime) stay there
-  too: the synchronous SDK has no futures.
+* gets, one key or many, from every connection go through one
+  :class:`~.batcher.GetBatcher` (coalesced into ``GetBatch`` calls,
+  single-flight per key); plain sets through one :class:`~.batcher.SetBatcher`
+  (``SetBatch``); every other command makes its own calls;
+* a command has one :class:`~.flow.Budget` (``request_timeout``) for all its
+  waits; each RPC holds a call slot of ``max_in_flight`` until it ends;
+* a command that writes takes its turn on each key it writes
+  (:class:`~.flow.KeyOrder`) first: it starts once every earlier write of the
+  key has ended at the RPC level, and its write RPCs run to their own
+  deadline (:attr:`MomentoBackend.write_timeout`) even if its client gave up;
+  when they end, later gets of the key no longer join a read sent before.
 
-Every command holds one call slot and one :class:`~.transport.Budget` (its
-name and deadline) from start to end, however many calls it makes.
-Connections, deadlines and the SDK contract: :mod:`.transport`. Layout of
-items (flags header, CAS uniques, TTLs): :mod:`.codec`. Command by command RPC
-mapping, atomicity and differences from memcached: ``docs/compatibility.md``.
+Layout of items (flags header, CAS uniques, TTLs): :mod:`.codec`. Command by
+command RPC mapping, atomicity and differences from memcached:
+``docs/compatibility.md``.
 """
 
 from __future__ import annotations
 
 import logging
-import platform
 import threading
 import time
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import grpc
 from momento_wire_types import cacheclient_pb2 as pb
 from momento_wire_types import common_pb2
 
@@ -46,25 +45,22 @@ from mproxy.backends.base import (
     ttl_seconds,
 )
 from mproxy.backends.counters import apply_delta
-from mproxy.protocol.commands import DEFAULT_MAX_ITEM_SIZE, StoreMode, item_size
 from mproxy.backends.momento import codec
+from mproxy.backends.momento.batcher import GetBatcher, SetBatcher
+from mproxy.backends.momento.bridge import PendingCall
 from mproxy.backends.momento.endpoint import Endpoint
 from mproxy.backends.momento.errors import rpc_error, sdk_error, timeout_error, unexpected_response
+from mproxy.backends.momento.flow import Budget, KeyOrder, Slots, Turns
 from mproxy.backends.momento.meta import MomentoMeta
 from mproxy.backends.momento.transport import (
-    AGENT_HEADER,
-    AUTHORIZATION_HEADER,
-    CACHE_HEADER,
-    RUNTIME_VERSION_HEADER,
+    IDEMPOTENT_RPCS,
     SDK_CONTROL_TIMEOUT_SECONDS,
-    Budget,
-    CallSlots,
-    Connections,
-    gevent_patched,
-    prepare_gevent,
+    SDK_MAX_RETRIES,
+    Connection,
+    data_metadata,
     sdk_contract,
-    sdk_ttl,
 )
+from mproxy.protocol.commands import DEFAULT_MAX_ITEM_SIZE, StoreMode, item_size
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +68,24 @@ log = logging.getLogger(__name__)
 #: Larger items raise :class:`ValueTooLarge` without a call; the service's own
 #: answer (RESOURCE_EXHAUSTED, item size) is mapped to the same error.
 MOMENTO_MAX_ITEM_BYTES = 5 * 1024 * 1024
-#: GetBatch calls in flight at once for one multi-get.
-GET_BATCH_WINDOW = 8
+#: Batches of gets (and of sets) in flight at once per data connection: while
+#: that many are in flight, new keys wait and leave together in the next one.
+BATCHES_PER_CONNECTION = 2
+#: Keys waiting to leave in each batcher, at most (callers wait for room).
+MAX_PENDING_KEYS = 2000
+#: Bytes of values one SetBatch carries at most; a larger item goes alone (Set).
+SET_BATCH_MAX_BYTES = 1024 * 1024
 #: Per-key calls (UpdateTtl, Delete of gat/gats) in flight at once for one command.
 FAN_OUT_WINDOW = 64
 #: Attempts of a read-modify-write (append, prepend, incr, decr) whose
 #: conditional write lost to a concurrent writer, before giving up.
 MAX_ATTEMPTS = 8
-#: Least timeout given to a call started while others run (it then fails as a timeout).
-_MIN_CALL_SECONDS = 0.001
+#: A write RPC's own gRPC deadline: this many seconds, or twice ``request_timeout``
+#: if longer. Its client still gets its answer within ``request_timeout``; the RPC
+#: runs on, and the next write of the key waits for it (docs/compatibility.md).
+WRITE_TIMEOUT_SECONDS = 10.0
+#: How long closing the backend lets RPCs in flight finish before cancelling them.
+CLOSE_GRACE_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,15 +100,15 @@ class MomentoBackend(MomentoMeta):
     """:class:`mproxy.backends.base.Backend` on one Momento cache.
 
     ``endpoint`` says where; ``default_ttl``/``max_ttl`` in seconds;
+    ``connection_count`` data connections; ``max_in_flight`` RPCs at once;
     ``with_flags`` selects the flags encoding (:mod:`.codec`);
     ``max_value_size`` is memcached's ``-I`` (the proxy's ``max_item_size``);
     ``on_close`` runs once when the backend is closed (releases a shared
-    embedded server).
+    embedded server). Create it in the serving process: it starts gRPC.
     """
 
     kind = "momento"
-    #: Keys one GetBatch call carries; a larger multi-get sends several
-    #: batches, :data:`GET_BATCH_WINDOW` at a time.
+    #: Keys one GetBatch call carries; a larger multi-get spans several batches.
     max_batch_keys = 100
 
     def __init__(
@@ -128,6 +133,9 @@ class MomentoBackend(MomentoMeta):
         if endpoint.credentials is None:
             raise ValueError("the endpoint carries no CredentialProvider: build it with Endpoint.from_credentials")
         self.cache_name = cache_name
+        self.request_timeout = request_timeout
+        #: the gRPC deadline of a write RPC (see :data:`WRITE_TIMEOUT_SECONDS`)
+        self.write_timeout = max(WRITE_TIMEOUT_SECONDS, 2 * request_timeout)
         self._default_ttl = min(default_ttl, max_ttl)
         self._max_ttl = max_ttl
         self._with_flags = with_flags
@@ -136,75 +144,55 @@ class MomentoBackend(MomentoMeta):
         self._on_close = on_close
         self._closed = False
         self._flush_timer: threading.Timer | None = None
-        self._slots = CallSlots(max_in_flight, request_timeout)
-        if gevent_patched():
-            prepare_gevent()  # before the first channel of this process
-        sdk = sdk_contract()
-        self._data_metadata = (
-            (CACHE_HEADER, cache_name),
-            (AUTHORIZATION_HEADER, endpoint.auth_token),
-            (AGENT_HEADER, f"python:cache:{sdk.version}"),
-            (RUNTIME_VERSION_HEADER, f"python {platform.python_version()}"),
-        )
         self._endpoint = endpoint
-        # the SDK's response classes, looked up once (hot path)
-        self._get_hit, self._get_miss = sdk.cache_get.Hit, sdk.cache_get.Miss
-        self._stored, self._not_stored = sdk.cache_set_if_not_exists.Stored, sdk.cache_set_if_not_exists.NotStored
-        self._success = (sdk.cache_set.Success, sdk.cache_delete.Success, sdk.cache_flush.Success)
+        sdk = sdk_contract()
+        self._metadata = data_metadata(sdk, cache_name, endpoint.auth_token)
+        self._flushed = sdk.cache_flush.Success
         self._created = (sdk.create_cache.Success, sdk.create_cache.CacheAlreadyExists)
-        self._sdk_errors = tuple(
-            family.Error
-            for family in (
-                sdk.cache_get, sdk.cache_set, sdk.cache_set_if_not_exists, sdk.cache_delete, sdk.cache_flush,
-                sdk.create_cache,
-            )
+        self._sdk_errors = (sdk.cache_flush.Error, sdk.create_cache.Error)
+        #: RPCs sent and keys they carried, by RPC name (:meth:`stats`)
+        self.rpc_calls: dict[str, int] = {}
+        self.rpc_keys: dict[str, int] = {}
+        self._slots = Slots(max_in_flight)
+        window = BATCHES_PER_CONNECTION * connection_count
+        self._gets = GetBatcher(self._submit, self._slots, window, self.max_batch_keys, MAX_PENDING_KEYS)
+        self._sets = SetBatcher(
+            self._submit, self._slots, window, self.max_batch_keys, MAX_PENDING_KEYS, SET_BATCH_MAX_BYTES,
+            self.write_timeout,
         )
-        self._connections = Connections(
-            sdk,
-            endpoint.credentials,
-            endpoint.data_target,
-            endpoint.secure,
-            connection_count,
-            request_timeout,
-            self._default_ttl,
-        )
-        self._next_client = self._connections.next_client
-        self._next_stub = self._connections.next_stub
+        self._order = KeyOrder(self._gets.forget)
+        self._connection = Connection(sdk, endpoint, connection_count, request_timeout, self._default_ttl)
 
     def __repr__(self) -> str:
-        return f"MomentoBackend(cache={self.cache_name!r}, connections={len(self._connections.clients)})"
+        return f"MomentoBackend(cache={self.cache_name!r}, connections={self._connection.transport.channel_count})"
 
     # -- Backend ------------------------------------------------------------
 
     def get_many(self, keys: Sequence[bytes], with_cas: bool = False) -> dict[bytes, Item]:
-        """Get for one key, GetBatch (concurrent batches of :attr:`max_batch_keys`) for more.
-        The CAS unique (a hash of the stored bytes) is computed for gets only."""
-        with self._call("get") as budget:
-            found = self._get_values(list(dict.fromkeys(keys)), budget)
+        """Through the get batcher (single-flight, coalesced). The CAS unique
+        (a hash of the stored bytes) is computed for gets only."""
+        budget = self._budget("get")
+        found = self._gets.read(keys if len(keys) == 1 else list(dict.fromkeys(keys)), budget)
         return {key: self._item(stored, with_cas) for key, stored in found.items()}
 
     def touch_many(self, keys: Sequence[bytes], exptime: int, with_cas: bool = False) -> dict[bytes, Item]:
-        """UpdateTtl (overwrite) per key, concurrently with one GetBatch; the
-        keys both found are returned. A past exptime: GetBatch, then Delete
-        each key found (returned once, then gone, as memcached does)."""
+        """UpdateTtl (overwrite) per key, concurrently with the read; the keys
+        both found are returned. A past exptime: the read, then Delete each key
+        found (returned once, then gone, as memcached does)."""
         unique = list(dict.fromkeys(keys))
         ttl_ms = self._ttl_ms(exptime)
-        with self._call("touch") as budget:
+        budget = self._budget("touch")
+        with self._order.take(unique, budget) as turns:
             if ttl_ms == 0:
-                found = self._get_values(unique, budget)
-                self._fan_out("Delete", [pb._DeleteRequest(cache_key=key) for key in found], budget)
+                found = self._gets.read(unique, budget)
+                self._fan_out("Delete", [pb._DeleteRequest(cache_key=key) for key in found], budget, turns)
             else:
                 requests = [pb._UpdateTtlRequest(cache_key=key, overwrite_to_milliseconds=ttl_ms) for key in unique]
                 # the first window of updates travels with the read: one round trip for a typical gat
-                first = [self._start("UpdateTtl", request, budget) for request in requests[:FAN_OUT_WINDOW]]
-                try:
-                    found = self._get_values(unique, budget)
-                except BaseException:
-                    for future in first:
-                        future.cancel()
-                    raise
-                touched = self._gather(first, budget)
-                touched += self._fan_out("UpdateTtl", requests[FAN_OUT_WINDOW:], budget)
+                first = [self._rpc("UpdateTtl", request, budget, turns) for request in requests[:FAN_OUT_WINDOW]]
+                found = self._gets.read(unique, budget)
+                touched = [self._outcome(call, budget) for call in first]
+                touched += self._fan_out("UpdateTtl", requests[FAN_OUT_WINDOW:], budget, turns)
                 found = {
                     key: stored
                     for key, response in zip(unique, touched)
@@ -227,24 +215,30 @@ class MomentoBackend(MomentoMeta):
         too_large = self._too_large(key, value, flags, stored)
         if too_large:
             raise ValueTooLarge(too_large)
-        with self._call(mode.value) as budget:
+        budget = self._budget(mode.value)
+        with self._order.take((key,), budget) as turns:
             if mode is StoreMode.APPEND or mode is StoreMode.PREPEND:
-                return self._concatenate(key, value, mode is StoreMode.APPEND, budget)
+                return self._concatenate(key, value, mode is StoreMode.APPEND, budget, turns)
             ttl_ms = self._ttl_ms(exptime)
             if mode is StoreMode.SET:
-                return self._set(key, stored, ttl_ms, budget)
+                if ttl_ms == 0:
+                    self._delete(key, budget, turns)
+                else:
+                    self._sets.write(key, stored, ttl_ms, turns, budget)
+                return StoreResult.STORED
             if mode is StoreMode.ADD:
-                return self._add(key, stored, ttl_ms, budget)
+                return self._add(key, stored, ttl_ms, budget, turns)
             if mode is StoreMode.REPLACE:
-                return self._replace(key, stored, ttl_ms, budget)
-            return self._cas(key, stored, ttl_ms, cas_unique, budget)
+                return self._replace(key, stored, ttl_ms, budget, turns)
+            return self._cas(key, stored, ttl_ms, cas_unique, budget, turns)
 
     def delete(self, key: bytes) -> bool:
-        """KeysExist, then the SDK's delete if present (two calls: see docs/compatibility.md)."""
-        with self._call("delete") as budget:
+        """KeysExist, then Delete if present (two calls: see docs/compatibility.md)."""
+        budget = self._budget("delete")
+        with self._order.take((key,), budget) as turns:
             if not self._exists(key, budget):
                 return False
-            self._sdk_delete(key, budget)
+            self._delete(key, budget, turns)
             return True
 
     def incr_decr(self, key: bytes, delta: int, incr: bool) -> int | None:
@@ -252,7 +246,8 @@ class MomentoBackend(MomentoMeta):
         SetIfHash on the read hash and the remaining TTL; retried on conflict."""
         if not 0 <= delta <= COUNTER_MAX:
             raise ValueError(f"delta must be a u64, got {delta}")
-        with self._call("incr" if incr else "decr") as budget:
+        budget = self._budget("incr" if incr else "decr")
+        with self._order.take((key,), budget) as turns:
             for _ in range(MAX_ATTEMPTS):
                 read = self._read_for_update(key, budget)
                 if read is None:
@@ -261,21 +256,39 @@ class MomentoBackend(MomentoMeta):
                 value, flags = codec.decode(found.stored, self._with_flags)
                 number, value = apply_delta(value, delta, incr)
                 new = codec.encode(value, flags, self._with_flags)
-                if self._set_if_hash(key, new, ttl_ms, found.hash, budget):
+                if self._set_if_hash(key, new, ttl_ms, found.hash, budget, turns):
                     return number
             raise self._contention(budget)
 
     def touch(self, key: bytes, exptime: int) -> bool:
         """UpdateTtl (overwrite). A past exptime: KeysExist, then Delete."""
         ttl_ms = self._ttl_ms(exptime)
-        with self._call("touch") as budget:
+        budget = self._budget("touch")
+        with self._order.take((key,), budget) as turns:
             if ttl_ms == 0:
                 if not self._exists(key, budget):
                     return False
-                self._sdk_delete(key, budget)
+                self._delete(key, budget, turns)
                 return True
             request = pb._UpdateTtlRequest(cache_key=key, overwrite_to_milliseconds=ttl_ms)
-            return self._unary("UpdateTtl", request, budget).WhichOneof("result") != "missing"
+            response = self._outcome(self._rpc("UpdateTtl", request, budget, turns), budget)
+            return bool(response.WhichOneof("result") != "missing")
+
+    def remaining_ttl(self, keys: Sequence[bytes]) -> dict[bytes, float | None]:
+        """Seconds each present key has left (never None: every Momento item
+        expires), changing nothing; absent keys are left out. ItemGetTtl per key,
+        :data:`FAN_OUT_WINDOW` at a time, on call slots, within one command's budget
+        (op ``ttl`` in errors)."""
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return {}
+        budget = self._budget("ttl")
+        responses = self._fan_out("ItemGetTtl", [pb._ItemGetTtlRequest(cache_key=key) for key in unique], budget)
+        return {
+            key: response.found.remaining_ttl_millis / 1000.0
+            for key, response in zip(unique, responses)
+            if response.WhichOneof("result") == "found"
+        }
 
     @property
     def allow_flush(self) -> bool:
@@ -298,18 +311,34 @@ class MomentoBackend(MomentoMeta):
         timer.start()
 
     def stats(self) -> dict[str, int]:
-        """No item figures: Momento does not say how many items or bytes a cache holds."""
-        return {}
+        """The calls made (no item figures: Momento does not say how many items or
+        bytes a cache holds): per RPC name ``backend_rpc_<name>_calls`` and
+        ``_keys``, ``backend_rpc_retries``, and the gauges
+        ``backend_rpc_in_flight`` (RPCs holding a call slot) and
+        ``backend_rpc_writes_in_flight`` (keys with a write in flight or waiting
+        for an earlier one)."""
+        out: dict[str, int] = {}
+        for name, calls in self.rpc_calls.items():
+            snake = _snake(name)
+            out[f"backend_rpc_{snake}_calls"] = calls
+            out[f"backend_rpc_{snake}_keys"] = self.rpc_keys.get(name, 0)
+        out["backend_rpc_retries"] = self._connection.transport.retries
+        out["backend_rpc_in_flight"] = self._slots.in_flight
+        out["backend_rpc_writes_in_flight"] = self._order.keys_held
+        return out
 
     def close(self) -> None:
-        """Cancel a pending flush, close the clients and channels, release an embedded server."""
+        """Cancel a pending flush, close the connection (RPCs in flight get
+        :data:`CLOSE_GRACE_SECONDS` to end), release an embedded server."""
         if self._closed:
             return
         self._closed = True
         self._cancel_flush()
-        self._connections.close()
-        if self._on_close is not None:
-            self._on_close()
+        try:
+            self._connection.close(CLOSE_GRACE_SECONDS)
+        finally:
+            if self._on_close is not None:
+                self._on_close()
 
     # -- setup --------------------------------------------------------------
 
@@ -318,57 +347,49 @@ class MomentoBackend(MomentoMeta):
         up to ``timeout`` seconds for the server to come up (when control and
         data share the endpoint: local servers). Used with local servers only."""
         op = "create_cache"
-        if self._endpoint.control_target == self._endpoint.data_target and not self._connections.wait_ready(timeout):
+        if self._endpoint.control_target == self._endpoint.data_target and not self._connection.wait_ready(timeout):
             raise timeout_error(op, timeout)
-        response = self._connections.clients[0].create_cache(self.cache_name)
+        response = self._connection.control("create_cache", self.cache_name)
         if not isinstance(response, self._created):
-            raise self._sdk_failure(response, op, SDK_CONTROL_TIMEOUT_SECONDS)
+            raise self._sdk_failure(response, op)
 
     # -- the operations of store() ------------------------------------------
 
-    def _set(self, key: bytes, stored: bytes, ttl_ms: int, budget: Budget) -> StoreResult:
-        if ttl_ms == 0:
-            self._sdk_delete(key, budget)
-        else:
-            self._sdk_call("set", budget, key, stored, sdk_ttl(ttl_ms))
-        return StoreResult.STORED
-
-    def _add(self, key: bytes, stored: bytes, ttl_ms: int, budget: Budget) -> StoreResult:
+    def _add(self, key: bytes, stored: bytes, ttl_ms: int, budget: Budget, turns: Turns) -> StoreResult:
         if ttl_ms == 0:
             return StoreResult.NOT_STORED if self._exists(key, budget) else StoreResult.STORED
-        response = self._sdk_call("set_if_not_exists", budget, key, stored, sdk_ttl(ttl_ms))
-        if isinstance(response, self._stored):
-            return StoreResult.STORED
-        if isinstance(response, self._not_stored):
-            return StoreResult.NOT_STORED
-        raise unexpected_response(response, budget.op)
+        request = pb._SetIfNotExistsRequest(cache_key=key, cache_body=stored, ttl_milliseconds=ttl_ms)
+        response = self._outcome(self._rpc("SetIfNotExists", request, budget, turns), budget)
+        return StoreResult.STORED if response.WhichOneof("result") == "stored" else StoreResult.NOT_STORED
 
-    def _replace(self, key: bytes, stored: bytes, ttl_ms: int, budget: Budget) -> StoreResult:
+    def _replace(self, key: bytes, stored: bytes, ttl_ms: int, budget: Budget, turns: Turns) -> StoreResult:
         if ttl_ms == 0:
             if not self._exists(key, budget):
                 return StoreResult.NOT_STORED
-            self._sdk_delete(key, budget)
+            self._delete(key, budget, turns)
             return StoreResult.STORED
         request = pb._SetIfRequest(
             cache_key=key, cache_body=stored, ttl_milliseconds=ttl_ms, present=common_pb2.Present()
         )
-        response = self._unary("SetIf", request, budget)
+        response = self._outcome(self._rpc("SetIf", request, budget, turns), budget)
         return StoreResult.STORED if response.WhichOneof("result") == "stored" else StoreResult.NOT_STORED
 
-    def _cas(self, key: bytes, stored: bytes, ttl_ms: int, cas_unique: int, budget: Budget) -> StoreResult:
+    def _cas(
+        self, key: bytes, stored: bytes, ttl_ms: int, cas_unique: int, budget: Budget, turns: Turns
+    ) -> StoreResult:
         found = self._get_with_hash(key, budget)
         if found is None:
             return StoreResult.NOT_FOUND
         if codec.cas_unique(found.stored) != cas_unique:
             return StoreResult.EXISTS
         if ttl_ms == 0:
-            self._sdk_delete(key, budget)
+            self._delete(key, budget, turns)
             return StoreResult.STORED
-        if self._set_if_hash(key, stored, ttl_ms, found.hash, budget):
+        if self._set_if_hash(key, stored, ttl_ms, found.hash, budget, turns):
             return StoreResult.STORED
         return StoreResult.EXISTS if self._exists(key, budget) else StoreResult.NOT_FOUND
 
-    def _concatenate(self, key: bytes, data: bytes, append: bool, budget: Budget) -> StoreResult:
+    def _concatenate(self, key: bytes, data: bytes, append: bool, budget: Budget, turns: Turns) -> StoreResult:
         for _ in range(MAX_ATTEMPTS):
             read = self._read_for_update(key, budget)
             if read is None:
@@ -379,7 +400,7 @@ class MomentoBackend(MomentoMeta):
             new = codec.encode(value, flags, self._with_flags)
             if self._too_large(key, value, flags, new):
                 return StoreResult.NOT_STORED  # memcached: an append that would not fit
-            if self._set_if_hash(key, new, ttl_ms, found.hash, budget):
+            if self._set_if_hash(key, new, ttl_ms, found.hash, budget, turns):
                 return StoreResult.STORED
         raise self._contention(budget)
 
@@ -389,133 +410,99 @@ class MomentoBackend(MomentoMeta):
         """GetWithHash and ItemGetTtl, concurrently: the item and its remaining
         TTL in ms, or None if missing. If the item changes between the two
         reads, the conditional write that follows fails and is retried."""
-        ttl_call = self._start("ItemGetTtl", pb._ItemGetTtlRequest(cache_key=key), budget)
+        ttl_call = self._rpc("ItemGetTtl", pb._ItemGetTtlRequest(cache_key=key), budget)
         try:
             found = self._get_with_hash(key, budget)
         except BaseException:
             ttl_call.cancel()
             raise
-        ttl_response = self._gather([ttl_call], budget)[0]
+        ttl_response = self._outcome(ttl_call, budget)
         if found is None or ttl_response.WhichOneof("result") != "found":
             return None
         return found, max(1, ttl_response.found.remaining_ttl_millis)
 
     def _get_with_hash(self, key: bytes, budget: Budget) -> _Found | None:
-        response = self._unary("GetWithHash", pb._GetWithHashRequest(cache_key=key), budget)
+        call = self._rpc("GetWithHash", pb._GetWithHashRequest(cache_key=key), budget)
+        response = self._outcome(call, budget)
         if response.WhichOneof("result") != "found":
             return None
         return _Found(response.found.value, response.found.hash)
 
-    def _set_if_hash(self, key: bytes, stored: bytes, ttl_ms: int, expected: bytes, budget: Budget) -> bool:
+    def _set_if_hash(
+        self, key: bytes, stored: bytes, ttl_ms: int, expected: bytes, budget: Budget, turns: Turns
+    ) -> bool:
         request = pb._SetIfHashRequest(
             cache_key=key,
             cache_body=stored,
             ttl_milliseconds=ttl_ms,
             present_and_hash_equal=common_pb2.PresentAndHashEqual(hash_to_check=expected),
         )
-        return bool(self._unary("SetIfHash", request, budget).WhichOneof("result") == "stored")
+        response = self._outcome(self._rpc("SetIfHash", request, budget, turns), budget)
+        return bool(response.WhichOneof("result") == "stored")
 
     def _exists(self, key: bytes, budget: Budget) -> bool:
-        response = self._unary("KeysExist", pb._KeysExistRequest(cache_keys=[key]), budget)
+        response = self._outcome(self._rpc("KeysExist", pb._KeysExistRequest(cache_keys=[key]), budget), budget)
         return bool(response.exists and response.exists[0])
 
-    def _get_values(self, keys: list[bytes], budget: Budget) -> dict[bytes, bytes]:
-        """Stored bytes of the present keys (``keys`` without duplicates)."""
-        if not keys:
-            return {}
-        if len(keys) == 1:
-            value = self._sdk_get(keys[0], budget)
-            return {} if value is None else {keys[0]: value}
-        size = self.max_batch_keys
-        batches = [keys[i : i + size] for i in range(0, len(keys), size)]
-        found: dict[bytes, bytes] = {}
-        for start in range(0, len(batches), GET_BATCH_WINDOW):
-            window = batches[start : start + GET_BATCH_WINDOW]
-            streams = [
-                self._next_stub().GetBatch(
-                    pb._GetBatchRequest(items=[pb._GetRequest(cache_key=key) for key in batch]),
-                    metadata=self._data_metadata,
-                    timeout=budget.remaining(),
-                )
-                for batch in window
-            ]
-            try:
-                for batch, stream in zip(window, streams):
-                    found.update(_hits(batch, list(stream), budget.op))
-            except BaseException as exc:
-                for stream in streams:
-                    stream.cancel()
-                if isinstance(exc, grpc.RpcError):
-                    raise rpc_error(exc, budget.op, budget.timeout) from None
-                raise
-        return found
+    def _delete(self, key: bytes, budget: Budget, turns: Turns) -> None:
+        self._outcome(self._rpc("Delete", pb._DeleteRequest(cache_key=key), budget, turns), budget)
 
     # -- calls -------------------------------------------------------------------
 
-    def _call(self, op: str) -> AbstractContextManager[Budget]:
-        """One backend command: a slot of ``max_in_flight`` and the command's :class:`Budget`."""
+    def _budget(self, op: str) -> Budget:
+        """The :class:`Budget` of one backend command."""
         if self._closed:
             raise BackendError("unavailable", f"momento unavailable on {op}: the backend is closed")
-        return self._slots.take(op)
+        return Budget(op, time.monotonic() + self.request_timeout, self.request_timeout)
 
-    def _sdk_call(self, method: str, budget: Budget, *args: Any) -> Any:
-        """One call of the next ``CacheClient``; its ``Error`` response raised as ours."""
-        budget.remaining()  # the slot wait may have used the whole budget
-        response = getattr(self._next_client(), method)(self.cache_name, *args)
-        if isinstance(response, self._sdk_errors):
-            raise sdk_error(response, budget.op, budget.timeout)
-        return response
+    def _submit(self, method: str, request: Any, keys: int, deadline: float) -> PendingCall:
+        """Start one RPC (counted, with its keys; idempotent ones retried). The caller holds a slot."""
+        calls = self.rpc_calls
+        calls[method] = calls.get(method, 0) + 1
+        counts = self.rpc_keys
+        counts[method] = counts.get(method, 0) + keys
+        retry = SDK_MAX_RETRIES if method in IDEMPOTENT_RPCS else 0
+        call = self._connection.submit(method, request, self._metadata, deadline, retry)
+        assert isinstance(call, PendingCall), "the backend is used from the thread that created it"
+        return call
 
-    def _sdk_get(self, key: bytes, budget: Budget) -> bytes | None:
-        response = self._sdk_call("get", budget, key)
-        if isinstance(response, self._get_hit):
-            value: bytes = response.value_bytes
-            return value
-        if isinstance(response, self._get_miss):
-            return None
-        raise unexpected_response(response, budget.op)
-
-    def _sdk_delete(self, key: bytes, budget: Budget) -> None:
-        response = self._sdk_call("delete", budget, key)
-        if not isinstance(response, self._success):
-            raise unexpected_response(response, budget.op)
-
-    def _sdk_failure(self, response: Any, op: str, timeout: float) -> BackendError | ValueTooLarge:
-        if isinstance(response, self._sdk_errors):
-            return sdk_error(response, op, timeout)
-        return unexpected_response(response, op)
-
-    def _unary(self, method: str, request: Any, budget: Budget) -> Any:
-        """One blocking unary call on the next connection."""
+    def _rpc(self, method: str, request: Any, budget: Budget, turns: Turns | None = None) -> PendingCall:
+        """Start one RPC on a call slot (waited for within ``budget``). A read
+        gets the command's deadline; a write (``turns`` given) its own
+        :attr:`write_timeout`, and the command's turns last until it ends."""
+        self._slots.acquire(budget)
         try:
-            return getattr(self._next_stub(), method)(
-                request, metadata=self._data_metadata, timeout=budget.remaining()
-            )
-        except grpc.RpcError as err:
+            deadline = budget.deadline if turns is None else time.monotonic() + self.write_timeout
+            call = self._submit(method, request, 1, deadline)
+        except BaseException:
+            self._slots.release()
+            raise
+        call.add_done_callback(self._release_slot)
+        if turns is not None:
+            turns.track(call)
+        return call
+
+    def _release_slot(self, _call: PendingCall) -> None:
+        self._slots.release()
+
+    def _outcome(self, call: PendingCall, budget: Budget) -> Any:
+        """The response of a started RPC, waited for within ``budget`` (a read
+        ends at the same deadline; a write runs on to its own). Raises mproxy's error."""
+        if not call.wait(budget.left()):
+            raise budget.expired()
+        try:
+            return call.result()
+        except Exception as err:
             raise rpc_error(err, budget.op, budget.timeout) from None
 
-    def _start(self, method: str, request: Any, budget: Budget) -> Any:
-        """Start a unary call without waiting (a ``grpc.Future``); see :meth:`_gather`.
-        A call started after the deadline fails as a timeout when gathered."""
-        timeout = max(budget.deadline - time.monotonic(), _MIN_CALL_SECONDS)
-        return getattr(self._next_stub(), method).future(request, metadata=self._data_metadata, timeout=timeout)
-
-    def _fan_out(self, method: str, requests: list[Any], budget: Budget) -> list[Any]:
-        """Results of one call per request, :data:`FAN_OUT_WINDOW` in flight at a time."""
-        results: list[Any] = []
+    def _fan_out(self, method: str, requests: list[Any], budget: Budget, turns: Turns | None = None) -> list[Any]:
+        """Responses of one call per request, :data:`FAN_OUT_WINDOW` in flight at a
+        time: writes when ``turns`` is given (see :meth:`_rpc`), else reads."""
+        responses: list[Any] = []
         for start in range(0, len(requests), FAN_OUT_WINDOW):
-            window = requests[start : start + FAN_OUT_WINDOW]
-            results += self._gather([self._start(method, request, budget) for request in window], budget)
-        return results
-
-    def _gather(self, futures: list[Any], budget: Budget) -> list[Any]:
-        """Results of started calls; on the first failure cancel the rest and raise."""
-        try:
-            return [future.result() for future in futures]
-        except grpc.RpcError as err:
-            for future in futures:
-                future.cancel()
-            raise rpc_error(err, budget.op, budget.timeout) from None
+            window = [self._rpc(method, request, budget, turns) for request in requests[start : start + FAN_OUT_WINDOW]]
+            responses += [self._outcome(call, budget) for call in window]
+        return responses
 
     # -- items -------------------------------------------------------------------
 
@@ -546,11 +533,20 @@ class MomentoBackend(MomentoMeta):
     # -- flush ---------------------------------------------------------------
 
     def _flush(self) -> None:
-        with self._call("flush_all") as budget:
-            budget.remaining()
-            response = self._connections.clients[0].flush_cache(self.cache_name)  # the SDK's control deadline
-            if not isinstance(response, self._success):
-                raise self._sdk_failure(response, budget.op, SDK_CONTROL_TIMEOUT_SECONDS)
+        op = "flush_all"
+        if self._closed:
+            raise BackendError("unavailable", f"momento unavailable on {op}: the backend is closed")
+        try:
+            response = self._connection.control("flush_cache", self.cache_name)  # the SDK's control deadline
+        except Exception as err:
+            raise rpc_error(err, op, SDK_CONTROL_TIMEOUT_SECONDS) from None
+        if not isinstance(response, self._flushed):
+            raise self._sdk_failure(response, op)
+
+    def _sdk_failure(self, response: Any, op: str) -> BackendError | ValueTooLarge:
+        if isinstance(response, self._sdk_errors):
+            return sdk_error(response, op, SDK_CONTROL_TIMEOUT_SECONDS)
+        return unexpected_response(response, op)
 
     def _delayed_flush(self) -> None:
         try:
@@ -564,16 +560,6 @@ class MomentoBackend(MomentoMeta):
             timer.cancel()
 
 
-def _hits(keys: Sequence[bytes], responses: Sequence[Any], op: str) -> dict[bytes, bytes]:
-    """Stored bytes of the hits among one GetBatch's answers (one per key, in order)."""
-    if len(responses) != len(keys):
-        raise BackendError(
-            "internal", f"momento internal error on {op}: GetBatch answered {len(responses)} of {len(keys)} keys"
-        )
-    found: dict[bytes, bytes] = {}
-    for key, response in zip(keys, responses):
-        if response.result == pb.Hit:
-            found[key] = response.cache_body
-        elif response.result != pb.Miss:
-            raise BackendError("internal", f"momento internal error on {op}: unexpected get result {response.result}")
-    return found
+def _snake(rpc: str) -> str:
+    """``GetBatch`` -> ``get_batch``: an RPC name as a stat name."""
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(rpc))

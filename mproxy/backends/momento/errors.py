@@ -1,10 +1,11 @@
-"""Momento's failures as mproxy's errors: one table for the SDK path and the raw path.
+"""Momento's failures as mproxy's errors: one table for RPCs and SDK control calls.
 
-A failed call of our own channels (a ``grpc.RpcError``, :func:`rpc_error`) and
-an SDK ``Error`` response (:func:`sdk_error`) become the same
-:class:`BackendError` code and message: the code from :data:`ERROR_TABLE`, the
-message one line naming the command, never a key or value. Momento's refusal
-of an item as too large becomes :class:`ValueTooLarge`.
+A failed RPC (a ``grpc.RpcError``: ``grpc.aio.AioRpcError`` on mproxy's
+channels, :func:`rpc_error`) and an SDK ``Error`` response of a control call
+(:func:`sdk_error`) become the same :class:`BackendError` code and message:
+the code from :data:`ERROR_TABLE`, the message one line naming the command,
+never a key or value. Momento's refusal of an item as too large becomes
+:class:`ValueTooLarge`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import grpc
 
 from mproxy.backends.base import BackendError, ValueTooLarge
+from mproxy.backends.momento.bridge import TransportClosed
 
 #: One row per :class:`BackendError` code: the gRPC statuses (raw path) and the
 #: SDK's ``MomentoErrorCode`` names (SDK path, when an error carries no gRPC
@@ -49,10 +51,19 @@ def timeout_error(op: str, timeout: float, waiting: str = "") -> BackendError:
     return BackendError("timeout", f"{message} {waiting}" if waiting else message)
 
 
-def rpc_error(err: grpc.RpcError, op: str, timeout: float) -> BackendError | ValueTooLarge:
-    """A failed RPC of our own channels as mproxy's error."""
-    if isinstance(err, grpc.Call):
-        return _failure(STATUS_CODES.get(err.code(), "internal"), err.details(), err.trailing_metadata(), op, timeout)
+def rpc_error(err: BaseException, op: str, timeout: float) -> BackendError | ValueTooLarge:
+    """A failed RPC as mproxy's error. Reads ``code()``, ``details()`` and
+    ``trailing_metadata()`` from any ``grpc.RpcError`` that has them
+    (``grpc.aio.AioRpcError`` is not a ``grpc.Call``; its trailers are a
+    ``grpc.aio.Metadata``, which iterates as pairs). The transport closing
+    answers ``unavailable``."""
+    code = getattr(err, "code", None)
+    if isinstance(err, grpc.RpcError) and callable(code):
+        trailers = err.trailing_metadata() if callable(getattr(err, "trailing_metadata", None)) else None
+        details = err.details() if callable(getattr(err, "details", None)) else ""
+        return _failure(STATUS_CODES.get(code(), "internal"), details, trailers, op, timeout)
+    if isinstance(err, TransportClosed):
+        return _failure("unavailable", "the connection to Momento is closed", None, op, timeout)
     return _failure("internal", "", None, op, timeout)
 
 

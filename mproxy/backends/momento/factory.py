@@ -8,7 +8,6 @@ from mproxy.backends.base import BackendError
 from mproxy.backends.momento import embedded
 from mproxy.backends.momento.backend import MomentoBackend
 from mproxy.backends.momento.endpoint import Endpoint, credentials_from_env
-from mproxy.backends.momento.transport import gevent_patched, prepare_gevent
 
 #: How long creating the cache on a local server may wait for it to answer.
 LOCAL_CONNECT_TIMEOUT_SECONDS = 10.0
@@ -59,8 +58,6 @@ def from_config(cache: _CacheSettings, config: _Settings) -> MomentoBackend:
     With a local server the cache is created if missing (the service's
     caches are not). Raises :class:`BackendError` naming what failed.
     """
-    if gevent_patched():
-        prepare_gevent()
     momento = config.momento
     address = momento.local_address
     on_close: Callable[[], None] | None = None
