@@ -179,6 +179,11 @@ class MomentoBackend(MomentoMeta):
         """UpdateTtl (overwrite) per key, concurrently with the read; the keys
         both found are returned. A past exptime: the read, then Delete each key
         found (returned once, then gone, as memcached does)."""
+        found = self._touch_stored(keys, exptime)
+        return {key: self._item(stored, with_cas) for key, stored in found.items()}
+
+    def _touch_stored(self, keys: Sequence[bytes], exptime: int) -> dict[bytes, bytes]:
+        """:meth:`touch_many`'s calls: the stored bytes of the keys touched."""
         unique = list(dict.fromkeys(keys))
         ttl_ms = self._ttl_ms(exptime)
         budget = self._budget("touch")
@@ -198,7 +203,7 @@ class MomentoBackend(MomentoMeta):
                     for key, response in zip(unique, touched)
                     if response.WhichOneof("result") != "missing" and (stored := found.get(key)) is not None
                 }
-        return {key: self._item(stored, with_cas) for key, stored in found.items()}
+        return found
 
     def store(
         self,
@@ -218,7 +223,7 @@ class MomentoBackend(MomentoMeta):
         budget = self._budget(mode.value)
         with self._order.take((key,), budget) as turns:
             if mode is StoreMode.APPEND or mode is StoreMode.PREPEND:
-                return self._concatenate(key, value, mode is StoreMode.APPEND, budget, turns)
+                return self._concatenate(key, value, mode is StoreMode.APPEND, budget, turns)[0]
             ttl_ms = self._ttl_ms(exptime)
             if mode is StoreMode.SET:
                 if ttl_ms == 0:
@@ -368,19 +373,25 @@ class MomentoBackend(MomentoMeta):
             return StoreResult.STORED
         return StoreResult.EXISTS if self._exists(key, budget) else StoreResult.NOT_FOUND
 
-    def _concatenate(self, key: bytes, data: bytes, append: bool, budget: Budget, turns: Turns) -> StoreResult:
+    def _concatenate(
+        self, key: bytes, data: bytes, append: bool, budget: Budget, turns: Turns, cas_unique: int = 0
+    ) -> tuple[StoreResult, bytes]:
+        """Append or prepend (compared with ``cas_unique`` unless 0): the result and
+        the stored bytes written (``b""`` when not stored)."""
         for _ in range(MAX_ATTEMPTS):
             read = self._read_for_update(key, budget)
             if read is None:
-                return StoreResult.NOT_STORED
+                return StoreResult.NOT_STORED, b""
             found, ttl_ms = read
+            if cas_unique and codec.cas_unique(found.stored) != cas_unique:
+                return StoreResult.EXISTS, b""
             value, flags = codec.decode(found.stored, self._with_flags)
             value = value + data if append else data + value
             new = codec.encode(value, flags, self._with_flags)
             if self._too_large(key, value, new):
-                return StoreResult.NOT_STORED  # memcached: an append that would not fit
+                return StoreResult.NOT_STORED, b""  # memcached: an append that would not fit
             if self._set_if_hash(key, new, ttl_ms, found.hash, budget, turns):
-                return StoreResult.STORED
+                return StoreResult.STORED, new
         raise self._contention(budget)
 
     # -- reads and conditional writes -------------------------------------------
