@@ -529,6 +529,7 @@ class MomentoBackend(MomentoMeta):
             raise rpc_error(err, op, SDK_CONTROL_TIMEOUT_SECONDS) from None
         if not isinstance(response, self._flushed):
             raise self._sdk_failure(response, op)
+        self._accesses.clear()  # the meta commands' record of accesses (.meta)
 
     def _sdk_failure(self, response: Any, op: str) -> BackendError | ValueTooLarge:
         if isinstance(response, self._sdk_errors):
