@@ -67,7 +67,8 @@ class Accesses:
     Momento keeps neither figure, so this is what *this proxy process* saw: a
     key read or written only through other proxies, other workers, classic
     commands, or forgotten (more than :data:`ACCESS_RECORD_KEYS` keys since)
-    answers ``h0 l0``, as an item just stored does in memcached."""
+    answers ``h0 l0``, as an item just stored does in memcached. A flush_all
+    through this proxy clears it."""
 
     def __init__(self, capacity: int = ACCESS_RECORD_KEYS) -> None:
         self._capacity = capacity
@@ -91,6 +92,10 @@ class Accesses:
 
     def forget(self, key: bytes) -> None:
         self._seen.pop(key, None)
+
+    def clear(self) -> None:
+        """flush_all: every item is new again."""
+        self._seen.clear()
 
 
 class _Backend(Protocol):
