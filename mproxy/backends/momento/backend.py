@@ -173,6 +173,7 @@ class MomentoBackend(MomentoMeta):
         (a hash of the stored bytes) is computed for gets only."""
         budget = self._budget("get")
         found = self._gets.read(keys if len(keys) == 1 else list(dict.fromkeys(keys)), budget)
+        self._accesses.fetched(found)
         return {key: self._item(stored, with_cas) for key, stored in found.items()}
 
     def touch_many(self, keys: Sequence[bytes], exptime: int, with_cas: bool = False) -> dict[bytes, Item]:
@@ -180,6 +181,7 @@ class MomentoBackend(MomentoMeta):
         both found are returned. A past exptime: the read, then Delete each key
         found (returned once, then gone, as memcached does)."""
         found = self._touch_stored(keys, exptime)
+        self._accesses.fetched(found)
         return {key: self._item(stored, with_cas) for key, stored in found.items()}
 
     def _touch_stored(self, keys: Sequence[bytes], exptime: int) -> dict[bytes, bytes]:
@@ -216,6 +218,14 @@ class MomentoBackend(MomentoMeta):
     ) -> StoreResult:
         """Raises :class:`ValueTooLarge` (saying which limit) without a call
         when the value or the stored item does not fit."""
+        result = self._store(mode, key, value, flags, exptime, cas_unique)
+        if result is StoreResult.STORED:
+            self._accesses.written(key)
+        return result
+
+    def _store(
+        self, mode: StoreMode, key: bytes, value: bytes, flags: int, exptime: int, cas_unique: int
+    ) -> StoreResult:
         stored = codec.encode(value, flags, self._with_flags)
         too_large = self._too_large(key, value, stored)
         if too_large:
@@ -237,6 +247,10 @@ class MomentoBackend(MomentoMeta):
                 return self._replace(key, stored, ttl_ms, budget, turns)
             return self._cas(key, stored, ttl_ms, cas_unique, budget, turns)
 
+    def stored_cas(self, value: bytes, flags: int) -> int:
+        """The content unique of the stored bytes (:mod:`.codec`): no call."""
+        return codec.cas_unique(codec.encode(value, flags, self._with_flags))
+
     def delete(self, key: bytes) -> bool:
         """KeysExist, then Delete if present (two calls: see docs/compatibility.md)."""
         budget = self._budget("delete")
@@ -244,6 +258,7 @@ class MomentoBackend(MomentoMeta):
             if not self._exists(key, budget):
                 return False
             self._delete(key, budget, turns)
+            self._accesses.forget(key)
             return True
 
     def incr_decr(self, key: bytes, delta: int, incr: bool) -> int | None:
@@ -277,7 +292,10 @@ class MomentoBackend(MomentoMeta):
                 return True
             request = pb._UpdateTtlRequest(cache_key=key, overwrite_to_milliseconds=ttl_ms)
             response = self._outcome(self._rpc("UpdateTtl", request, budget, turns), budget)
-            return bool(response.WhichOneof("result") != "missing")
+            touched = response.WhichOneof("result") != "missing"
+            if touched:
+                self._accesses.fetched((key,))
+            return touched
 
     def flush_all(self, delay: int = 0) -> None:
         """FlushCache on the control API, now or from a timer ``delay`` seconds
