@@ -319,6 +319,19 @@ def test_vivify_and_stale_marks_over_the_wire(embedded: Server) -> None:
     assert exchange(embedded.port, b"get k\r\n") == b"VALUE k 0 1\r\nx\r\nEND\r\n"
 
 
+def test_md_invalidate_of_a_stale_item_keeps_its_cas(embedded: Server) -> None:
+    """The CAS unique is the content's: marking an item stale changes it once, marking it
+    stale again (same value, flags, marks) does not.
+
+    memcached: every ``md … I`` gives a new CAS.
+    """
+    exchange(embedded.port, b"set k 0 100 1\r\nx\r\n")
+    first = exchange(embedded.port, b"md k I\r\nmg k c\r\n")
+    second = exchange(embedded.port, b"md k I\r\nmg k c\r\n")
+    assert first.startswith(b"HD\r\nHD c") and first == second
+    assert b" c%d " % content_unique(b"x") not in first
+
+
 def test_ms_invalidate_stores_any_other_cas_stale(embedded: Server) -> None:
     """``ms … C<cas> I`` with a CAS other than the item's stores the value marked stale:
     content uniques have no order, so "lower" cannot be told from "higher".

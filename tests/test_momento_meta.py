@@ -28,8 +28,13 @@ from mproxy.backends.base import (
 )
 from mproxy.backends.momento import codec
 from mproxy.backends.momento.meta import Accesses
+from mproxy.dispatch import Dispatcher
 from mproxy.momento_local.server import LocalServer, serve
+from mproxy.protocol.binary import Opcode
 from mproxy.protocol.commands import StoreMode
+from mproxy.stats import Stats
+from tests.test_binary_parser import req, store_req
+from tests.test_dispatch_binary import run
 
 HOST = "127.0.0.1"
 #: Bound on the time between a command and reading the TTL it set (ms): a loaded machine.
@@ -200,7 +205,7 @@ def test_h_and_l_come_from_this_process_record(backend: mb.MomentoBackend) -> No
     assert item is not None and (item.hit_before, item.last_access) == (False, 0)
     item = backend.meta_get(b"k", MetaGet(with_access=True))
     assert item is not None and item.hit_before is True and item.last_access is not None
-    backend.store(S.SET, b"other", b"v", 0, 0)  # not through a meta command: not seen
+    backend.store(S.SET, b"other", b"v", 0, 0)  # a classic write counts too
     item = backend.meta_get(b"other", MetaGet(with_access=True, no_bump=True))
     assert item is not None and (item.hit_before, item.last_access) == (False, 0)
     item = backend.meta_get(b"other", MetaGet(with_access=True))  # u above did not count
@@ -324,3 +329,28 @@ def test_ma_compares_the_cas_and_sets_the_ttl_with_the_write(
     backend.store(S.SET, b"text", b"", 0, 100)
     with pytest.raises(NonNumericValue):
         backend.meta_arith(b"text", MetaArith(with_cas=True))
+
+
+# ---- the binary protocol's write CAS ------------------------------------------------
+
+
+@pytest.mark.parametrize("opcode", [Opcode.SET, Opcode.ADD, Opcode.REPLACE])
+def test_a_binary_write_answers_the_cas_a_get_returns_without_reading(
+    backend: mb.MomentoBackend, opcode: int
+) -> None:
+    """The content unique of what was stored is the CAS the next get shows: no read back."""
+    stats = Stats()
+    d = Dispatcher(backend, stats.cache("c"), stats)
+    if opcode == Opcode.REPLACE:
+        backend.store(S.SET, b"k", b"old", 0, 100)
+    reads = backend.rpc_calls.get("Get", 0) + backend.rpc_calls.get("GetBatch", 0)
+    [stored] = run(d, store_req(opcode, b"k", b"value", flags=7, exptime=100))
+    assert stored.status == 0 and stored.cas != 0
+    assert backend.rpc_calls.get("Get", 0) + backend.rpc_calls.get("GetBatch", 0) == reads
+    [got] = run(d, req(Opcode.GET, b"k"))
+    assert got.status == 0 and got.value == b"value" and got.cas == stored.cas
+    # a cas with it stores; append still reads its result back
+    [again] = run(d, store_req(Opcode.SET, b"k", b"next", cas=got.cas))
+    assert again.status == 0 and again.cas == run(d, req(Opcode.GET, b"k"))[0].cas
+    [appended] = run(d, req(Opcode.APPEND, b"k", value=b"!"))
+    assert appended.status == 0 and appended.cas == run(d, req(Opcode.GET, b"k"))[0].cas

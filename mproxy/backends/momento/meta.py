@@ -17,7 +17,7 @@ calls as ``docs/compatibility.md`` ("Meta commands") tabulates:
   Delete, as Momento has no conditional delete);
 * hit-before and last access (``h``, ``l``, ``fetch=`` and ``la=`` of me):
   Momento keeps neither, so they come from this process's own bounded record
-  of the meta commands it served (:class:`Accesses`).
+  of the reads and writes it served (:class:`Accesses`).
 
 Marks need the flags encoding: with ``flags = false`` the flags that write
 them (mg ``N``, ``R``; ``I`` of md and ms) are refused with
@@ -31,7 +31,7 @@ import time
 from collections import OrderedDict
 from dataclasses import replace
 from functools import cached_property
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 from momento_wire_types import cacheclient_pb2 as pb
 
@@ -61,14 +61,15 @@ META_ATTEMPTS = 8
 
 
 class Accesses:
-    """This process's bounded record of the keys meta commands served: whether a
-    read fetched the key (``h``) and when it was last read or written (``l``).
+    """This process's bounded record of the keys it served: whether a read (get,
+    gat, touch, mg) fetched the key since it was stored (``h``) and when it was
+    last read or written (``l``).
 
     Momento keeps neither figure, so this is what *this proxy process* saw: a
-    key read or written only through other proxies, other workers, classic
-    commands, or forgotten (more than :data:`ACCESS_RECORD_KEYS` keys since)
-    answers ``h0 l0``, as an item just stored does in memcached. A flush_all
-    through this proxy clears it."""
+    key read or written only through other proxies or other workers, or
+    forgotten (more than :data:`ACCESS_RECORD_KEYS` keys since), answers
+    ``h0 l0``, as an item just stored does in memcached. A delete or flush_all
+    through this process forgets it; an item expiring does not."""
 
     def __init__(self, capacity: int = ACCESS_RECORD_KEYS) -> None:
         self._capacity = capacity
@@ -89,6 +90,16 @@ class Accesses:
         seen.move_to_end(key)
         if len(seen) > self._capacity:
             seen.popitem(last=False)
+
+    def fetched(self, keys: Iterable[bytes]) -> None:
+        """Classic reads (get, gat, touch) of these keys, now."""
+        now = time.monotonic()
+        for key in keys:
+            self.record(key, now, True)
+
+    def written(self, key: bytes) -> None:
+        """A classic write of ``key`` stored, now."""
+        self.record(key, time.monotonic(), False)
 
     def forget(self, key: bytes) -> None:
         self._seen.pop(key, None)
@@ -171,7 +182,7 @@ class MomentoMeta:
 
     @cached_property
     def _accesses(self) -> Accesses:
-        """This process's record of meta accesses (``h``, ``l``)."""
+        """This process's record of accesses (``h``, ``l``)."""
         return Accesses()
 
     # -- mg / me ---------------------------------------------------------------
@@ -320,10 +331,7 @@ class MomentoMeta:
             _needs_marks(self, "stale items")
         elif request.compare_cas is None:
             # a touch without invalidate does nothing in memcached either
-            if not self.delete(key):
-                return MetaStatus.NOT_FOUND
-            self._accesses.forget(key)
-            return MetaStatus.DONE
+            return MetaStatus.DONE if self.delete(key) else MetaStatus.NOT_FOUND
         budget = self._budget("md")
         with self._order.take((key,), budget) as turns:
             for _ in range(META_ATTEMPTS):
