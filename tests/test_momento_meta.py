@@ -10,9 +10,6 @@ the wire, and where the answers differ from memcached's:
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator
-
 import pytest
 
 from mproxy.backends import momento as mb
@@ -24,49 +21,20 @@ from mproxy.backends.base import (
     MetaStore,
     MetaUnsupported,
     NonNumericValue,
-    StoreResult,
 )
 from mproxy.backends.momento import codec
 from mproxy.backends.momento.meta import Accesses
 from mproxy.dispatch import Dispatcher
-from mproxy.momento_local.server import LocalServer, serve
+from mproxy.momento_local.server import LocalServer
 from mproxy.protocol.binary import Opcode
 from mproxy.protocol.commands import StoreMode
 from mproxy.stats import Stats
 from tests.test_binary_parser import req, store_req
+from tests.test_backend_momento import R, S, backend, cache, make_backend, server  # noqa: F401 (fixtures)
 from tests.test_dispatch_binary import run
 
-HOST = "127.0.0.1"
 #: Bound on the time between a command and reading the TTL it set (ms): a loaded machine.
 TTL_SLACK_MS = 3000
-
-_names = itertools.count()
-S = StoreMode
-R = StoreResult
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[LocalServer]:
-    srv = serve(host=HOST, port=0)
-    try:
-        yield srv
-    finally:
-        srv.stop(None)
-
-
-def make(server: LocalServer, **kwargs: object) -> mb.MomentoBackend:
-    name = f"meta-{next(_names)}"
-    server.store.create_cache(name)
-    return mb.MomentoBackend(mb.Endpoint.local(HOST, server.port), name, **kwargs)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def backend(server: LocalServer) -> Iterator[mb.MomentoBackend]:
-    b = make(server, default_ttl=900, max_ttl=86400)
-    try:
-        yield b
-    finally:
-        b.close()
 
 
 def held(server: LocalServer, b: mb.MomentoBackend, key: bytes) -> tuple[bytes, int, int] | None:
@@ -169,10 +137,10 @@ def test_vivify_creates_an_empty_item_the_creator_wins(server: LocalServer, back
     assert third is not None and third.value == b"filled" and not (third.won or third.token_sent)
 
 
-def test_vivify_races_have_one_winner(server: LocalServer) -> None:
+def test_vivify_races_have_one_winner(server: LocalServer, cache: str) -> None:
     """Two proxies on one cache: exactly one creates the item and wins."""
-    a = make(server)
-    b = mb.MomentoBackend(mb.Endpoint.local(HOST, server.port), a.cache_name)
+    a = make_backend(server, cache)
+    b = make_backend(server, cache)
     try:
         results = [a.meta_get(b"r", MetaGet(vivify=30)), b.meta_get(b"r", MetaGet(vivify=30))]
         assert [bool(r and r.won) for r in results] == [True, False]
@@ -216,8 +184,8 @@ def test_h_and_l_come_from_this_process_record(backend: mb.MomentoBackend) -> No
     assert item is not None and item.hit_before is False
 
 
-def test_without_the_flags_encoding_marks_are_refused(server: LocalServer) -> None:
-    b = make(server, with_flags=False)
+def test_without_the_flags_encoding_marks_are_refused(server: LocalServer, cache: str) -> None:
+    b = make_backend(server, cache, with_flags=False)
     try:
         b.store(S.SET, b"k", b"v", 0, 100)
         for request in (MetaGet(vivify=30), MetaGet(recache=30)):

@@ -113,9 +113,11 @@ class _Backend(Protocol):
     """What the mixin uses of :class:`~.backend.MomentoBackend`."""
 
     _with_flags: bool
-    _accesses: Accesses
     _order: Any
     _gets: Any
+
+    @property
+    def _accesses(self) -> Accesses: ...
 
     def store(
         self, mode: StoreMode, key: bytes, value: bytes, flags: int, exptime: int, cas_unique: int = 0
