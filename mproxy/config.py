@@ -600,8 +600,8 @@ class CacheConfig:
         True,
         _BOOL,
         "Momento caches: store the memcached flags with the value. `false` stores raw values "
-        "that other Momento clients can read, and flags read back as 0. All proxies sharing "
-        "a cache must agree.",
+        "that other Momento clients can read, and flags read back as 0; the meta flags that "
+        "mark items (`N`, `R`, `I`) are then refused. All proxies sharing a cache must agree.",
     )
     allow_flush: bool = _option(
         True, _BOOL, "`false` refuses `flush_all`, like memcached `-F`."

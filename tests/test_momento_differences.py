@@ -286,52 +286,87 @@ def test_failed_backend_call_answers_server_error(shared_a: Server, local_moment
         assert reply == b"VALUE k 0 1\r\nv\r\nEND\r\n"
 
 
-# ---- meta commands: what the Momento backend does not serve yet -------------------------
+# ---- meta commands: where Momento's answers differ -------------------------------------
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        b"mg k t",  # remaining TTL: ItemGetTtl
-        b"mg k v R30",  # recache window: ItemGetTtl
-        b"mg k N30",  # vivify: SetIfNotExists
-        b"mg k h",  # hit before: Momento keeps no such bit
-        b"mg k l",  # last access: nor this time
-        b"ms k 1 C5 I\r\nx",  # stale items
-        b"ms k 1 MA C5\r\nx",  # CAS compare on append: GetWithHash + SetIfHash
-        b"ms k 1 MP c\r\nx",  # CAS of an appended item
-    ],
-)
-def test_meta_flags_not_served_yet_are_unknown_flags(embedded: Server, command: bytes) -> None:
-    """mg and ms flags the Momento backend cannot serve yet are refused before any call,
-    with memcached's answer to a flag it does not know (compatibility.md, "Meta commands").
+def test_t_shows_the_ttl_momento_holds(embedded: Server) -> None:
+    """``t`` is ItemGetTtl's remaining TTL, in whole seconds rounded up; exptime 0 has the
+    default TTL there (Momento has no "never expires"), so it shows that.
 
-    memcached: serves them (t20, W, h1, ...).
+    memcached: ``t-1`` for exptime 0.
     """
-    exchange(embedded.port, b"set k 0 0 1\r\n5\r\n")
-    assert exchange(embedded.port, command + b"\r\n") == b"CLIENT_ERROR invalid flag\r\n"
-    assert exchange(embedded.port, b"mg k v\r\n") == b"VA 1\r\n5\r\n"
+    exchange(embedded.port, b"set k 0 0 1\r\nx\r\nset j 0 100 1\r\ny\r\n")
+    reply = exchange(embedded.port, b"mg k t\r\nmg j t v\r\n")
+    first, second = reply.split(b"\r\n", 1)
+    assert MOMENTO_MAX_TTL - 3 <= int(first.removeprefix(b"HD t")) <= MOMENTO_MAX_TTL
+    assert second.startswith(b"VA 1 t") and 97 <= int(second[len(b"VA 1 t") :].split(b"\r\n")[0]) <= 100
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        b"md k I",  # stale items
-        b"md k C5",  # CAS compare on delete: GetWithHash, then Delete
-        b"ma k N0",  # vivify: SetIfNotExists
-        b"ma k C5",  # CAS compare on incr: GetWithHash + SetIfHash
-        b"ma k t",  # remaining TTL: ItemGetTtl
-        b"ma k c",  # CAS of the new value
-    ],
-)
-def test_md_ma_flags_not_served_yet_are_unknown_flags(embedded: Server, command: bytes) -> None:
-    """md and ma: memcached's words for an unknown flag of these commands; nothing changed.
+def test_vivify_and_stale_marks_over_the_wire(embedded: Server) -> None:
+    """N, R, md I and ms I answer W, Z and X as memcached does (the marks are stored in the
+    item: compatibility.md, "Meta commands"); a classic get reads the item's value."""
+    assert exchange(embedded.port, b"mg v N30 s v\r\n") == b"VA 0 s0 W\r\n\r\n"
+    assert exchange(embedded.port, b"mg v N30 s v\r\n") == b"VA 0 s0 Z\r\n\r\n"
+    assert exchange(embedded.port, b"get v\r\n") == b"VALUE v 0 0\r\n\r\nEND\r\n"
+    exchange(embedded.port, b"set k 0 100 1\r\nx\r\n")
+    assert exchange(embedded.port, b"mg k R30 v\r\nmg k R200 v\r\nmg k R200 v\r\n") == (
+        b"VA 1\r\nx\r\nVA 1 W\r\nx\r\nVA 1 Z\r\nx\r\n"
+    )
+    assert exchange(embedded.port, b"md k I T30\r\nmg k v\r\nmg k v\r\n") == (
+        b"HD\r\nVA 1 X W\r\nx\r\nVA 1 Z X\r\nx\r\n"
+    )
+    assert exchange(embedded.port, b"get k\r\n") == b"VALUE k 0 1\r\nx\r\nEND\r\n"
 
-    memcached: serves them.
+
+def test_md_invalidate_of_a_stale_item_keeps_its_cas(embedded: Server) -> None:
+    """The CAS unique is the content's: marking an item stale changes it once, marking it
+    stale again (same value, flags, marks) does not.
+
+    memcached: every ``md … I`` gives a new CAS.
     """
-    exchange(embedded.port, b"set k 0 0 1\r\n5\r\n")
-    assert exchange(embedded.port, command + b"\r\n") == b"CLIENT_ERROR invalid or duplicate flag\r\n"
-    assert exchange(embedded.port, b"mg k v\r\n") == b"VA 1\r\n5\r\n"
+    exchange(embedded.port, b"set k 0 100 1\r\nx\r\n")
+    first = exchange(embedded.port, b"md k I\r\nmg k c\r\n")
+    second = exchange(embedded.port, b"md k I\r\nmg k c\r\n")
+    assert first.startswith(b"HD\r\nHD c") and first == second
+    assert b" c%d " % content_unique(b"x") not in first
+
+
+def test_ms_invalidate_stores_any_other_cas_stale(embedded: Server) -> None:
+    """``ms … C<cas> I`` with a CAS other than the item's stores the value marked stale:
+    content uniques have no order, so "lower" cannot be told from "higher".
+
+    memcached: stale only for a lower CAS; a higher one answers ``EX``.
+    """
+    exchange(embedded.port, b"set k 0 100 1\r\nx\r\n")
+    higher = content_unique(b"x") + 1
+    assert exchange(embedded.port, b"ms k 1 C%d I\r\ny\r\nmg k v\r\n" % higher) == b"HD\r\nVA 1 X W\r\ny\r\n"
+
+
+def test_h_and_l_are_what_this_proxy_saw(shared_a: Server, shared_b: Server) -> None:
+    """``h`` and ``l`` come from each proxy process's record of the meta commands it
+    served: a key fetched through another proxy (or another worker) is new to this one.
+
+    memcached: ``h1`` once any client fetched the item.
+    """
+    # a key no other test uses: a flush through shared_a does not clear shared_b's record
+    exchange(shared_a.port, b"ms hl 1\r\nx\r\n")
+    assert exchange(shared_a.port, b"mg hl h l\r\nmg hl h l\r\n") == b"HD h0 l0\r\nHD h1 l0\r\n"
+    assert exchange(shared_b.port, b"mg hl h l\r\n") == b"HD h0 l0\r\n"
+
+
+def test_md_c_reads_then_deletes(shared_a: Server, momento_stub: pb_grpc.ScsStub) -> None:
+    """``md … C<cas>`` is GetWithHash, then Delete (Momento has no conditional delete): the
+    compare holds against writes through this proxy, not against other clients' writes
+    between the two calls.
+
+    memcached: one step under the item lock.
+    """
+    exchange(shared_a.port, b"set k 0 0 1\r\nx\r\n")
+    cas = content_unique(b"x")
+    assert exchange(shared_a.port, b"md k C%d\r\n" % (cas + 1)) == b"EX\r\n"
+    assert exchange(shared_a.port, b"md k C%d q\r\nmg k\r\n" % cas) == b"EN\r\n"
+    response = momento_stub.Get(pb._GetRequest(cache_key=b"k"), metadata=METADATA)
+    assert response.result == pb.Miss
 
 
 def test_meta_key_echo_follows_the_request(embedded: Server) -> None:
@@ -345,13 +380,18 @@ def test_meta_key_echo_follows_the_request(embedded: Server) -> None:
 
 
 def test_me_shows_the_figures_momento_has(embedded: Server) -> None:
-    """``me`` shows the CAS unique only: Momento keeps no access time, fetch bit or slab class
-    (its TTL is not read yet).
+    """``me`` shows the TTL Momento holds (ItemGetTtl), the access time and fetch bit of this
+    proxy's record (as ``h`` and ``l``) and the content unique; no slab class or size.
 
     memcached: ``ME k exp=-1 la=0 cas=7 fetch=no cls=1 size=61``.
     """
-    exchange(embedded.port, b"set k 0 0 1\r\nx\r\n")
-    assert exchange(embedded.port, b"me k\r\n") == b"ME k cas=%d\r\n" % content_unique(b"x")
+    # a key no test read before: each worker process keeps its own record
+    exchange(embedded.port, b"set me-k 0 100 1\r\nx\r\n")
+    reply = exchange(embedded.port, b"me me-k\r\n")
+    assert reply.startswith(b"ME me-k exp=-")
+    exp = int(reply.split(b" ")[2].removeprefix(b"exp="))
+    assert -100 <= exp <= -97
+    assert reply.endswith(b" la=0 cas=%d fetch=no\r\n" % content_unique(b"x"))
     assert exchange(embedded.port, b"me nothere\r\n") == b"EN\r\n"
 
 
@@ -366,12 +406,8 @@ def test_ms_c_is_the_content_unique(embedded: Server) -> None:
     assert gets_unique(embedded.port, b"k") == content_unique(FLAGS_MAGIC + (3).to_bytes(4, "big") + b"ab")
 
 
-def test_ma_t_sets_the_ttl_after_the_incr(shared_a: Server, momento_stub: pb_grpc.ScsStub) -> None:
-    """``ma ... T`` is an incr, then an UpdateTtl: not one atomic step (a write in between
-    keeps the new TTL).
-
-    memcached: one step under the item lock.
-    """
+def test_ma_t_sets_the_ttl_with_the_incr(shared_a: Server, momento_stub: pb_grpc.ScsStub) -> None:
+    """``ma ... T`` writes the new number and TTL in one SetIfHash (as memcached, one step)."""
     exchange(shared_a.port, b"set n 0 0 1\r\n1\r\n")
     assert exchange(shared_a.port, b"ma n T100 v\r\n") == b"VA 1\r\n2\r\n"
     assert 100_000 - TTL_SLACK_MS < remaining_ttl_ms(momento_stub, b"n") <= 100_000

@@ -245,6 +245,11 @@ class Backend(Protocol):
         """set/add/replace/append/prepend/cas. Raises ValueTooLarge when the item
         does not fit (dispatch then removes the old value of a set: not a backend's job)."""
 
+    def stored_cas(self, value: bytes, flags: int) -> int:
+        """The CAS unique a get will show for the item a set/add/replace/cas of
+        ``value`` and ``flags`` just stored, when the backend knows it without a
+        call (content uniques); 0 when it does not (the caller reads it back)."""
+
     def delete(self, key: bytes) -> bool:
         """True if the key was there (DELETED), False if not (NOT_FOUND)."""
 

@@ -288,6 +288,10 @@ class MemoryBackend:
 
     # -- meta commands (memcached 1.6.18's proto_text.c and items.c) ----------------
 
+    def stored_cas(self, value: bytes, flags: int) -> int:
+        """Not known from the value: the item's unique is a counter (read it back)."""
+        return 0
+
     def meta_get(self, key: bytes, request: MetaGet) -> MetaItem | None:
         now = self._now()
         entry = self._live(key, now)

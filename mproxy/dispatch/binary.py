@@ -17,9 +17,10 @@ Beyond the text commands:
   value and expiry (unless the expiry is ``0xffffffff``):
   :meth:`Dispatcher.arith_or_create` (where memcached answers ``Not stored.``
   to an add lost to a concurrent creator, it increments the new counter);
-* successful writes answer the CAS unique of the item written, read back from
-  the backend (:meth:`_Handlers._written_cas`), as the backend interface does not
-  return it;
+* successful writes answer the CAS unique of the item written: for
+  set/add/replace/cas the backend's :meth:`~mproxy.backends.base.Backend.stored_cas`
+  when it knows it without a call (Momento's content uniques), else read back
+  from the backend (:meth:`_Handlers._written_cas`), as ``store`` does not return it;
 * backend failures answer ``Out of memory`` (status 0x82) with the reason as
   the body: memcached's binary form of its ``SERVER_ERROR`` lines.
 """
@@ -48,6 +49,7 @@ Handler = Callable[[Any], tuple[bytes, str]]
 _STAT_GROUPS = frozenset((b"items", b"slabs", b"sizes", b"sizes_enable", b"sizes_disable"))
 
 _CONDITIONAL = (StoreMode.SET, StoreMode.ADD, StoreMode.REPLACE)
+_CONCAT = (StoreMode.APPEND, StoreMode.PREPEND)
 
 #: a store's result -> status when it is not stored (complete_update_bin)
 _STORE_STATUS = {
@@ -148,7 +150,8 @@ class _Handlers:
         if result is StoreResult.STORED:
             if cmd.quiet:
                 return b"", "stored"
-            return b.response(cmd.opcode, cmd.opaque, cas=self._written_cas(cmd.key)), "stored"
+            cas = 0 if mode in _CONCAT else self.d.backend.stored_cas(cmd.value, cmd.flags)
+            return b.response(cmd.opcode, cmd.opaque, cas=cas or self._written_cas(cmd.key)), "stored"
         status, outcome = _STORE_STATUS.get(result) or (_NOT_STORED_STATUS.get(mode, Status.NOT_STORED), "not_stored")
         return b.error(cmd.opcode, cmd.opaque, status), outcome
 

@@ -315,7 +315,8 @@ class MetaCommands:
     def me(self, cmd: c.Me) -> tuple[bytes, str]:
         """memcached's debug line (``exp`` is the negated remaining TTL, as
         memcached prints it); a backend that does not keep a figure leaves it out."""
-        item = self._dispatcher._call("me", self.backend.meta_get, cmd.key, MetaGet(no_bump=True))
+        request = MetaGet(no_bump=True, with_ttl=True, with_access=True)
+        item = self._dispatcher._call("me", self.backend.meta_get, cmd.key, request)
         if item is None:
             return b"EN\r\n", "miss"
         binary = cmd.binary if item.binary_key is None else item.binary_key

@@ -173,12 +173,19 @@ class MomentoBackend(MomentoMeta):
         (a hash of the stored bytes) is computed for gets only."""
         budget = self._budget("get")
         found = self._gets.read(keys if len(keys) == 1 else list(dict.fromkeys(keys)), budget)
+        self._accesses.fetched(found)
         return {key: self._item(stored, with_cas) for key, stored in found.items()}
 
     def touch_many(self, keys: Sequence[bytes], exptime: int, with_cas: bool = False) -> dict[bytes, Item]:
         """UpdateTtl (overwrite) per key, concurrently with the read; the keys
         both found are returned. A past exptime: the read, then Delete each key
         found (returned once, then gone, as memcached does)."""
+        found = self._touch_stored(keys, exptime)
+        self._accesses.fetched(found)
+        return {key: self._item(stored, with_cas) for key, stored in found.items()}
+
+    def _touch_stored(self, keys: Sequence[bytes], exptime: int) -> dict[bytes, bytes]:
+        """:meth:`touch_many`'s calls: the stored bytes of the keys touched."""
         unique = list(dict.fromkeys(keys))
         ttl_ms = self._ttl_ms(exptime)
         budget = self._budget("touch")
@@ -198,7 +205,7 @@ class MomentoBackend(MomentoMeta):
                     for key, response in zip(unique, touched)
                     if response.WhichOneof("result") != "missing" and (stored := found.get(key)) is not None
                 }
-        return {key: self._item(stored, with_cas) for key, stored in found.items()}
+        return found
 
     def store(
         self,
@@ -211,6 +218,14 @@ class MomentoBackend(MomentoMeta):
     ) -> StoreResult:
         """Raises :class:`ValueTooLarge` (saying which limit) without a call
         when the value or the stored item does not fit."""
+        result = self._store(mode, key, value, flags, exptime, cas_unique)
+        if result is StoreResult.STORED:
+            self._accesses.written(key)
+        return result
+
+    def _store(
+        self, mode: StoreMode, key: bytes, value: bytes, flags: int, exptime: int, cas_unique: int
+    ) -> StoreResult:
         stored = codec.encode(value, flags, self._with_flags)
         too_large = self._too_large(key, value, flags, stored)
         if too_large:
@@ -218,7 +233,7 @@ class MomentoBackend(MomentoMeta):
         budget = self._budget(mode.value)
         with self._order.take((key,), budget) as turns:
             if mode is StoreMode.APPEND or mode is StoreMode.PREPEND:
-                return self._concatenate(key, value, mode is StoreMode.APPEND, budget, turns)
+                return self._concatenate(key, value, mode is StoreMode.APPEND, budget, turns)[0]
             ttl_ms = self._ttl_ms(exptime)
             if mode is StoreMode.SET:
                 if ttl_ms == 0:
@@ -232,6 +247,10 @@ class MomentoBackend(MomentoMeta):
                 return self._replace(key, stored, ttl_ms, budget, turns)
             return self._cas(key, stored, ttl_ms, cas_unique, budget, turns)
 
+    def stored_cas(self, value: bytes, flags: int) -> int:
+        """The content unique of the stored bytes (:mod:`.codec`): no call."""
+        return codec.cas_unique(codec.encode(value, flags, self._with_flags))
+
     def delete(self, key: bytes) -> bool:
         """KeysExist, then Delete if present (two calls: see docs/compatibility.md)."""
         budget = self._budget("delete")
@@ -239,6 +258,7 @@ class MomentoBackend(MomentoMeta):
             if not self._exists(key, budget):
                 return False
             self._delete(key, budget, turns)
+            self._accesses.forget(key)
             return True
 
     def incr_decr(self, key: bytes, delta: int, incr: bool) -> int | None:
@@ -272,7 +292,10 @@ class MomentoBackend(MomentoMeta):
                 return True
             request = pb._UpdateTtlRequest(cache_key=key, overwrite_to_milliseconds=ttl_ms)
             response = self._outcome(self._rpc("UpdateTtl", request, budget, turns), budget)
-            return bool(response.WhichOneof("result") != "missing")
+            touched = response.WhichOneof("result") != "missing"
+            if touched:
+                self._accesses.fetched((key,))
+            return touched
 
     def remaining_ttl(self, keys: Sequence[bytes]) -> dict[bytes, float | None]:
         """Seconds each present key has left (never None: every Momento item
@@ -389,19 +412,25 @@ class MomentoBackend(MomentoMeta):
             return StoreResult.STORED
         return StoreResult.EXISTS if self._exists(key, budget) else StoreResult.NOT_FOUND
 
-    def _concatenate(self, key: bytes, data: bytes, append: bool, budget: Budget, turns: Turns) -> StoreResult:
+    def _concatenate(
+        self, key: bytes, data: bytes, append: bool, budget: Budget, turns: Turns, cas_unique: int = 0
+    ) -> tuple[StoreResult, bytes]:
+        """Append or prepend (compared with ``cas_unique`` unless 0): the result and
+        the stored bytes written (``b""`` when not stored)."""
         for _ in range(MAX_ATTEMPTS):
             read = self._read_for_update(key, budget)
             if read is None:
-                return StoreResult.NOT_STORED
+                return StoreResult.NOT_STORED, b""
             found, ttl_ms = read
+            if cas_unique and codec.cas_unique(found.stored) != cas_unique:
+                return StoreResult.EXISTS, b""
             value, flags = codec.decode(found.stored, self._with_flags)
             value = value + data if append else data + value
             new = codec.encode(value, flags, self._with_flags)
             if self._too_large(key, value, flags, new):
-                return StoreResult.NOT_STORED  # memcached: an append that would not fit
+                return StoreResult.NOT_STORED, b""  # memcached: an append that would not fit
             if self._set_if_hash(key, new, ttl_ms, found.hash, budget, turns):
-                return StoreResult.STORED
+                return StoreResult.STORED, new
         raise self._contention(budget)
 
     # -- reads and conditional writes -------------------------------------------
@@ -542,6 +571,7 @@ class MomentoBackend(MomentoMeta):
             raise rpc_error(err, op, SDK_CONTROL_TIMEOUT_SECONDS) from None
         if not isinstance(response, self._flushed):
             raise self._sdk_failure(response, op)
+        self._accesses.clear()  # the meta commands' record of accesses (.meta)
 
     def _sdk_failure(self, response: Any, op: str) -> BackendError | ValueTooLarge:
         if isinstance(response, self._sdk_errors):

@@ -181,7 +181,7 @@ class PendingCall(Call):
         timer = None
         if timeout is not None:
             timer = waiter.hub.loop.timer(timeout)
-            timer.start(waiter.switch, _TIMED_OUT)
+            timer.start(waiter.switch, _TIMED_OUT, update=True)
         try:
             waiter.get()
         finally:

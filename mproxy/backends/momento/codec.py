@@ -18,6 +18,22 @@ start with the magic is stored with a header too, so decoding is unambiguous
 for everything mproxy writes. With ``flags = false`` values are stored raw and
 read back with flags 0.
 
+Marks (meta commands)
+---------------------
+An item the meta commands marked (``md … I`` and ``ms … I``: stale; ``mg … N``
+and ``R``, or the first read of a stale item: the recache token is out) is
+stored as
+
+* ``MARKS_MAGIC`` (4 bytes) + one byte of :data:`STALE` / :data:`TOKEN` bits
+  + the flags (4 bytes, big-endian) + the value.
+
+Every read decodes it (classic ``get``/``gets`` see the value and flags; the
+meta commands also the marks). Any write that is not a meta write of marks
+(set, append, incr, ...) stores the item unmarked, as memcached clears them.
+A value with flags 0 that starts with either magic is stored with a header.
+Marks need the header, so with ``flags = false`` they are not available (the
+meta flags that write them are refused).
+
 CAS uniques
 -----------
 Momento has no per-item version counter; it has a content hash
@@ -42,26 +58,58 @@ from mproxy.backends.base import ttl_seconds
 FLAGS_MAGIC = b"\xffMCF"
 #: Bytes of the magic plus the big-endian u32 flags.
 FLAGS_HEADER_LENGTH = len(FLAGS_MAGIC) + 4
+#: First bytes of a stored value that carries marks and flags (see module docstring).
+MARKS_MAGIC = b"\xffMCM"
+#: Bytes of the magic, the marks byte and the big-endian u32 flags.
+MARKS_HEADER_LENGTH = len(MARKS_MAGIC) + 1 + 4
+#: Mark: the item is stale (``md … I``, ``ms … I``): ``X`` to readers.
+STALE = 1
+#: Mark: a client won the right to recache the item (``W`` once, ``Z`` after).
+TOKEN = 2
 
 _CAS_MASK = 2**63 - 1
 
 
-def encode(value: bytes, flags: int, with_flags: bool) -> bytes:
-    """The bytes stored in Momento for a memcached value and its flags."""
-    if not with_flags or (flags == 0 and not value.startswith(FLAGS_MAGIC)):
+def encode(value: bytes, flags: int, with_flags: bool, marks: int = 0) -> bytes:
+    """The bytes stored in Momento for a memcached value, its flags and marks
+    (``marks`` needs ``with_flags``)."""
+    if marks:
+        if not with_flags:
+            raise ValueError("marks need the flags encoding")
+        return MARKS_MAGIC + bytes((marks,)) + flags.to_bytes(4, "big") + value
+    if not with_flags or (flags == 0 and not value.startswith((FLAGS_MAGIC, MARKS_MAGIC))):
         return value
     return FLAGS_MAGIC + flags.to_bytes(4, "big") + value
 
 
 def decode(stored: bytes, with_flags: bool) -> tuple[bytes, int]:
     """``(value, flags)`` of bytes read from Momento (inverse of :func:`encode`)."""
-    if with_flags and len(stored) >= FLAGS_HEADER_LENGTH and stored.startswith(FLAGS_MAGIC):
-        return stored[FLAGS_HEADER_LENGTH:], int.from_bytes(stored[len(FLAGS_MAGIC) : FLAGS_HEADER_LENGTH], "big")
-    return stored, 0
+    value, flags, _ = decode_marked(stored, with_flags)
+    return value, flags
+
+
+def decode_marked(stored: bytes, with_flags: bool) -> tuple[bytes, int, int]:
+    """``(value, flags, marks)`` of bytes read from Momento."""
+    if with_flags and stored[:1] == b"\xff":
+        if len(stored) >= FLAGS_HEADER_LENGTH and stored.startswith(FLAGS_MAGIC):
+            return stored[FLAGS_HEADER_LENGTH:], int.from_bytes(stored[len(FLAGS_MAGIC) : FLAGS_HEADER_LENGTH], "big"), 0
+        if len(stored) >= MARKS_HEADER_LENGTH and stored.startswith(MARKS_MAGIC):
+            flags = int.from_bytes(stored[len(MARKS_MAGIC) + 1 : MARKS_HEADER_LENGTH], "big")
+            return stored[MARKS_HEADER_LENGTH:], flags, stored[len(MARKS_MAGIC)]
+    return stored, 0, 0
 
 
 def cas_unique(stored: bytes) -> int:
-    """The CAS unique of an item, from its stored bytes: in ``[1, 2**63)``."""
+    """The CAS unique of an item, from its stored bytes: in ``[1, 2**63)``.
+
+    The :data:`TOKEN` mark does not count (memcached's CAS does not change when
+    a client wins the recache token: an item with only that mark has the unique
+    of the same item unmarked); :data:`STALE` does (``md … I`` gives the item a
+    new unique)."""
+    if stored.startswith(MARKS_MAGIC):
+        value, flags, marks = decode_marked(stored, True)
+        if marks & TOKEN:
+            stored = encode(value, flags, True, marks & ~TOKEN)
     digest = hashlib.blake2b(stored, digest_size=8).digest()
     return (int.from_bytes(digest, "big") & _CAS_MASK) or 1
 

@@ -84,7 +84,7 @@ class Signal:
         else:
             self._waiters.append(waiter)
         timer = waiter.hub.loop.timer(timeout)
-        timer.start(waiter.switch, False)
+        timer.start(waiter.switch, False, update=True)
         try:
             waiter.get()
         finally:
