@@ -33,7 +33,7 @@ def test_get_put_drop_and_counters() -> None:
     assert tier.put(b"k", item(b"value", 3, 7), NEVER)
     assert tier.get(b"k", 1.0) == Item(b"value", 3, 7)
     assert (tier.hits, tier.misses, tier.items) == (1, 1, 1)
-    assert tier.bytes == entry_size(b"k", 5) + tier._ghost.nbytes
+    assert tier.used_bytes == entry_size(b"k", 5) + tier._ghost.nbytes
     assert tier.drop(b"k") and not tier.drop(b"k")
     assert tier.items == 0 and tier.evictions == 0  # a drop is not an eviction
 
@@ -52,7 +52,7 @@ def test_replacing_keeps_the_count_right() -> None:
     tier.put(b"k", item(b"b" * 10), NEVER)
     assert tier.items == 1 and tier.get(b"k", 0.0) == item(b"b" * 10)
     tier.clear()
-    assert tier.items == 0 and tier.bytes == tier._ghost.nbytes
+    assert tier.items == 0 and tier.used_bytes == tier._ghost.nbytes
 
 
 def test_never_holds_more_than_its_budget() -> None:
@@ -63,7 +63,7 @@ def test_never_holds_more_than_its_budget() -> None:
         tier.put(b"key%d" % rng.randrange(5000), item(os.urandom(rng.randrange(0, 300))), NEVER, 1.0)
         if i % 3 == 0:
             tier.get(b"key%d" % rng.randrange(5000), 1.0)
-        assert tier.bytes <= budget
+        assert tier.used_bytes <= budget
     assert tier.evictions > 0
 
 
@@ -108,7 +108,7 @@ def test_resize_evicts_down_at_once() -> None:
     for i in range(1000):
         tier.put(b"k%04d" % i, item(b"x" * 100), NEVER)
     tier.resize(100_000)
-    assert tier.bytes <= 100_000 and tier.max_bytes == 100_000
+    assert tier.used_bytes <= 100_000 and tier.max_bytes == 100_000
     assert 0 < tier.items < 1000 and tier.evictions == 1000 - tier.items
     with pytest.raises(ValueError):
         tier.resize(0)
@@ -140,12 +140,12 @@ def test_bytes_counts_what_the_items_really_take() -> None:
             tier.put(b"key:%08d" % i, Item(os.urandom(50), 5, 2**62 + i), 1e9 + i)
         for i in range(0, n, 2):
             tier.get(b"key:%08d" % i, 1.0)
-        tier.resize(tier.bytes - 1)
+        tier.resize(tier.used_bytes - 1)
         real = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert real <= tier.bytes, (real, tier.bytes, ENTRY_OVERHEAD)
-    assert real > 0.8 * tier.bytes  # and not wildly above it either
+    assert real <= tier.used_bytes, (real, tier.used_bytes, ENTRY_OVERHEAD)
+    assert real > 0.8 * tier.used_bytes  # and not wildly above it either
 
 
 def _zipf(n: int, seed: int) -> list[int]:

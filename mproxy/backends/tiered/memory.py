@@ -152,7 +152,7 @@ class MemoryTier:
         return len(self._small) + len(self._main)
 
     @property
-    def bytes(self) -> int:
+    def used_bytes(self) -> int:
         """Bytes held: the items and the ghost filter."""
         return self._items_bytes + self._ghost.nbytes
 
@@ -233,7 +233,7 @@ class MemoryTier:
             self._small[key] = [item, expires_at, size, 0]
             self._items_bytes += size
             self._small_bytes += size
-        if self.bytes > self.max_bytes:
+        if self.used_bytes > self.max_bytes:
             self._evict(now)
         return True
 
