@@ -23,7 +23,7 @@ from gevent.event import Event
 from mproxy import __version__, backends, logs, systemd
 from mproxy import audit as audit_mod
 from mproxy.admin import AdminServer, StatsSource
-from mproxy.config import Config, ConfigError, load, reload
+from mproxy.config import CacheConfig, Config, ConfigError, load, reload
 from mproxy.dispatch import Dispatcher
 from mproxy.server import CacheServer, ConnectionLimit, address_text
 from mproxy.stats import Stats
@@ -114,7 +114,7 @@ class App:
         for cache, listener in zip(cfg.caches, listeners):
             name = cache.name  # config.loads fills it from cache_name when empty
             try:
-                backend = backends.create(cache.backend, cache, cfg)
+                backend = self._backend(cache)
             except Exception as err:  # the backend says what was wrong
                 raise StartupError(f"{cfg.source}: cache {name!r}: backend {cache.backend}: {err}") from err
             self.backends.append(backend)
@@ -136,6 +136,10 @@ class App:
             self.servers.append(server)
             host, port = server.address
             self._announce(f"cache {name} listening on {host}:{port} (backend {cache.backend}, cache_name {cache.cache_name})")
+
+    def _backend(self, cache: CacheConfig) -> Any:
+        """The backend of one ``[[cache]]``, behind the local tiers it asks for."""
+        return backends.create(cache.backend, cache, self.cfg, worker=self.worker_number)
 
     def _announce(self, message: str) -> None:
         """Say where a listener serves (a worker says it quieter: the supervisor says it once)."""

@@ -6,7 +6,8 @@ observation per backend call (:meth:`CacheStats.observe`).
 
 A backend may keep figures of its own (``Backend.stats()``: a memory cache
 counts its items, bytes, evictions and the expired or flushed items it
-found, :data:`FIGURES`); :meth:`CacheStats.attach_backend` makes them part of
+found, :data:`FIGURES`; the local tiers in front of a Momento cache, :data:`TIER_FIGURES`);
+:meth:`CacheStats.attach_backend` makes them part of
 its cache's stats. A cache whose backend keeps none does not show them.
 
 Three views of the same numbers:
@@ -105,6 +106,33 @@ FIGURES: dict[str, tuple[str, str]] = {
     "limit_maxbytes": ("gauge", "Byte budget of the cache."),
     "evictions": ("counter", "Live items removed to make room for new ones."),
 }
+
+#: Figures of the local tiers in front of a Momento cache (``docs/tiers.md``), kept by
+#: its :class:`~mproxy.backends.tiered.TieredBackend`, shown after :data:`FIGURES`,
+#: treated alike.
+TIER_FIGURES: dict[str, tuple[str, str]] = {
+    "memory_cache_hits": ("counter", "Keys the memory tier answered."),
+    "memory_cache_misses": ("counter", "Keys looked up in the memory tier and not found there."),
+    "memory_cache_evictions": ("counter", "Live copies the memory tier removed to make room."),
+    "memory_cache_fills": ("counter", "Copies the memory tier kept of items read from the backend."),
+    "memory_cache_ttl_lookups": ("counter", "Remaining-TTL calls made to keep copies of items read from the backend."),
+    "memory_cache_items": ("gauge", "Copies held by the memory tier."),
+    "memory_cache_bytes": ("gauge", "Bytes the memory tier takes: keys, values and per-item overhead."),
+    "memory_cache_limit_bytes": ("gauge", "Byte budget of the memory tier."),
+    "disk_cache_hits": ("counter", "Keys the disk tier answered."),
+    "disk_cache_misses": ("counter", "Keys looked up in the disk tier and not found there (or not read in time)."),
+    "disk_cache_evictions": ("counter", "Live copies the disk tier removed to make room."),
+    "disk_cache_corrupt": ("counter", "Disk tier rows whose checksum did not match: ignored and deleted."),
+    "disk_cache_timeouts": ("counter", "Disk tier reads abandoned as too slow (answered as misses)."),
+    "disk_cache_dropped_writes": ("counter", "Copies not written to the disk tier because its queue was full."),
+    "disk_cache_errors": ("counter", "Disk tier reads or writes that failed."),
+    "disk_cache_items": ("gauge", "Copies held by the disk tier."),
+    "disk_cache_bytes": ("gauge", "Bytes the disk tier counts: keys, values and per-row overhead."),
+    "disk_cache_limit_bytes": ("gauge", "Byte budget of the disk tier."),
+}
+
+#: Every figure a backend may report, in ``stats`` order.
+BACKEND_FIGURES: dict[str, tuple[str, str]] = {**FIGURES, **TIER_FIGURES}
 
 #: Figures of the supervisor, shown (after the audit lines) only when several workers
 #: serve: name -> (Prometheus type, help).
@@ -256,7 +284,7 @@ class CacheStats:
         raw = self._figures()
         return {
             name: raw[name] - self._figures_base.get(name, 0) if kind == "counter" else raw[name]
-            for name, (kind, _) in FIGURES.items()
+            for name, (kind, _) in BACKEND_FIGURES.items()
             if name in raw
         }
 
@@ -278,7 +306,7 @@ class CacheStats:
         self.curr_connections = curr
         if self._figures is not None:
             raw = self._figures()
-            self._figures_base = {n: raw[n] for n, (kind, _) in FIGURES.items() if kind == "counter" and n in raw}
+            self._figures_base = {n: raw[n] for n, (kind, _) in BACKEND_FIGURES.items() if kind == "counter" and n in raw}
 
     def export(self) -> Export:
         """This cache's figures as plain data (see :meth:`Stats.export`)."""
@@ -448,7 +476,7 @@ class Stats:
             for code, n in st.backend_error_codes.items():
                 error_codes[code] = error_codes.get(code, 0) + n
         out.update(totals)
-        out.update((name, figures[name]) for name in FIGURES if name in figures)
+        out.update((name, figures[name]) for name in BACKEND_FIGURES if name in figures)
         out.update(backend_stats(latency, error_codes))
         out["sdk_warnings"] = self.sdk_warnings
         out["audit_lines_written"] = self.audit_lines_written
@@ -528,7 +556,7 @@ def without_gauges(export: Export) -> Export:
     caches = {}
     for name, cache in export["caches"].items():
         counters = {c: 0 if c in GAUGES else v for c, v in cache["counters"].items()}
-        figures = {f: v for f, v in cache["figures"].items() if FIGURES.get(f, ("gauge",))[0] == "counter"}
+        figures = {f: v for f, v in cache["figures"].items() if BACKEND_FIGURES.get(f, ("gauge",))[0] == "counter"}
         caches[name] = {**cache, "counters": counters, "figures": figures}
     return {**export, "caches": caches}
 
@@ -570,7 +598,7 @@ def prometheus_text(stats: Stats) -> str:
             name, kind = f"mproxy_{counter}_total", "counter"
         _family(lines, name, kind, HELP[counter], (f'{name}{{cache="{_label(c)}"}} {getattr(st, counter)}' for c, st in caches))
     figures = [(c, st.figures()) for c, st in caches]
-    for figure, (kind, help_text) in FIGURES.items():
+    for figure, (kind, help_text) in BACKEND_FIGURES.items():
         name = f"mproxy_{figure}_total" if kind == "counter" else f"mproxy_{figure}"
         samples = (f'{name}{{cache="{_label(c)}"}} {values[figure]}' for c, values in figures if figure in values)
         _family(lines, name, kind, help_text, samples)
