@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from mproxy import __version__
 from mproxy.audit import AuditLog, NullAudit
 from mproxy.backends.base import (
+    ANSWERED_BY,
     Backend,
     BackendError,
     FlushDisabled,
@@ -144,7 +145,10 @@ class Dispatcher:
         Counters and audit lines stay per command; a failure answers every
         command of the group."""
         audit = self.audit
-        start = time.perf_counter() if audit.enabled else 0.0
+        start = 0.0
+        if audit.enabled:
+            start = time.perf_counter()
+            ANSWERED_BY.set("")  # a backend with local tiers says which answered
         first = group[0]
         results: list[tuple[bytes, str]]
         try:
@@ -159,8 +163,9 @@ class Dispatcher:
             results = [(r.server_error("internal error"), "internal")] * len(group)
         if audit.enabled:
             seconds = time.perf_counter() - start
+            tier = ANSWERED_BY.get()
             for cmd, (_, outcome) in zip(group, results):
-                self._audit(cmd, client, outcome, seconds)
+                self._audit(cmd, client, outcome, seconds, tier)
         if len(group) == 1:
             return [] if first.noreply else [results[0][0]]
         return [reply for reply, _ in results]  # a group of many is gets, never noreply
@@ -433,7 +438,7 @@ class Dispatcher:
 
     # -- audit ----------------------------------------------------------------
 
-    def _audit(self, cmd: AnyCommand, client: str, outcome: str, seconds: float) -> None:
+    def _audit(self, cmd: AnyCommand, client: str, outcome: str, seconds: float, tier: str = "") -> None:
         keys: tuple[bytes, ...]
         flags = exptime = nbytes = None
         if isinstance(cmd, (c.Get, c.Gat)):
@@ -457,6 +462,7 @@ class Dispatcher:
             flags=flags,
             exptime=exptime,
             nbytes=nbytes,
+            tier=tier,
         )
 
 
