@@ -61,6 +61,10 @@ class _Settings(Protocol):
     def proxy(self) -> _ProxySettings: ...
 
 
+#: Least seconds fills of a key stay blocked after a write of it failed or timed out
+#: (twice ``request_timeout`` when that is longer): a timed-out write may still land.
+QUARANTINE_SECONDS = 5.0
+
 #: ``[momento] local`` of the bundled server started with mproxy: its data does not
 #: outlive it, so neither may a disk tier's.
 _EMBEDDED = "embedded"
@@ -102,7 +106,7 @@ def wrap(
             max_ttl=float(cache.max_ttl),
             keeps_flags=cache.flags,
             ttl_lookup=ttl_lookup,
-            quarantine=max(1.0, cache.request_timeout),
+            quarantine=max(QUARANTINE_SECONDS, 2 * cache.request_timeout),
             workers=workers,
         )
     except BaseException:
