@@ -316,6 +316,22 @@ def test_a_failed_write_leaves_no_stale_copy_and_blocks_fills_for_a_while(
     assert local(tier, b"k") is not None
 
 
+def test_a_read_during_a_write_is_served_the_old_copy_and_the_new_one_replaces_it_in_place(
+    tier: TieredBackend, inner: Inner
+) -> None:
+    tier.store(S.SET, b"k", b"old", 0, 0)
+    tier.get_many([b"k"])  # read: its frequency is 1
+    inner.after["meta_store"] = gate = Event()
+    writer = gevent.spawn(tier.store, S.SET, b"k", b"new", 0, 0)
+    gevent.sleep(0)  # applied behind, not acknowledged
+    assert tier.get_many([b"k"])[b"k"].value == b"old"  # a read concurrent with the write
+    assert inner.calls["get_many"] == 0 and ANSWERED_BY.get() == "memory"
+    gate.set()
+    assert writer.get() is R.STORED
+    entry = tier.memory._small[b"k"]  # the same queue, its reads still counted
+    assert entry[0].value == b"new" and entry[3] == 2
+
+
 def test_a_fill_that_read_before_a_write_is_not_kept(tier: TieredBackend, inner: Inner) -> None:
     inner.backend.store(S.SET, b"k", b"old", 0, 0)
     inner.after["get_many"] = gate = Event()

@@ -10,13 +10,15 @@ tier's TTL, and only when no write or invalidation of the key came since the
 read began (per-key invalidation sequence numbers).
 
 Writes (every Backend method that can change an item) go to the backend
-always. Before the call the key's copies are dropped and the key is marked
-as written: no fill and no disk read of it until the outcome is known. After
-the backend confirms, the new item is kept when it is known exactly (set,
-add, replace and cas, with the CAS unique the backend gives; the items a gat
-returns), else the key stays dropped (append, prepend, incr, decr, touch,
-delete); a failed or timed-out write leaves it dropped and fills of it
-blocked for ``quarantine`` seconds (a timed-out write may still land). Then,
+always. Before the call the key is marked as written: no fill and no disk
+read of it until the outcome is known (the memory copy, if any, still answers
+reads concurrent with the write: the write is not acknowledged yet). After
+the backend confirms, the new item replaces the copy in place (its place in
+the eviction queues stays) when it is known exactly (set, add, replace and
+cas, with the CAS unique the backend gives; the items a gat returns), else
+the key's copies are dropped (append, prepend, incr, decr, touch, delete); a
+failed or timed-out write drops them and blocks fills of the key for
+``quarantine`` seconds (a timed-out write may still land). Then,
 with several worker processes, the other workers drop their copies
 (:meth:`set_peers`), and only then does the write return: a client that
 wrote through mproxy never reads the value its write replaced, through any
@@ -419,14 +421,14 @@ class TieredBackend:
         return result
 
     def _begin(self, keys: Sequence[bytes]) -> list[int]:
-        """A write of ``keys`` starts: copies dropped, fills and disk reads blocked.
+        """A write of ``keys`` starts: fills and disk reads blocked (the memory copy stays).
         Returns each key's invalidation mark (to tell, at the end, whether anything
         else invalidated it meanwhile)."""
         pending = self._pending
         marks = []
         for key in keys:
             pending[key] = pending.get(key, 0) + 1
-            self._invalidate(key, disk=False)
+            self._invalidate(key, memory=False, disk=False)
             if self.disk is not None:
                 self.disk.hold(key)
             marks.append(self._seq)
@@ -447,8 +449,8 @@ class TieredBackend:
             else:
                 del pending[key]
             alone = not n and self._invalidated.get(key) == mark and not self._quarantined_now(key, now)
-            self._invalidate(key, disk=False)
             copy = copies.get(key) if alone else None
+            self._invalidate(key, memory=copy is None, disk=False)
             disk_copy = None
             if failed:
                 self._quarantined[key] = now + self._quarantine_seconds
@@ -457,12 +459,14 @@ class TieredBackend:
             if self.disk is not None:
                 self.disk.release(key, disk_copy)
 
-    def _invalidate(self, key: bytes, disk: bool = True) -> None:
-        """Drop the key's copies and reject fills that read it before now."""
+    def _invalidate(self, key: bytes, memory: bool = True, disk: bool = True) -> None:
+        """Reject fills that read the key before now, let no later read join a read of it
+        from before now, and drop its copies (``memory``, ``disk``)."""
         self._seq += 1
         self._invalidated[key] = self._seq
-        self.memory.drop(key)
         self._flights.pop(key, None)
+        if memory:
+            self.memory.drop(key)
         if disk and self.disk is not None:
             self.disk.delete(key)
         if len(self._invalidated) > self._prune_at:
@@ -524,7 +528,9 @@ class TieredBackend:
         if self._memory_ttl:
             exp = min(exp, known_at + self._memory_ttl)
         if exp > now:
-            self.memory.put(key, item, exp, now)
+            self.memory.put(key, item, exp, now)  # in place when held: its queue and frequency stay
+        else:
+            self.memory.drop(key)
         if self.disk is None:
             return None
         exp = expires

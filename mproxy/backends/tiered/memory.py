@@ -19,7 +19,7 @@ used, the classic policy) has the same interface, for comparison:
 ``scripts/tier_hit_ratio.py`` replays a zipf load through both.
 
 The ghost filter is two Bloom filters of fixed size, the older dropped when
-the newer has seen half as many keys as the main queue holds (a "rotating"
+the newer has seen half as many keys as the tier holds (a "rotating"
 filter: it remembers about as many keys as the paper's ghost queue, whose
 length is the main queue's), in about 2 bytes per key instead of a
 dictionary's hundred, at the price of rare false positives (a new item then
@@ -122,6 +122,11 @@ def _ghost_for(max_bytes: int) -> GhostFilter:
     return GhostFilter(max(GHOST_MIN_KEYS, int(max_bytes * GHOST_KEYS_PER_BYTE)))
 
 
+def budget_for(items_bytes: int) -> int:
+    """The ``max_bytes`` whose items get ``items_bytes`` (the ghost filter on top)."""
+    return items_bytes + _ghost_for(items_bytes).nbytes
+
+
 class MemoryTier:
     """Items bounded in bytes, S3-FIFO (see the module doc).
 
@@ -202,7 +207,7 @@ class MemoryTier:
 
     def remember(self, key: bytes) -> None:
         """Put the key in the ghost filter (it missed, and was not filled)."""
-        self._ghost.add(key, max(GHOST_MIN_KEYS, len(self._main) // 2))
+        self._ghost.add(key, max(GHOST_MIN_KEYS, self.items // 2))
 
     # -- writes ------------------------------------------------------------
 
@@ -288,7 +293,7 @@ class MemoryTier:
                     main[key] = entry
                     continue
                 self._items_bytes -= entry[_SIZE]
-                self._ghost.add(key, max(GHOST_MIN_KEYS, len(main) // 2))
+                self._ghost.add(key, max(GHOST_MIN_KEYS, self.items // 2))
                 if entry[_EXP] > now:
                     self.evictions += 1
             else:
