@@ -16,7 +16,9 @@ in which nothing arrives, closes the connection. If the
 first line of a connection is an HTTP/1.x request line, the connection is
 HTTP instead: ``GET /metrics`` answers the Prometheus text format
 (:func:`mproxy.stats.prometheus_text`), other paths 404, other methods 405,
-then the connection closes. So a scraper needs no second port.
+then the connection closes. So a scraper needs no second port. With
+``[admin] tls`` on, both are served over TLS (HTTPS for ``/metrics``), the
+handshake first (:mod:`mproxy.handshake`).
 
 What the port shows comes from a :class:`StatsSource`: one process's
 :class:`~mproxy.stats.Stats`, or with several workers the supervisor's view
@@ -27,12 +29,15 @@ from __future__ import annotations
 
 import re
 import socket
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from mproxy.protocol import replies
+
+if TYPE_CHECKING:
+    from mproxy.handshake import ListenerTls
 
 
 class StatsSource(Protocol):
@@ -113,11 +118,13 @@ class AdminServer:
         version: str,
         max_connections: int = MAX_CONNECTIONS,
         idle_timeout: float = IDLE_TIMEOUT,
+        tls: ListenerTls | None = None,
     ) -> None:
         self.stats = stats
         self.version = version
         self.idle_timeout = idle_timeout
-        self._server = StreamServer(listener, self._handle, spawn=Pool(max_connections))
+        handle = self._handle if tls is None else tls.serve(self._handle)
+        self._server = StreamServer(listener, handle, spawn=Pool(max_connections))
 
     @property
     def address(self) -> tuple[str, int]:

@@ -23,10 +23,12 @@ from gevent.event import Event
 from mproxy import __version__, backends, logs, systemd
 from mproxy import audit as audit_mod
 from mproxy.admin import AdminServer, StatsSource
-from mproxy.config import CacheConfig, Config, ConfigError, load, reload
+from mproxy.config import AdminConfig, CacheConfig, Config, ConfigError, listener_tables, load, reload
 from mproxy.dispatch import Dispatcher
+from mproxy.handshake import ListenerTls
 from mproxy.server import CacheServer, ConnectionLimit, address_text
 from mproxy.stats import Stats
+from mproxy.tls import TlsError
 
 log = logging.getLogger("mproxy")
 
@@ -60,6 +62,8 @@ class App:
         self.admin: AdminServer | None = None
         self.servers: list[CacheServer] = []
         self.backends: list[Any] = []
+        #: the TLS of each listener served here, by its table (``admin``, ``cache[0]``): a reload reconfigures it
+        self.tls: dict[str, ListenerTls] = {}
         self._stop = Event()
         self._limit = ConnectionLimit(cfg.proxy.max_connections)
 
@@ -111,7 +115,7 @@ class App:
     def _start_caches(self, listeners: Sequence[Listener]) -> None:
         """A backend and a CacheServer per ``[[cache]]``, serving ``listeners``."""
         cfg = self.cfg
-        for cache, listener in zip(cfg.caches, listeners):
+        for i, (cache, listener) in enumerate(zip(cfg.caches, listeners)):
             name = cache.name  # config.loads fills it from cache_name when empty
             try:
                 backend = self._backend(cache)
@@ -121,6 +125,7 @@ class App:
             cache_stats = self.stats.cache(name)
             cache_stats.attach_backend(backend.stats)
             dispatcher = Dispatcher(backend, cache_stats, self.stats, self.audit, name)
+            tls = self._listener_tls(f"cache[{i}]", cache)
             server = CacheServer(
                 listener,
                 dispatcher,
@@ -128,6 +133,7 @@ class App:
                 limit=self._limit,
                 idle_timeout=cfg.proxy.idle_timeout,
                 max_item_size=cfg.proxy.max_item_size,
+                tls=tls,
             )
             try:
                 server.start()
@@ -153,13 +159,24 @@ class App:
         if listener is None:
             return
         cfg = self.cfg
-        self.admin = AdminServer(listener, self._admin_stats(), __version__)
+        tls = self._listener_tls("admin", cfg.admin)
+        self.admin = AdminServer(listener, self._admin_stats(), __version__, tls=tls)
         try:
             self.admin.start()
         except OSError as err:
             raise cannot_listen(cfg, "admin", cfg.admin.host, cfg.admin.port, err) from err
         host, port = self.admin.address
         log.info("admin listening on %s:%d", host, port)
+
+    def _listener_tls(self, where: str, settings: AdminConfig | CacheConfig) -> ListenerTls:
+        """The TLS of the listener of table ``where`` (its context None while ``tls`` is off)."""
+        tls = ListenerTls(self.stats)
+        try:
+            tls.configure(settings, f"{where}.")
+        except TlsError as err:
+            raise StartupError(f"{self.cfg.source}: {err}") from err
+        self.tls[where] = tls
+        return tls
 
     def addresses(self) -> dict[str, Any]:
         """Where the started listeners are bound (``cli.py --ready-file`` writes it)."""
@@ -201,10 +218,23 @@ class App:
         running, pending = reload(self.cfg, new, overridden)
         logs.set_level(self._log_level or running.debug.log_level)
         self.audit.reconfigure(running.audit)
+        self._reload_tls(running)
         for what in pending:
             log.warning("reload: %s changed; it takes effect only after a restart", what)
         self.cfg = running
         log.info("configuration reloaded from %s", new.source)
+
+    def _reload_tls(self, cfg: Config) -> None:
+        """Every listener's TLS made again from ``cfg``, its files read again (a renewed
+        certificate): new connections get it."""
+        for where, settings in listener_tables(cfg):
+            tls = self.tls.get(where)
+            if tls is None:
+                continue
+            try:
+                tls.configure(settings, f"{where}.")
+            except TlsError as err:  # a file changed since the reload checked it
+                log.error("reload: %s: %s keeps its TLS settings", err, where)
 
     def _effective(self, cfg: Config) -> Config:
         """A configuration as this process runs it (a worker replaces the embedded server

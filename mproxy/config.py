@@ -14,7 +14,13 @@ errors: they are returned as one-line strings in :attr:`Config.warnings`.
 Errors raise :class:`ConfigError`, whose message is one line naming the
 file, the dotted key, the offending value and what was expected.
 
-Stdlib only, no I/O except reading the file in :func:`load`.
+A value that looks like a Momento API key is refused in any known key (and
+never shown): the key belongs in the environment.
+
+Stdlib only (with :mod:`mproxy.tls`, stdlib too). I/O only in :func:`load`:
+the file, and the files it names (each listener's TLS files, read by
+:func:`mproxy.tls.context`; the modes of files holding secrets, which draw
+warnings when others may read them).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Mapping
 
+from mproxy import tls
 from mproxy.protocol.commands import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEM_SIZE
 
 __all__ = [
@@ -46,6 +53,7 @@ __all__ = [
     "SECTIONS",
     "Section",
     "docs_markdown",
+    "listener_tables",
     "load",
     "loads",
     "reload",
@@ -338,6 +346,74 @@ def _option(
     return field(default=default, metadata={_OPTION_KEY: spec})
 
 
+#: The TLS keys of a listener (memcached's ``-Z`` and ``ssl_*`` options, see
+#: :mod:`mproxy.tls`), declared once for ``[[cache]]`` and ``[admin]``: :func:`_tls`.
+_TLS_OPTIONS: dict[str, Option] = {
+    "tls": Option(
+        _BOOL,
+        False,
+        "Serve TLS on this listener (memcached `-Z`); needs `tls_cert` and `tls_key`. The "
+        "handshake runs in the connection's own greenlet: one that fails, or is not done "
+        f"within {tls.HANDSHAKE_TIMEOUT:g} s (a plaintext client, a stalled one), closes that "
+        "connection and counts in the stat `ssl_handshake_errors`.",
+        reload=True,
+    ),
+    "tls_cert": Option(
+        _STRING,
+        "",
+        "PEM file: the listener's certificate, then any intermediate certificates (memcached "
+        "`ssl_chain_cert`). Every reload (SIGHUP) reads the TLS files again: renew them in "
+        "place, then reload; connections made after it get the new certificate.",
+        reload=True,
+    ),
+    "tls_key": Option(
+        _STRING,
+        "",
+        "PEM file: the certificate's private key, unencrypted (memcached `ssl_key`). mproxy "
+        "warns at start if others may read it (or its group, unless root owns it).",
+        reload=True,
+    ),
+    "tls_ca": Option(
+        _STRING,
+        "",
+        "PEM file: the CA certificates client certificates are checked against (memcached "
+        "`ssl_ca_cert`); needed when `tls_verify` is not `none`.",
+        reload=True,
+    ),
+    "tls_verify": Option(
+        _CHOICE,
+        "none",
+        "Client certificates (memcached `ssl_verify_mode` 0, 1, 2): `none`: not asked for; "
+        "`optional`: asked for, and one that does not verify against `tls_ca` is refused; "
+        "`require`: a client without a valid one is refused.",
+        choices=tuple(tls.VERIFY),
+        reload=True,
+    ),
+    "tls_min_version": Option(
+        _CHOICE,
+        "1.2",
+        "Oldest TLS version accepted (memcached `ssl_min_version`; its `tlsv1.2`, `tlsv1.3` "
+        "are accepted too).",
+        choices=tuple(tls.MIN_VERSIONS),
+        aliases={f"tlsv{v}": v for v in tls.MIN_VERSIONS},
+        reload=True,
+    ),
+    "tls_ciphers": Option(
+        _STRING,
+        "",
+        "OpenSSL cipher list for TLS 1.2 (memcached `ssl_ciphers`); empty = OpenSSL's "
+        "default. TLS 1.3 uses OpenSSL's TLS 1.3 suites.",
+        reload=True,
+    ),
+}
+
+
+def _tls(key: str) -> Any:
+    """The field of TLS key ``key`` (:data:`_TLS_OPTIONS`)."""
+    spec = _TLS_OPTIONS[key]
+    return field(default=spec.default, metadata={_OPTION_KEY: spec})
+
+
 # --------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------
@@ -349,6 +425,13 @@ class AdminConfig:
 
     host: str = _option("127.0.0.1", _HOST, "Interface the admin port listens on.")
     port: int = _option(9999, _PORT, "Admin TCP port; 0 picks a free port (tests).")
+    tls: bool = _tls("tls")
+    tls_cert: str = _tls("tls_cert")
+    tls_key: str = _tls("tls_key")
+    tls_ca: str = _tls("tls_ca")
+    tls_verify: str = _tls("tls_verify")
+    tls_min_version: str = _tls("tls_min_version")
+    tls_ciphers: str = _tls("tls_ciphers")
 
 
 @dataclass(frozen=True, slots=True)
@@ -520,6 +603,13 @@ class CacheConfig:
         other than letters, digits, ``.``, ``_`` and ``-`` replaced by ``_``."""
         stem = re.sub(r"[^A-Za-z0-9._-]", "_", self.name)
         return os.path.join(self.disk_cache_path, f"mproxy-{stem}-w{worker}.sqlite3")
+    tls: bool = _tls("tls")
+    tls_cert: str = _tls("tls_cert")
+    tls_key: str = _tls("tls_key")
+    tls_ca: str = _tls("tls_ca")
+    tls_verify: str = _tls("tls_verify")
+    tls_min_version: str = _tls("tls_min_version")
+    tls_ciphers: str = _tls("tls_ciphers")
 
 
 @dataclass(frozen=True, slots=True)
@@ -760,12 +850,48 @@ def _show(value: object, option: Option | None = None) -> str:
     return text
 
 
+#: What a Momento API key looks like: every kind (legacy token, v1 key, v2 key) is
+#: base64 of JSON (``eyJ`` is ``{"``), alone or as the segments of a JWT, and long.
+_API_KEY_SHAPE = re.compile(r"\s*eyJ[A-Za-z0-9+/=_.-]{40,}\s*")
+
+
+def _api_keys(value: object, path: str) -> list[str]:
+    """The dotted paths, in ``value`` found at ``path``, of strings that look like an API key."""
+    if isinstance(value, str):
+        return [path] if _API_KEY_SHAPE.fullmatch(value) else []
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _api_keys(v, f"{path}.{k}" if path else k)]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _api_keys(v, f"{path}[{i}]")]
+    return []
+
+
+def _exposure(path: str) -> str:
+    """``"others (mode 0644)"`` or ``"its group (mode 0640)"`` when others, or the file's
+    group, may read the file at ``path``; ``""`` when neither may (or it cannot be
+    looked at). Group read is fine for a file root owns: a root-owned 0640 file is how
+    a secret is shared with a service's group (PostgreSQL's rule for its key file)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    mode = st.st_mode & 0o7777
+    if mode & 0o004:
+        return f"others (mode {mode:04o})"
+    if mode & 0o040 and st.st_uid != 0:
+        return f"its group (mode {mode:04o})"
+    return ""
+
+
 class _Loader:
     """One pass over a parsed document; collects warnings, raises on errors."""
 
     def __init__(self, source: str) -> None:
         self.source = source
         self.warnings: list[str] = []
+        #: where the document holds values that look like an API key (ignored keys only:
+        #: a known key with such a value is an error)
+        self.api_keys: list[str] = []
 
     def error(
         self, path: str, value: object, expected: str, option: Option | None = None
@@ -784,7 +910,16 @@ class _Loader:
             if option is None:
                 if key not in section.legacy:
                     self.warn(f"unknown key {path}.{key} (ignored)")
+                self.api_keys += _api_keys(value, f"{path}.{key}")
                 continue
+            if _api_keys(value, key):
+                raise ConfigError(
+                    self.source,
+                    f"{path}.{key} = <what looks like a Momento API key, not shown>: expected "
+                    f"{option.expected()}; the key belongs in the environment (the variable "
+                    "[momento] api_key_env names), never in the file",
+                    f"{path}.{key}",
+                )
             try:
                 values[key] = option.kind.coerce(value, option)
             except _Invalid:
@@ -817,11 +952,19 @@ class _Loader:
             raise self.error(section.name, raw, f"a [{section.name}] table")
         return self.table(section, raw, section.name)
 
+    def text(self, text: str) -> Config:
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(self.source, f"invalid TOML: {exc}") from None
+        return self.document(doc)
+
     def document(self, doc: dict[str, Any]) -> Config:
         known = {sec.name for _, sec in SECTIONS}
         for key, value in doc.items():
             if key in known:
                 continue
+            self.api_keys += _api_keys(value, key)
             if isinstance(value, dict):
                 self.warn(f"unknown section [{key}] (ignored)")
             elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
@@ -834,6 +977,40 @@ class _Loader:
         config = Config(**parts, source=self.source)
         self.check_listeners(config)
         self.check_caches(config.caches, config.proxy.workers)
+        self.check_tls_off(config)
+        return dataclasses.replace(config, warnings=tuple(self.warnings))
+
+    def check_tls_off(self, config: Config) -> None:
+        """A listener with TLS files set but ``tls`` off serves plaintext: say so."""
+        for where, listener in listener_tables(config):
+            files = [key for key in ("tls_cert", "tls_key", "tls_ca") if getattr(listener, key)]
+            if files and not listener.tls:
+                self.warn(f"{where}.{', '.join(files)} set but {where}.tls = false: this listener serves plaintext")
+
+    def check_files(self, config: Config) -> Config:
+        """What :func:`load` adds to :func:`loads`: the TLS files of every listener with
+        TLS on are read and checked (:func:`mproxy.tls.context`), and a file holding a
+        secret that others may read is warned about (see :func:`_exposure`)."""
+        exposed = _exposure(self.source) if self.api_keys else ""
+        if exposed:
+            self.warnings.append(
+                f"{self.source} is readable by {exposed} and holds what looks like a Momento API key "
+                f"({', '.join(self.api_keys)}): delete it from the file (mproxy reads the key from the "
+                "environment only, and ignores it there)"
+            )
+        for where, listener in listener_tables(config):
+            if not listener.tls:
+                continue
+            try:
+                tls.context(listener, f"{where}.")
+            except tls.TlsError as err:
+                raise ConfigError(self.source, str(err), err.key) from None
+            exposed = _exposure(listener.tls_key)
+            if exposed:
+                self.warn(
+                    f"{where}.tls_key = {_toml_value(listener.tls_key)}: the private key is readable by "
+                    f"{exposed}: chmod 600 it (or 640 with root as its owner, to share it with a group)"
+                )
         return dataclasses.replace(config, warnings=tuple(self.warnings))
 
     @staticmethod
@@ -872,9 +1049,8 @@ class _Loader:
         """No two listeners may bind the same address (port 0 is always free)."""
         wildcards = {"0.0.0.0", "::"}
         seen: list[tuple[str, str, int]] = []
-        listeners = [("admin", config.admin.host, config.admin.port)]
-        listeners += [(f"cache[{i}]", c.host, c.port) for i, c in enumerate(config.caches)]
-        for path, host, port in listeners:
+        for path, table in listener_tables(config):
+            host, port = table.host, table.port
             if port == 0:
                 continue
             for other_path, other_host, other_port in seen:
@@ -956,6 +1132,11 @@ class _Loader:
             )
 
 
+def listener_tables(config: Config) -> list[tuple[str, AdminConfig | CacheConfig]]:
+    """Every listener's table with its dotted name: ``admin``, ``cache[0]``, ..."""
+    return [("admin", config.admin), *((f"cache[{i}]", cache) for i, cache in enumerate(config.caches))]
+
+
 def cpu_count() -> int:
     """CPUs this process may run on (its affinity mask where the OS has one): the
     automatic ``[proxy] workers``."""
@@ -969,16 +1150,14 @@ def loads(text: str, source: str = "<string>") -> Config:
     """Parse and validate TOML ``text``; ``source`` names it in messages.
 
     Raises :class:`ConfigError`; unknown keys end up in ``Config.warnings``.
+    No file is read: :func:`load` checks the files the configuration names.
     """
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(source, f"invalid TOML: {exc}") from None
-    return _Loader(source).document(doc)
+    return _Loader(source).text(text)
 
 
 def load(path: str | os.PathLike[str]) -> Config:
-    """Read, parse and validate the TOML file at ``path``."""
+    """Read, parse and validate the TOML file at ``path``, and check the files it names
+    (:meth:`_Loader.check_files`: TLS certificates and keys, secrets others may read)."""
     source = os.fspath(path)
     try:
         with open(source, "rb") as fh:
@@ -991,7 +1170,8 @@ def load(path: str | os.PathLike[str]) -> Config:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(source, f"not UTF-8 text (byte {exc.start})") from None
-    return loads(text, source)
+    loader = _Loader(source)
+    return loader.check_files(loader.text(text))
 
 
 def reload(old: Config, new: Config, overridden: Collection[str] = ()) -> tuple[Config, list[str]]:

@@ -3,13 +3,16 @@ greenlet per connection. The only place that calls ``recv``/``sendall``.
 
 A connection speaks the text protocol, or the binary one when its first
 byte is the binary request magic (as memcached decides). It handles
-everything one read delivered before it writes: the
-complete commands in the buffer go to ``Dispatcher.run`` in order, and their
-replies go out in one ``sendall`` (flushed early past ``FLUSH_BYTES`` so a
-pipeline of large gets cannot pile up memory). The loop knows bytes, ``quit``
-(the replies before it are sent, then the connection closes) and fatal parse
-errors (the connection closes at once, unsent replies are dropped, as
-memcached does); what commands mean, and which run together, is dispatch's.
+everything one read delivered before it writes: the complete commands in the
+buffer are parsed, go to ``Dispatcher.run`` in order, and their replies go out
+in one ``sendall`` (flushed early past ``FLUSH_BYTES``, so that a pipeline of
+large gets cannot pile up memory, and whenever dispatch says the next reply is
+not ready yet). The loop knows bytes, ``quit`` (the replies before it are sent,
+then the connection closes) and fatal parse errors: the connection closes
+after the replies memcached would have sent (memcached transmits at every
+get, gets, gat, gats and mn: those up to the last of them in the read,
+``commands.TRANSMITTING``; the rest are dropped). What commands mean, and
+which run together, is dispatch's.
 
 Graceful stop (``CacheServer.stop``): stop accepting, let every connection
 finish the command in hand and send its reply, close idle connections, and
@@ -22,8 +25,11 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, cast
 
+import gevent.socket
+from gevent import get_hub
+from gevent.socket import wait
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
@@ -35,22 +41,49 @@ from mproxy.protocol.errors import ProtocolError
 from mproxy.protocol.parser import NEED_DATA, Parser
 from mproxy.stats import CacheStats
 
+if TYPE_CHECKING:
+    from mproxy.handshake import ListenerTls
+
 log = logging.getLogger(__name__)
 
 #: bytes asked of each recv
 READ_SIZE = 64 * 1024
 #: replies of one read are sent early once they reach this size
 FLUSH_BYTES = 1024 * 1024
+#: after this many reads in a row that found data waiting (never giving the hub a
+#: turn), a connection lets the others whose data is ready go first (gevent's recv
+#: returns at once when data is there: a busy connection would be served over and
+#: over while the others wait)
+FAIR_READS = 1
+
+
+def _raw_socket(sock: socket.socket) -> socket.socket | None:
+    """The non-blocking OS socket under a plain gevent socket (its private ``_sock``),
+    or None: anything else (a TLS socket above all) goes through its own methods.
+
+    The connection loop calls ``recv`` and ``send`` on it directly and falls back to
+    the gevent socket only to wait: gevent's ``sendall`` costs a ``getsockopt``
+    system call and a few Python frames per call, its ``recv`` a frame."""
+    if type(sock) is gevent.socket.socket:
+        raw = getattr(sock, "_sock", None)
+        if raw is not None and raw.gettimeout() == 0.0:
+            return raw  # type: ignore[no-any-return]
+    return None
 
 
 class _Connection:
     """One client connection: its socket, and the replies of the read in hand,
     sent with one ``sendall`` (early past ``FLUSH_BYTES``)."""
 
-    __slots__ = ("sock", "stats", "busy", "parts", "size", "ending")
+    __slots__ = ("sock", "raw", "readable", "stats", "busy", "parts", "size", "ending")
 
     def __init__(self, sock: socket.socket, stats: CacheStats) -> None:
         self.sock = sock
+        #: the OS socket under it, for the calls that do not wait (see _raw_socket)
+        self.raw = _raw_socket(sock)
+        #: a watcher of its bytes, to wait for them through the hub (FAIR_READS); one
+        #: per connection: a new one per wait costs two system calls
+        self.readable = get_hub().loop.io(sock.fileno(), 1) if self.raw is not None else None
         self.stats = stats
         #: between a read and the sendall of its replies (a graceful stop lets it finish)
         self.busy = False
@@ -59,12 +92,14 @@ class _Connection:
         #: why the connection ends after this read: ``quit``, or the fatal ProtocolError
         self.ending: c.Quit | ProtocolError | None = None
 
-    def commands(self, parser: Parser | BinaryParser) -> Iterator[c.Command | BinCommand | ProtocolError]:
-        """The complete commands in the parser's buffer, with the parse errors
-        that are answered in place. Stops at ``quit`` or at a fatal error,
-        noting it in ``ending``; from a fatal error on, nothing more is sent."""
+    def commands(self, parser: Parser | BinaryParser) -> list[c.Command | BinCommand | ProtocolError]:
+        """The complete commands in the parser's buffer, with the parse errors that
+        are answered in place. Stops at ``quit`` or at a fatal error, noting it in
+        ``ending``."""
         next_command = parser.next_command
         need_data, Quit = NEED_DATA, c.Quit
+        out: list[c.Command | BinCommand | ProtocolError] = []
+        append = out.append
         while True:
             try:
                 cmd = next_command()
@@ -72,32 +107,79 @@ class _Connection:
                 self.stats.protocol_errors += 1
                 if err.fatal:
                     self.ending = err
-                    return
-                yield err
+                    return out
+                append(err)
                 continue
             if cmd is need_data:
-                return
+                return out
             if type(cmd) is Quit:
-                self.ending = cmd
-                return
-            yield cmd  # type: ignore[misc]  # not NEED_DATA: `is` does not narrow for mypy
+                self.ending = cmd  # type: ignore[assignment]  # a Quit
+                return out
+            append(cmd)  # type: ignore[arg-type]  # not NEED_DATA: `is` does not narrow for mypy
 
-    def add(self, reply: bytes) -> None:
-        self.parts.append(reply)
-        self.size += len(reply)
+    def send_replies(self, replies: Iterator[bytes | Iterable[bytes] | None]) -> None:
+        """Add the replies of a read, flushing past ``FLUSH_BYTES`` and where dispatch
+        yields None (what is ready goes out while the rest runs)."""
+        parts = self.parts
+        append = parts.append
+        size = self.size
+        holding = self.ending is not None and type(self.ending) is not c.Quit  # fatal: see ``drop_unsent``
+        for reply in replies:
+            if type(reply) is bytes:
+                append(reply)
+                size += len(reply)
+                if size >= FLUSH_BYTES:
+                    self.flush()
+                    size = 0
+            elif reply is None:
+                if not holding:
+                    self.flush()
+                    size = 0
+            else:
+                self.size = size
+                for part in cast(Iterable[bytes], reply):  # a reply in parts
+                    self.add(part)
+                size = self.size
+        self.size = size
+
+    def add(self, part: bytes) -> None:
+        self.parts.append(part)
+        self.size += len(part)
         if self.size >= FLUSH_BYTES:
             self.flush()
+
+    def drop_unsent(self, commands: list[Any]) -> None:
+        """Before closing on a fatal error: drop the replies memcached would not have
+        sent, those after the last command at which it transmits (each is one part:
+        the transmitting commands are the only ones whose replies come in pieces)."""
+        keep = 0
+        for index in range(len(commands) - 1, -1, -1):
+            if type(commands[index]) in c.TRANSMITTING:
+                keep = index + 1
+                break
+        drop = min(len(commands) - keep, len(self.parts))
+        if drop:
+            del self.parts[len(self.parts) - drop :]
 
     def flush(self) -> None:
         parts = self.parts
         if not parts:
             return
-        self.parts, self.size = [], 0
-        if isinstance(self.ending, ProtocolError):
-            return  # memcached drops the connection and what it had not sent yet
-        payload = b"".join(parts)
-        self.sock.sendall(payload)
+        payload = parts[0] if len(parts) == 1 else b"".join(parts)
+        parts.clear()
+        self.size = 0
         self.stats.bytes_written += len(payload)
+        raw = self.raw
+        if raw is not None:
+            try:
+                sent = raw.send(payload)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(payload):
+                return
+            self.sock.sendall(memoryview(payload)[sent:])  # waits for room, with the idle timeout
+            return
+        self.sock.sendall(payload)
 
 
 class ConnectionLimit:
@@ -121,6 +203,7 @@ class CacheServer:
         limit: ConnectionLimit | None = None,
         idle_timeout: float = 0.0,
         max_item_size: int = c.DEFAULT_MAX_ITEM_SIZE,
+        tls: ListenerTls | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.stats = stats
@@ -131,7 +214,8 @@ class CacheServer:
         self._conns: set[_Connection] = set()
         # a pool (unbounded: the cap is ConnectionLimit) so that stop() waits for
         # the handlers and then kills them; without one it would not wait at all
-        self._server = StreamServer(listener, self._handle, spawn=Pool())
+        handle = self._handle if tls is None else tls.serve(self._handle)
+        self._server = StreamServer(listener, handle, spawn=Pool())
 
     @property
     def address(self) -> tuple[str, int]:
@@ -180,6 +264,8 @@ class CacheServer:
             st.curr_connections -= 1
             limit.active -= 1
             self._conns.discard(conn)
+            if conn.readable is not None:
+                conn.readable.close()
             sock.close()
 
     def _serve(self, conn: _Connection, client: str) -> None:
@@ -187,8 +273,26 @@ class CacheServer:
         st = self.stats
         parser: Parser | BinaryParser | None = None
         run = self.dispatcher.run
+        raw = conn.raw
+        readable = conn.readable
+        ready = 0  # reads in a row that did not wait
         while not self.stopping:
-            data = sock.recv(READ_SIZE)
+            if raw is None:
+                data = sock.recv(READ_SIZE)
+            else:
+                if ready >= FAIR_READS:
+                    # the others' turn: wait for our next bytes through the hub, with the
+                    # connections whose bytes are ready too (gevent.sleep(0) would run us
+                    # again before the hub polls, for up to its 5 ms switch interval)
+                    ready = 0
+                    wait(readable, self.idle_timeout)  # type: ignore[arg-type]  # set with raw
+                try:
+                    data = raw.recv(READ_SIZE)
+                except BlockingIOError:
+                    ready = 0
+                    data = sock.recv(READ_SIZE)  # waits, with the idle timeout
+                else:
+                    ready += 1
             if not data:
                 return
             conn.busy = True
@@ -196,9 +300,12 @@ class CacheServer:
             if parser is None:  # the first byte says which protocol the connection speaks
                 parser = (BinaryParser if data[0] == REQUEST_MAGIC else Parser)(self.max_item_size)
             parser.feed(data)
-            for reply in run(conn.commands(parser), client):
-                conn.add(reply)
-            if isinstance(conn.ending, ProtocolError):
+            commands = conn.commands(parser)
+            if commands:
+                conn.send_replies(run(commands, client))
+            if conn.ending is not None and type(conn.ending) is not c.Quit:
+                conn.drop_unsent(commands)
+                conn.flush()
                 log.debug("closing connection from %s: %s", client, conn.ending)
                 return
             conn.flush()

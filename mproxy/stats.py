@@ -96,6 +96,12 @@ HELP = {
     "backend_errors": "Backend calls that failed (SERVER_ERROR to the client); by code in backend_errors_<code>.",
 }
 
+#: Counters of the whole process, not of one cache, in ``stats`` order: name -> help.
+PROCESS_COUNTERS: dict[str, str] = {
+    "ssl_handshake_errors": "TLS handshakes that failed or did not finish in time, on every TLS listener (data and admin).",
+    "sdk_warnings": "WARNING records of the momentosdk logger (one per failed SDK request).",
+}
+
 #: Figures a backend keeps itself (``Backend.stats()``), memcached's names in ``stats``
 #: order: name -> (Prometheus type, help). Only ``counter`` figures are zeroed by ``stats reset``.
 FIGURES: dict[str, tuple[str, str]] = {
@@ -367,6 +373,12 @@ class AuditCounters(Protocol):
 class Stats:
     """Process-wide stats: one CacheStats per listener, summed for ``stats``."""
 
+    # the PROCESS_COUNTERS, set in __init__ (declared for type checkers)
+    #: failed TLS handshakes (counted by :mod:`mproxy.handshake`)
+    ssl_handshake_errors: int
+    #: ``momentosdk`` WARNING records seen (counted by :mod:`mproxy.logs`)
+    sdk_warnings: int
+
     def __init__(self) -> None:
         self.started = time.time()
         #: The process the stats are of; None = this one (a :meth:`from_export` view sets it).
@@ -376,8 +388,8 @@ class Stats:
         #: :data:`WORKER_FIGURES` values when several workers serve (the supervisor sets them).
         self.worker_figures: dict[str, int] = {}
         self.caches: dict[str, CacheStats] = {}
-        #: ``momentosdk`` WARNING records seen (counted by :mod:`mproxy.logs`).
-        self.sdk_warnings = 0
+        for name in PROCESS_COUNTERS:
+            setattr(self, name, 0)
         self._audit: AuditCounters | None = None
         # The audit log owns its counters; ``stats reset`` moves these baselines.
         self._audit_written_base = 0
@@ -414,13 +426,13 @@ class Stats:
 
     def export(self) -> Export:
         """Everything :meth:`snapshot` and :func:`prometheus_text` read, as plain data:
-        ``pid``, ``started``, ``rusage``, ``sdk_warnings``, ``audit`` (written, dropped)
-        and ``caches`` (name -> :meth:`CacheStats.export`)."""
+        ``pid``, ``started``, ``rusage``, each of :data:`PROCESS_COUNTERS`, ``audit``
+        (written, dropped) and ``caches`` (name -> :meth:`CacheStats.export`)."""
         return {
             "pid": self.pid if self.pid is not None else os.getpid(),
             "started": self.started,
             "rusage": self.rusage(),
-            "sdk_warnings": self.sdk_warnings,
+            **{name: getattr(self, name) for name in PROCESS_COUNTERS},
             "audit": (self.audit_lines_written, self.audit_lines_dropped),
             "caches": {name: st.export() for name, st in self.caches.items()},
         }
@@ -433,7 +445,8 @@ class Stats:
         stats.pid, stats.started = data["pid"], data["started"]
         user, system = data["rusage"]
         stats.cpu = (user, system)
-        stats.sdk_warnings = data["sdk_warnings"]
+        for name in PROCESS_COUNTERS:
+            setattr(stats, name, data[name])
         written, dropped = data["audit"]
         stats.attach_audit(_FixedAudit(written, dropped))
         for name, cache in data["caches"].items():
@@ -444,7 +457,8 @@ class Stats:
         """``stats reset``: zero every counter except gauges and process facts."""
         for st in self.caches.values():
             st.reset()
-        self.sdk_warnings = 0
+        for name in PROCESS_COUNTERS:
+            setattr(self, name, 0)
         if self._audit is not None:
             self._audit_written_base = self._audit.lines_written
             self._audit_dropped_base = self._audit.lines_dropped
@@ -478,7 +492,7 @@ class Stats:
         out.update(totals)
         out.update((name, figures[name]) for name in BACKEND_FIGURES if name in figures)
         out.update(backend_stats(latency, error_codes))
-        out["sdk_warnings"] = self.sdk_warnings
+        out.update((name, getattr(self, name)) for name in PROCESS_COUNTERS)
         out["audit_lines_written"] = self.audit_lines_written
         out["audit_lines_dropped"] = self.audit_lines_dropped
         out.update((name, self.worker_figures[name]) for name in WORKER_FIGURES if name in self.worker_figures)
@@ -515,12 +529,13 @@ def sum_exports(parts: Iterable[Export], pid: int, started: float) -> Export:
     are the given ones (the supervisor's)."""
     caches: dict[str, Export] = {}
     user = system = 0.0
-    sdk_warnings = written = dropped = 0
+    written = dropped = 0
+    process = dict.fromkeys(PROCESS_COUNTERS, 0)
     for part in parts:
         part_user, part_system = part["rusage"]
         user += part_user
         system += part_system
-        sdk_warnings += part["sdk_warnings"]
+        _add(process, {name: part[name] for name in PROCESS_COUNTERS})
         part_written, part_dropped = part["audit"]
         written += part_written
         dropped += part_dropped
@@ -538,7 +553,7 @@ def sum_exports(parts: Iterable[Export], pid: int, started: float) -> Export:
         "pid": pid,
         "started": started,
         "rusage": (user, system),
-        "sdk_warnings": sdk_warnings,
+        **process,
         "audit": (written, dropped),
         "caches": caches,
     }
@@ -623,7 +638,7 @@ def prometheus_text(stats: Stats) -> str:
             hist_lines.append(f"mproxy_backend_latency_seconds_count{{{labels}}} {hist.count}")
     _family(lines, "mproxy_backend_latency_seconds", "histogram", "Latency of backend calls by operation.", hist_lines)
     for name, help_text, value in (
-        ("sdk_warnings", "WARNING records of the momentosdk logger (one per failed SDK request).", stats.sdk_warnings),
+        *((name, help_text, getattr(stats, name)) for name, help_text in PROCESS_COUNTERS.items()),
         ("audit_lines_written", "Audit log lines written.", stats.audit_lines_written),
         ("audit_lines_dropped", "Audit log lines lost: queue full or write error.", stats.audit_lines_dropped),
     ):

@@ -833,7 +833,10 @@ def test_credentials_from_env() -> None:
     assert credentials_from_env("MY_KEY", "z.example", environ={"MY_KEY": v2}).data_target == "cache.z.example"
     with pytest.raises(BackendError) as err:
         credentials_from_env("MY_KEY", "", environ={"MY_KEY": v2})
-    assert str(err.value) == "invalid Momento API key in MY_KEY: v2 API keys need [momento] endpoint"
+    assert str(err.value) == (
+        "MY_KEY does not hold a Momento API key (neither a v1 key nor a legacy token); "
+        "a v2 key also needs [momento] endpoint"
+    )
     with pytest.raises(BackendError) as err:
         credentials_from_env("MY_KEY", "z.example", environ={"MY_KEY": v1})
     assert "secret" not in str(err.value) and "MY_KEY" in str(err.value)

@@ -606,9 +606,15 @@ def test_two_caches_may_not_share_a_disk_tier_file() -> None:
 RELOAD_BASE = '[admin]\nport = 9000\n[debug]\nlog_level = "info"\n[klog]\nfile = "a.log"\n[[cache]]\ncache_name = "c"\n'
 
 
-def test_reloadable_options_are_the_log_level_and_the_audit_log() -> None:
+def test_reloadable_options_are_the_log_level_the_audit_log_and_tls() -> None:
     live = {f"{o.section}.{o.key}" for o in cfg.OPTIONS if o.reload}
-    assert live == {"debug.log_level"} | {f"klog.{f.name}" for f in dataclasses.fields(AuditConfig)}
+    tls_keys = {f.name for f in dataclasses.fields(cfg.AdminConfig) if f.name.startswith("tls")}
+    assert tls_keys == {"tls", "tls_cert", "tls_key", "tls_ca", "tls_verify", "tls_min_version", "tls_ciphers"}
+    assert live == (
+        {"debug.log_level"}
+        | {f"klog.{f.name}" for f in dataclasses.fields(AuditConfig)}
+        | {f"{section}.{key}" for section in ("admin", "cache") for key in tls_keys}
+    )
 
 
 def test_reload_applies_live_options_and_reports_the_rest() -> None:
@@ -623,7 +629,7 @@ def test_reload_applies_live_options_and_reports_the_rest() -> None:
     assert running.debug.log_level == "debug" and running.audit == new.audit
     assert running.admin == old.admin and running.proxy == old.proxy and running.caches == old.caches
     assert running.debug.log_file == "" and running.momento == old.momento
-    assert pending == ["[admin]", "[proxy]", "[[cache]]", "[debug] log_file", "[debug] log_format", "[momento]"]
+    assert pending == ["[admin] port", "[proxy]", "[[cache]] port", "[debug] log_file", "[debug] log_format", "[momento]"]
     # the next reload of the same file reports the same pending changes
     assert cfg.reload(running, new)[1] == pending
 

@@ -12,6 +12,7 @@ from mproxy.protocol.commands import StoreMode
 from mproxy.protocol.errors import ClientError, CommandError
 from mproxy.protocol.parser import NEED_DATA, Parser
 from mproxy.stats import Stats
+from tests.wire import answers
 
 
 def run(d: Dispatcher, data: bytes) -> bytes:
@@ -20,7 +21,7 @@ def run(d: Dispatcher, data: bytes) -> bytes:
     commands = []
     while (cmd := p.next_command()) is not NEED_DATA:
         commands.append(cmd)
-    return b"".join(d.run(commands, "test:1"))
+    return b"".join(answers(d.run(commands, "test:1")))
 
 
 def make(backend: Any = None) -> tuple[Dispatcher, Stats]:
@@ -57,7 +58,7 @@ def test_multiget_keeps_order_and_duplicates() -> None:
 def test_too_large_set_removes_old_value() -> None:
     d, _ = make()
     run(d, b"set a 0 0 1\r\n1\r\n")
-    assert list(d.run([c.TooLarge(StoreMode.SET, b"a", 0, 0, 10**7)])) == [b"SERVER_ERROR object too large for cache\r\n"]
+    assert answers(d.run([c.TooLarge(StoreMode.SET, b"a", 0, 0, 10**7)])) == [b"SERVER_ERROR object too large for cache\r\n"]
     assert run(d, b"get a\r\n") == b"END\r\n"
 
 
@@ -114,19 +115,19 @@ def test_pipelined_gets_are_one_backend_read_with_per_command_replies() -> None:
     spy = Spy()
     d, stats = make(spy)
     run(d, b"set a 1 0 1\r\nA\r\nset b 2 0 1\r\nB\r\n")
-    replies = list(d.run([c.Get((b"a",)), c.Get((b"x", b"b"), cas=True), c.Get((b"a",))]))
+    replies = answers(d.run([c.Get((b"a",)), c.Get((b"x", b"b"), cas=True), c.Get((b"a",))]))
     assert spy.reads == [((b"a", b"x", b"b", b"a"), True)]
     assert replies[0] == b"VALUE a 1 1\r\nA\r\nEND\r\n"
     assert replies[1].startswith(b"VALUE b 2 1 ") and replies[1].endswith(b"\r\nB\r\nEND\r\n")
     assert replies[2] == replies[0]
     st = stats.cache("c")
     assert (st.cmd_get, st.get_hits, st.get_misses) == (4, 3, 1)
-    assert list(d.run([c.Get((b"a",))])) == [replies[0]] and len(spy.reads) == 2
+    assert answers(d.run([c.Get((b"a",))])) == [replies[0]] and len(spy.reads) == 2
 
 
 def test_pipelined_gets_share_a_backend_failure() -> None:
     d, stats = make(Failing())
-    replies = list(d.run([c.Get((b"a",)), c.Get((b"b",))]))
+    replies = answers(d.run([c.Get((b"a",)), c.Get((b"b",))]))
     assert replies == [b"SERVER_ERROR momento timeout after 5.0s on get_many\r\n"] * 2
     assert stats.cache("c").snapshot()["backend_errors_timeout"] == 1
 
@@ -136,7 +137,7 @@ def test_gets_are_grouped_up_to_the_backend_batch_size() -> None:
     spy.max_batch_keys = 3
     d, _ = make(spy)
     gets = [c.Get((b"a", b"b")), c.Get((b"c",)), c.Get((b"d",)), c.Get((b"e", b"f", b"g", b"h")), c.Get((b"i",))]
-    assert list(d.run(gets)) == [b"END\r\n"] * 5
+    assert answers(d.run(gets)) == [b"END\r\n"] * 5
     # a get that would pass the limit starts the next group; one over it is a group alone
     assert spy.reads == [((b"a", b"b", b"c"), False), ((b"d",), False), ((b"e", b"f", b"g", b"h"), False), ((b"i",), False)]
 
@@ -144,18 +145,19 @@ def test_gets_are_grouped_up_to_the_backend_batch_size() -> None:
 def test_a_parse_error_answers_in_place_and_ends_the_group() -> None:
     spy = Spy()
     d, _ = make(spy)
-    replies = list(d.run([c.Get((b"a",)), CommandError(), ClientError("bad", noreply=True), c.Get((b"b",)), c.Version()]))
-    assert replies[:3] == [b"END\r\n", b"ERROR\r\n", b"END\r\n"] and replies[3].startswith(b"VERSION ")
+    replies = answers(d.run([c.Get((b"a",)), CommandError(), ClientError("bad", noreply=True), c.Get((b"b",)), c.Version()]))
+    # one reply per command: b"" where nothing is sent (the noreply error)
+    assert replies[:4] == [b"END\r\n", b"ERROR\r\n", b"", b"END\r\n"] and replies[4].startswith(b"VERSION ")
     assert spy.reads == [((b"a",), False), ((b"b",), False)]
 
 
 class RaisesTooLarge(MemoryBackend):
     """A backend that only raises on a value it cannot hold (deletes nothing itself)."""
 
-    def store(self, **kwargs: Any) -> Any:
-        if len(kwargs["value"]) > 4:
+    def store(self, mode: Any, key: bytes, value: bytes, flags: int, exptime: int, cas_unique: int = 0) -> Any:
+        if len(value) > 4:
             raise ValueTooLarge("too large for this backend")
-        return super().store(**kwargs)
+        return super().store(mode, key, value, flags, exptime, cas_unique)
 
 
 def test_a_set_the_backend_finds_too_large_removes_old_value_but_add_does_not() -> None:

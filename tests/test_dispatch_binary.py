@@ -17,6 +17,7 @@ from mproxy.protocol.binary import BinaryParser, Opcode, Status
 from mproxy.protocol.errors import ProtocolError
 from mproxy.protocol.parser import NEED_DATA
 from mproxy.stats import Stats
+from tests.wire import answers
 from tests.test_binary_parser import Frame, arith_req, req, split_frames, store_req
 from tests.test_dispatch import Failing
 
@@ -40,7 +41,7 @@ def run(d: Dispatcher, data: bytes) -> list[Frame]:
         if cmd is NEED_DATA or isinstance(cmd, c.Quit):
             break
         commands.append(cmd)
-    return frames(b"".join(d.run(commands, "test:1")))
+    return frames(b"".join(answers(d.run(commands, "test:1"))))
 
 
 def make(backend: Any = None) -> tuple[Dispatcher, Stats]:
@@ -204,7 +205,7 @@ class NeverSettles(MemoryBackend):
     def incr_decr(self, key: bytes, delta: int, incr: bool) -> int | None:
         return None
 
-    def store(self, **kw: Any) -> StoreResult:  # type: ignore[override]
+    def store(self, *args: Any, **kw: Any) -> StoreResult:  # type: ignore[override]
         return StoreResult.NOT_STORED
 
 
@@ -261,7 +262,7 @@ def test_too_large_values() -> None:
     ]
     run(d, store_req(Opcode.SETQ, b"a", b"old"))
     too_large = b.BinTooLarge(Opcode.SETQ, 1, c.StoreMode.SET, b"a", 0, 0, 10**7, quiet=True)
-    assert frames(b"".join(d.run([too_large]))) == [ok(Opcode.SETQ, status=Status.E2BIG, value=b"Too large.", opaque=1)]
+    assert frames(b"".join(answers(d.run([too_large])))) == [ok(Opcode.SETQ, status=Status.E2BIG, value=b"Too large.", opaque=1)]
     assert run(d, req(Opcode.GET, b"a")) == [error(Opcode.GET, Status.KEY_ENOENT)]
 
 

@@ -68,8 +68,14 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         ("mproxy.config",),
-        "config.py imports only the standard library (and the limits of protocol/commands.py)",
-        only=(STDLIB, "mproxy.protocol.commands"),
+        "config.py imports only the standard library (and the limits of protocol/commands.py, "
+        "and tls.py, which checks the TLS files at load)",
+        only=(STDLIB, "mproxy.protocol.commands", "mproxy.tls"),
+    ),
+    Rule(
+        ("mproxy.tls",),
+        "tls.py (the TLS settings as a context) imports only the standard library: config.py uses it",
+        only=(STDLIB,),
     ),
     Rule(
         ("mproxy.backends",),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from mproxy.dispatch import Dispatcher
 from mproxy.protocol.errors import ProtocolError
 from mproxy.protocol.parser import NEED_DATA, Parser
@@ -21,4 +23,10 @@ def replies(dispatcher: Dispatcher, data: bytes) -> bytes:
         if cmd is NEED_DATA:
             break
         commands.append(cmd)
-    return b"".join(dispatcher.run(commands, "test:1"))  # type: ignore[arg-type]
+    return b"".join(answers(dispatcher.run(commands, "test:1")))  # type: ignore[arg-type]
+
+
+def answers(replies: Iterable[bytes | Iterable[bytes] | None]) -> list[bytes]:
+    """What ``Dispatcher.run`` yields, one ``bytes`` per command: a reply in parts
+    joined, the ``None`` of "flush now" left out."""
+    return [reply if isinstance(reply, bytes) else b"".join(reply) for reply in replies if reply is not None]

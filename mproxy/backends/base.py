@@ -14,7 +14,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from mproxy.protocol.commands import StoreMode
+from mproxy.protocol.commands import StoreMode, fast_init
 
 #: memcached: an exptime above 30 days is an absolute Unix time.
 REALTIME_MAXDELTA = 60 * 60 * 24 * 30
@@ -37,6 +37,9 @@ class Item:
     value: bytes
     flags: int
     cas: int = 0
+
+
+fast_init(Item)  # one per store on the memory backend: made through its slots (see fast_init)
 
 
 class StoreResult(enum.Enum):
@@ -220,6 +223,12 @@ class Backend(Protocol):
 
     #: short name for stats and logs ("memory", "momento", ...)
     kind: str
+    #: whether calls wait on I/O (a remote store; they yield to other greenlets):
+    #: dispatch then runs the commands of one read concurrently, in order per key.
+    #: False: every call returns without yielding (an in-process store), and dispatch
+    #: runs them inline, one after the other. A backend that does not say is taken as
+    #: blocking.
+    blocking: bool
     #: most keys one ``get_many`` call should carry: dispatch groups pipelined
     #: gets up to this many keys into one read (more still work, in one call)
     max_batch_keys: int

@@ -125,6 +125,8 @@ class MemoryBackend:
     """
 
     kind = "memory"
+    #: no call yields (see the module docstring): dispatch runs commands inline
+    blocking = False
     #: an in-process read costs the same per key however many come at once: this
     #: only bounds how many pipelined gets dispatch groups into one call
     max_batch_keys = 100
@@ -496,7 +498,7 @@ class MemoryBackend:
         """memcached's ``do_store_item``. A stored item takes the next CAS unique
         (``self._cas`` after the call)."""
         now = self._now()
-        size = item_size(key, len(value), flags)
+        size = len(key) + len(value) + (ITEM_OVERHEAD + FLAGS_OVERHEAD if flags else ITEM_OVERHEAD)  # item_size
         if size > self._max_item_size:
             # memcached: "Avoid stale data persisting in cache because we failed alloc."
             if mode is StoreMode.SET:
@@ -505,16 +507,20 @@ class MemoryBackend:
                 f"item of {size} bytes exceeds the {self._max_item_size}-byte item size"
             )
         data = self._data
-        old = self._live(key, now)
+        old = data.get(key)
+        if old is not None and (old[0].cas <= self._flushed_cas or old[1] <= now):  # not live: _live's rule
+            self._reclaim(key, old, now)
+            old = None
         bits = KEY_BINARY if binary_key else 0
+        # exptime 0 without a default TTL never expires (most sets): no ttl_seconds call
         if old is None:
             if mode is StoreMode.CAS:
                 return StoreResult.NOT_FOUND
             if mode is not StoreMode.SET and mode is not StoreMode.ADD:
                 return StoreResult.NOT_STORED
-            expires_at = self._expires_at(exptime, now)
+            expires_at = _NEVER if exptime == 0 and self._default_ttl is None else self._expires_at(exptime, now)
         elif mode is StoreMode.SET or mode is StoreMode.REPLACE:
-            expires_at = self._expires_at(exptime, now)
+            expires_at = _NEVER if exptime == 0 and self._default_ttl is None else self._expires_at(exptime, now)
         elif mode is StoreMode.ADD:
             data.move_to_end(key)
             if old[3] < now - UPDATE_INTERVAL:  # memcached's do_item_update
@@ -572,12 +578,14 @@ class MemoryBackend:
         data = self._data
         data[key] = entry
         if old is not None:
-            self._bytes -= old[2]
+            self._bytes += entry[2] - old[2]
             data.move_to_end(key)
-        self._bytes += entry[2]
+        else:
+            self._bytes += entry[2]
         # The new entry is last and at most max_item_size <= max_bytes, so it
         # survives (a counter may outgrow it by a few bytes, never in practice).
-        self._evict(now)
+        if self._bytes > self._max_bytes:
+            self._evict(now)
 
     def _evict(self, now: float) -> None:
         """Remove least recently used items until the budget holds them."""

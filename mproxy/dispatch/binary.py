@@ -30,7 +30,7 @@ import functools
 import logging
 from typing import TYPE_CHECKING, Any, Callable
 
-from mproxy.backends.base import BackendError, NonNumericValue, StoreResult
+from mproxy.backends.base import BackendError, Item, NonNumericValue, StoreResult
 from mproxy.protocol import binary as b
 from mproxy.protocol.binary import NO_CREATE, Opcode, Status
 from mproxy.protocol.commands import StoreMode
@@ -63,7 +63,6 @@ def binary_handlers(d: Dispatcher, version_text: str) -> dict[type, Handler]:
     """The handlers of the binary records, for ``Dispatcher._handlers``."""
     handlers = _Handlers(d, version_text)
     table: dict[type, Handler] = {
-        b.BinGet: handlers.get,
         b.BinTouch: handlers.touch,
         b.BinStore: handlers.store,
         b.BinTooLarge: handlers.too_large,
@@ -74,6 +73,25 @@ def binary_handlers(d: Dispatcher, version_text: str) -> dict[type, Handler]:
         b.BinStat: handlers.stat,
     }
     return {kind: _guarded(fn, d) for kind, fn in table.items()}
+
+
+def binary_get_group(d: Dispatcher) -> Callable[[list[b.BinGet]], list[tuple[bytes, str]]]:
+    """The handler of a run of binary gets (``getkq ... getk``, or one get): one backend
+    read for all their keys, one frame each; a failure answers each its error frame."""
+    handlers = _Handlers(d, "")
+
+    def get_group(cmds: list[b.BinGet]) -> list[tuple[bytes, str]]:
+        try:
+            found = d.read_items(tuple(cmd.key for cmd in cmds))
+        except BackendError as err:
+            text = str(err).encode("utf-8", "replace")
+            return [(b.error(cmd.opcode, cmd.opaque, Status.ENOMEM, text), err.code) for cmd in cmds]
+        except Exception:  # a bug must cost replies, not the connection
+            log.exception("internal error executing %s on cache %s", cmds[0].name, d.cache_name)
+            return [(b.error(cmd.opcode, cmd.opaque, Status.ENOMEM, b"internal error"), "internal") for cmd in cmds]
+        return [handlers.get(cmd, found) for cmd in cmds]
+
+    return get_group
 
 
 def _guarded(fn: Handler, d: Dispatcher) -> Handler:
@@ -100,10 +118,9 @@ class _Handlers:
         self.d = d
         self.version = version_text.encode()
 
-    def get(self, cmd: b.BinGet) -> tuple[bytes, str]:
-        keys = (cmd.key,)
-        found = self.d.read_items(keys)
-        outcome = self.d.count_gets(keys, found)
+    def get(self, cmd: b.BinGet, found: dict[bytes, Item]) -> tuple[bytes, str]:
+        """One get of a run read together (:func:`binary_get_group`)."""
+        outcome = self.d.count_gets(cmd.keys, found)
         item = found.get(cmd.key)
         if item is not None:
             key = cmd.key if cmd.with_key else b""

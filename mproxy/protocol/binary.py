@@ -161,8 +161,20 @@ class _Request:
         return OPCODE_NAMES[self.opcode]
 
 
+class _Keyed(_Request):
+    """A request on one key: ``keys`` is ``(key,)``, as the text records name theirs
+    (:class:`~.commands.OneKey`); flush, noop, version, quit and stat have ``keys = None``."""
+
+    __slots__ = ()
+    key: bytes
+
+    @property
+    def keys(self) -> tuple[bytes, ...]:
+        return (self.key,)
+
+
 @dataclass(frozen=True, slots=True)
-class BinGet(_Request):
+class BinGet(_Keyed):
     """get, getq, getk, getkq: ``with_key`` for the k forms (the key is echoed)."""
 
     opcode: int
@@ -173,7 +185,7 @@ class BinGet(_Request):
 
 
 @dataclass(frozen=True, slots=True)
-class BinTouch(_Request):
+class BinTouch(_Keyed):
     """touch, gat, gatq, gatk, gatkq: set the expiry, answer the flags (and the value
     unless ``touch``)."""
 
@@ -187,7 +199,7 @@ class BinTouch(_Request):
 
 
 @dataclass(frozen=True, slots=True)
-class BinStore(_Request):
+class BinStore(_Keyed):
     """set, add, replace, append, prepend and their quiet forms. ``cas`` is the
     request's CAS field (0: none); append and prepend carry no flags or expiry."""
 
@@ -203,7 +215,7 @@ class BinStore(_Request):
 
 
 @dataclass(frozen=True, slots=True)
-class BinTooLarge(_Request):
+class BinTooLarge(_Keyed):
     """A store whose value is over ``max_item_size``: its bytes are being discarded."""
 
     opcode: int
@@ -217,7 +229,7 @@ class BinTooLarge(_Request):
 
 
 @dataclass(frozen=True, slots=True)
-class BinDelete(_Request):
+class BinDelete(_Keyed):
     opcode: int
     opaque: int
     key: bytes
@@ -226,7 +238,7 @@ class BinDelete(_Request):
 
 
 @dataclass(frozen=True, slots=True)
-class BinArith(_Request):
+class BinArith(_Keyed):
     """increment / decrement: a missing counter is created as ``initial`` (answered
     as is) unless ``exptime`` is :data:`NO_CREATE`."""
 
@@ -247,6 +259,7 @@ class BinFlush(_Request):
     opaque: int
     delay: int = 0
     quiet: bool = False
+    keys = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +268,7 @@ class BinSimple(_Request):
 
     opcode: int
     opaque: int
+    keys = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,9 +278,13 @@ class BinStat(_Request):
     opcode: int
     opaque: int
     key: bytes = b""
+    keys = None
 
 
 BinCommand = BinGet | BinTouch | BinStore | BinTooLarge | BinDelete | BinArith | BinFlush | BinSimple | BinStat
+
+for _record in (BinGet, BinTouch, BinStore, BinTooLarge, BinDelete, BinArith, BinFlush, BinSimple, BinStat):
+    c.fast_init(_record)
 
 
 # -- encoder ----------------------------------------------------------------

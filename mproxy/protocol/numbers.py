@@ -46,19 +46,29 @@ def _strto(token: bytes, unsigned: bool) -> int | None:
     return value
 
 
+# Each parse_* first takes the usual token, plain digits short enough not to reach
+# its range (``bytes.isdigit`` is ASCII digits only), with one int(); _strto does the rest.
+
+
 def parse_u64(token: bytes) -> int | None:
     """memcached ``safe_strtoull``: delta, cas unique."""
+    if len(token) < 20 and token.isdigit():
+        return int(token)
     return _strto(token, unsigned=True)
 
 
 def parse_u32(token: bytes) -> int | None:
     """memcached ``safe_strtoul`` into a ``uint32_t``: flags (truncated to 32 bits)."""
+    if len(token) < 10 and token.isdigit():
+        return int(token)
     value = _strto(token, unsigned=True)
     return None if value is None else value & 0xFFFFFFFF
 
 
 def parse_i32(token: bytes) -> int | None:
     """memcached ``safe_strtol`` into an ``int32_t``: exptime, byte count (wraps)."""
+    if len(token) < 10 and token.isdigit():
+        return int(token)
     value = _strto(token, unsigned=False)
     if value is None:
         return None

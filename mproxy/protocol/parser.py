@@ -17,7 +17,7 @@ bits); ``noreply`` also silences error lines; a data block is exactly
 
 from __future__ import annotations
 
-from typing import Callable, Final
+from typing import Any, Callable, Final
 
 from mproxy.protocol import admin
 from mproxy.protocol import commands as c
@@ -39,6 +39,8 @@ NEED_DATA: Final = NeedData()
 _FIRST_LETTER_FAMILIES = frozenset(b"gsacidt")
 _BAD_FORMAT = "bad command line format"
 _BAD_EXPTIME = "invalid exptime argument"
+_KEY_MAX = c.KEY_MAX_LENGTH
+_Get = c.Get
 
 
 def _noreply(tokens: list[bytes], ntokens: int) -> bool:
@@ -49,29 +51,44 @@ def _noreply(tokens: list[bytes], ntokens: int) -> bool:
 class Parser:
     """Parser state for one connection."""
 
-    __slots__ = ("_buf", "_pos", "_scan", "_pending", "_swallow", "_watching", "max_item_size")
+    __slots__ = ("_buf", "_pos", "_scan", "_resume", "_pending", "_swallow", "max_item_size")
 
     def __init__(self, max_item_size: int = c.DEFAULT_MAX_ITEM_SIZE) -> None:
         self.max_item_size = max_item_size
-        self._buf = bytearray()
+        #: bytes received, from ``_pos`` on not consumed yet: the ``bytes`` of a read as
+        #: they came when nothing was left over (the usual case: no copy), else a
+        #: bytearray the reads are appended to
+        self._buf: bytes | bytearray = b""
         self._pos = 0
         #: where the search for the next newline resumes: bytes before it hold none, so a
         #: long line arriving in small pieces is scanned once, not once per piece
         self._scan = 0
-        #: a storage command waiting for its data block: (header, total bytes)
-        self._pending: tuple[Callable[[bytes], c.Command], int] | None = None
+        #: None when the next bytes are a command line; else what reads them: a data
+        #: block (:meth:`_store_value`, :meth:`_ms_value`), bytes to discard
+        #: (:meth:`_discard`), or nothing ever again (:meth:`_watching`)
+        self._resume: Callable[[], c.Command | NeedData] | None = None
+        #: a storage command waiting for its data block: its header and total bytes
+        self._pending: tuple[Any, ...] | None = None
         #: bytes of a data block still to discard, and the command to return after
         #: them (an oversized store) or None (an ``ms`` already answered with an error)
         self._swallow: tuple[c.TooLarge | c.MsTooLarge | None, int] | None = None
-        #: after ``watch``: memcached reads nothing more from a watcher connection
-        self._watching = False
 
     def feed(self, data: bytes) -> None:
-        if self._pos and self._pos >= len(self._buf) // 2:
-            del self._buf[: self._pos]
-            self._scan -= self._pos
+        buf = self._buf
+        pos = self._pos
+        if pos >= len(buf):  # all consumed: keep the read as it is
+            self._buf = bytes(data)
+            self._pos = self._scan = 0
+            return
+        if isinstance(buf, bytes):
+            buf = self._buf = bytearray(memoryview(buf)[pos:])
+            self._scan -= pos
             self._pos = 0
-        self._buf += data
+        elif pos and pos >= len(buf) // 2:
+            del buf[:pos]
+            self._scan -= pos
+            self._pos = 0
+        buf += data
 
     @property
     def buffered(self) -> int:
@@ -79,51 +96,101 @@ class Parser:
         return len(self._buf) - self._pos
 
     def next_command(self) -> c.Command | NeedData:
+        if self._resume is not None:
+            return self._resume()
         buf = self._buf
-        if self._swallow is not None:
-            cmd, left = self._swallow
-            take = min(left, len(buf) - self._pos)
-            self._pos += take
-            if take < left:
-                self._swallow = (cmd, left - take)
-                return NEED_DATA
-            self._swallow = None
-            if cmd is None:
-                return self.next_command()
-            return cmd
-        if self._watching:
-            self._pos = self._scan = len(buf)
-            return NEED_DATA
-        if self._pending is not None:
-            build, need = self._pending
-            end = self._pos + need
-            if len(buf) < end:
-                return NEED_DATA
-            self._pending = None
-            start = self._pos
-            self._pos = end
-            if buf[end - 2 : end] != b"\r\n":
-                raise ClientError("bad data chunk", build(b"").noreply)
-            return build(bytes(buf[start : end - 2]))
-        nl = buf.find(b"\n", max(self._pos, self._scan))
+        pos = self._pos
+        scan = self._scan
+        nl = buf.find(b"\n", scan if scan > pos else pos)
         if nl < 0:
             self._scan = len(buf)
-            self._check_unterminated()
+            if len(buf) - pos > c.MAX_LINE_LENGTH:
+                self._check_unterminated()
             return NEED_DATA
-        end = nl
-        if nl - self._pos > 1 and buf[nl - 1] == 13:
-            end -= 1
-        line = bytes(buf[self._pos : end])
+        line = buf[pos : nl - 1 if nl - pos > 1 and buf[nl - 1] == 13 else nl]
+        if type(line) is not bytes:
+            line = bytes(line)
         self._pos = nl + 1
         nul = line.find(b"\0")
         if nul >= 0:  # memcached works on a C string: a NUL ends the line
             line = line[:nul]
-        result = self._parse_line(line)
+        # one command line
+        tokens = line.split(b" ")
+        if b"" in tokens:
+            tokens = [t for t in tokens if t]
+            if not tokens:
+                raise CommandError()
+        word = tokens[0]
+        if word == b"get" and len(tokens) == 2 and len(tokens[1]) <= _KEY_MAX:  # the usual command, in place
+            return _Get((tokens[1],), False)
+        handler = _HANDLERS.get(word)
+        if handler is None:
+            if len(word) < 2:
+                raise CommandError()
+            # memcached dispatches on the first letter first: only words
+            # outside those families get its "HTTP request -> close" check.
+            if word[0] in _FIRST_LETTER_FAMILIES or (word[0] == 109 and len(word) == 2):
+                raise CommandError()
+            last = tokens[min(len(tokens), c.MAX_TOKENS - 1) - 1]
+            if last.startswith(b"HTTP/"):
+                raise ConnectionClosed("HTTP request on the memcached port")
+            raise CommandError()
+        # memcached's token count: up to 23 tokens plus a terminal token
+        n = len(tokens)
+        result = handler(self, tokens, n + 1 if n < c.MAX_TOKENS else c.MAX_TOKENS)
         if result is None:  # a storage header: its data block follows
             return self.next_command()
-        if type(result) is c.Admin and result.name == "watch":
-            self._watching = True
         return result
+
+    # -- what reads the bytes after a command line (``_resume``) -----------------
+
+    def _store_value(self) -> c.Command | NeedData:
+        mode, key, flags, exptime, cas_unique, noreply, need = self._pending  # type: ignore[misc]
+        buf = self._buf
+        start = self._pos
+        end = start + need
+        if len(buf) < end:
+            return NEED_DATA
+        self._pending = self._resume = None
+        self._pos = end
+        if buf[end - 2 : end] != b"\r\n":
+            raise ClientError("bad data chunk", noreply)
+        value = buf[start : end - 2]
+        return c.Store(mode, key, flags, exptime, value if type(value) is bytes else bytes(value), cas_unique, noreply)
+
+    def _ms_value(self) -> c.Command | NeedData:
+        build, need = self._pending  # type: ignore[misc]
+        buf = self._buf
+        start = self._pos
+        end = start + need
+        if len(buf) < end:
+            return NEED_DATA
+        self._pending = self._resume = None
+        self._pos = end
+        if buf[end - 2 : end] != b"\r\n":
+            raise ClientError("bad data chunk", build(b"").noreply)
+        return build(bytes(buf[start : end - 2]))  # type: ignore[no-any-return]
+
+    def _discard(self) -> c.Command | NeedData:
+        cmd, left = self._swallow  # type: ignore[misc]
+        take = min(left, len(self._buf) - self._pos)
+        self._pos += take
+        if take < left:
+            self._swallow = (cmd, left - take)
+            return NEED_DATA
+        self._swallow = self._resume = None
+        if cmd is None:
+            return self.next_command()
+        return cmd
+
+    def _watching(self) -> c.Command | NeedData:
+        """After ``watch``: memcached reads nothing more from a watcher connection."""
+        self._pos = self._scan = len(self._buf)
+        return NEED_DATA
+
+    def _swallowing(self, cmd: c.TooLarge | c.MsTooLarge | None, nbytes: int) -> None:
+        self._swallow = (cmd, nbytes)
+        self._resume = self._discard
 
     def _check_unterminated(self) -> None:
         held = len(self._buf) - self._pos
@@ -138,33 +205,22 @@ class Parser:
         if held > c.MAX_GET_LINE_LENGTH:
             raise ConnectionClosed(f"get line of over {c.MAX_GET_LINE_LENGTH} bytes")
 
-    # -- one command line -------------------------------------------------
+    # -- one command each ----------------------------------------------------
 
-    def _parse_line(self, line: bytes) -> c.Command | None:
-        tokens = [t for t in line.split(b" ") if t]
-        if not tokens or len(tokens[0]) < 2:
-            raise CommandError()
-        word = tokens[0]
-        handler = _HANDLERS.get(word)
-        if handler is None:
-            # memcached dispatches on the first letter first: only words
-            # outside those families get its "HTTP request -> close" check.
-            if word[0] in _FIRST_LETTER_FAMILIES or (word[0] == 109 and len(word) == 2):
-                raise CommandError()
-            last = tokens[min(len(tokens), c.MAX_TOKENS - 1) - 1]
-            if last.startswith(b"HTTP/"):
-                raise ConnectionClosed("HTTP request on the memcached port")
-            raise CommandError()
-        # memcached's token count: up to 23 tokens plus a terminal token
-        ntokens = min(len(tokens), c.MAX_TOKENS - 1) + 1
-        return handler(self, tokens, ntokens)
-
-    def _get(self, tokens: list[bytes], ntokens: int, cas: bool) -> c.Command:
+    def _get(self, tokens: list[bytes], ntokens: int, cas: bool = False) -> c.Command:
         if ntokens < 3:
             raise CommandError()
+        if len(tokens) == 2:
+            key = tokens[1]
+            if len(key) > c.KEY_MAX_LENGTH:  # memcached answers a key too long with a format error
+                raise ClientError(_BAD_FORMAT)
+            return c.Get((key,), cas)
         keys = tuple(tokens[1:])
         _check_keys(keys)
         return c.Get(keys, cas)
+
+    def _gets(self, tokens: list[bytes], ntokens: int) -> c.Command:
+        return self._get(tokens, ntokens, True)
 
     def _gat(self, tokens: list[bytes], ntokens: int, cas: bool) -> c.Command:
         if ntokens < 3:
@@ -197,13 +253,10 @@ class Parser:
         if nbytes < 0 or nbytes > 2**31 - 3:
             raise ClientError(_BAD_FORMAT, noreply)
         if nbytes > self.max_item_size:
-            self._swallow = (c.TooLarge(mode, key, flags, exptime, nbytes, noreply), nbytes + 2)
+            self._swallowing(c.TooLarge(mode, key, flags, exptime, nbytes, noreply), nbytes + 2)
             return None
-
-        def build(value: bytes) -> c.Command:
-            return c.Store(mode, key, flags, exptime, value, cas_unique, noreply)
-
-        self._pending = (build, nbytes + 2)
+        self._pending = (mode, key, flags, exptime, cas_unique, noreply, nbytes + 2)
+        self._resume = self._store_value
         return None
 
     def _arith(self, tokens: list[bytes], ntokens: int, incr: bool) -> c.Command:
@@ -254,13 +307,19 @@ class Parser:
         try:
             header = meta.parse_ms(tokens, ntokens)
         except meta.MsError as err:
-            self._swallow = (None, err.swallow)
+            self._swallowing(None, err.swallow)
             raise
         if header.nbytes > self.max_item_size:
-            self._swallow = (c.MsTooLarge(header.key, header.nbytes), header.nbytes + 2)
+            self._swallowing(c.MsTooLarge(header.key, header.nbytes), header.nbytes + 2)
             return None
         self._pending = (header.command, header.nbytes + 2)
+        self._resume = self._ms_value
         return None
+
+    def _watch(self, tokens: list[bytes], ntokens: int) -> c.Command:
+        cmd = admin.parse_watch(tokens, ntokens)
+        self._resume = self._watching
+        return cmd
 
 
 def _check_key(key: bytes, noreply: bool = False) -> None:
@@ -297,9 +356,9 @@ _Handler = Callable[[Parser, list[bytes], int], "c.Command | None"]
 
 #: dispatch table: command word -> handler (no if-chains)
 _HANDLERS: dict[bytes, _Handler] = {
-    b"get": lambda p, t, n: p._get(t, n, False),
-    b"gets": lambda p, t, n: p._get(t, n, True),
-    b"bget": lambda p, t, n: p._get(t, n, False),
+    b"get": Parser._get,
+    b"gets": Parser._gets,
+    b"bget": Parser._get,
     b"gat": lambda p, t, n: p._gat(t, n, False),
     b"gats": lambda p, t, n: p._gat(t, n, True),
     b"set": lambda p, t, n: p._store(t, n, StoreMode.SET),
@@ -327,7 +386,7 @@ _HANDLERS: dict[bytes, _Handler] = {
     b"slabs": lambda p, t, n: admin.parse_slabs(t, n),
     b"lru": lambda p, t, n: admin.parse_lru(t, n),
     b"lru_crawler": lambda p, t, n: admin.parse_lru_crawler(t, n),
-    b"watch": lambda p, t, n: admin.parse_watch(t, n),
+    b"watch": Parser._watch,
     b"cache_memlimit": lambda p, t, n: admin.parse_cache_memlimit(t, n),
 }
 

@@ -78,11 +78,12 @@ def credentials_from_env(api_key_env: str, endpoint: str, environ: dict[str, str
                 warnings.simplefilter("ignore", DeprecationWarning)  # v1 keys have no non-deprecated parser
                 provider = sdk.credential_provider.from_string(key)
     except (sdk.sdk_exception, ValueError, KeyError) as exc:
-        hint = (
-            "[momento] endpoint is set, so a v2 API key is expected (v1 keys carry their endpoint: "
-            "leave endpoint empty)"
+        problem = (
+            "does not hold a Momento v2 API key, which [momento] endpoint expects (v1 keys and "
+            "legacy tokens carry their endpoint: leave endpoint empty for them)"
             if endpoint
-            else "v2 API keys need [momento] endpoint"
+            else "does not hold a Momento API key (neither a v1 key nor a legacy token); "
+            "a v2 key also needs [momento] endpoint"
         )
-        raise BackendError("authentication", f"invalid Momento API key in {name}: {hint}") from exc
+        raise BackendError("authentication", f"{name} {problem}") from exc
     return Endpoint.from_credentials(provider)
