@@ -166,10 +166,16 @@ class Dispatcher:
 
         A generator, so that the caller can send what is ready before the rest
         runs (the server flushes early past its buffer size)."""
+        if isinstance(commands, list) and len(commands) == 1:
+            cmd = commands[0]
+            # a read of one command: no generator (nothing to run concurrently with it),
+            # unless it is a get too large for one backend read (streamed)
+            if not isinstance(cmd, ProtocolError) and not (
+                self.concurrent and type(cmd) is c.Get and len(cmd.keys) > self.max_batch_keys
+            ):
+                return iter(self._execute(commands, client))
         if self.concurrent:
             return self._run_concurrent(commands, client)
-        if isinstance(commands, list) and len(commands) == 1 and not isinstance(commands[0], ProtocolError):
-            return iter(self._execute(commands, client))  # a read of one command: no generator
         return self._run_inline(commands, client)
 
     def _run_inline(self, commands: Iterable[AnyCommand | ProtocolError], client: str) -> Iterator[Reply]:
