@@ -191,7 +191,7 @@ class App:
         for i, (cache, listener) in enumerate(zip(cfg.caches, listeners)):
             name = cache.name  # config.loads fills it from cache_name when empty
             try:
-                backend = backends.create(cache.backend, cache, cfg)
+                backend = self._backend(cache)
             except Exception as err:  # the backend says what was wrong
                 raise StartupError(f"{cfg.source}: cache {name!r}: backend {cache.backend}: {err}") from err
             self.backends.append(backend)
@@ -217,6 +217,10 @@ class App:
             host, port = server.address
             self._announce(f"cache {name} listening on {host}:{port} (backend {cache.backend}, cache_name {cache.cache_name})")
             self._warn_exposed(f"cache[{i}]", server.address, cache)
+
+    def _backend(self, cache: CacheConfig) -> Any:
+        """The backend of one ``[[cache]]``, behind the local tiers it asks for."""
+        return backends.create(cache.backend, cache, self.cfg, worker=self.worker_number)
 
     def _announce(self, message: str) -> None:
         """Say where a listener serves (a worker says it quieter: the supervisor says it once)."""

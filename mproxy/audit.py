@@ -20,7 +20,8 @@ A line (never a value)::
      "cmd": "set", "keys": ["user:42"], "flags": 0, "exptime": 300, "bytes": 512,
      "outcome": "stored", "latency_us": 840}
 
-``flags``, ``exptime`` and ``bytes`` appear for storage commands only.
+``flags``, ``exptime`` and ``bytes`` appear for storage commands only; ``tier``
+(``memory``, ``disk`` or ``backend``: which answered) for caches with local tiers only.
 
 Only one thread may call :meth:`AuditLog.record` (the gevent hub's, where
 every connection greenlet runs): the queue bound is kept with plain counters.
@@ -156,18 +157,21 @@ class AuditLog:
         flags: int | None = None,
         exptime: int | None = None,
         nbytes: int | None = None,
+        tier: str = "",
     ) -> None:
         """Queue one command's line (1 in ``sample``); drop and count it if the queue is full.
 
         ``client`` is ``"ip:port"``; ``keys`` raw key bytes; ``flags``,
-        ``exptime``, ``nbytes`` are given for storage commands only.
+        ``exptime``, ``nbytes`` are given for storage commands only; ``tier`` (which
+        local tier answered, ``""``: no tiers) for caches with local tiers only.
         ``keys`` must not be mutated afterwards (commands hold tuples).
         """
         self._tick += 1
         if self._tick < self.sample:
             return
         self._tick = 0
-        self._put((_time(), client, cache, command, keys, outcome, latency_us, flags, exptime, nbytes))
+        line = (_time(), client, cache, command, keys, outcome, latency_us, flags, exptime, nbytes)
+        self._put(line + (tier,) if tier else line)
 
     def _put(self, line: tuple[Any, ...]) -> None:
         """Queue one line (a record's fields, time first); drop and count it if the queue is full."""
@@ -258,7 +262,7 @@ class AuditLog:
         return True
 
     def _format(self, item: tuple[Any, ...]) -> str:
-        t, client, cache, command, keys, outcome, latency_us, flags, exptime, nbytes = item
+        t, client, cache, command, keys, outcome, latency_us, flags, exptime, nbytes, *rest = item
         line: dict[str, Any] = {
             "ts": iso_utc(t),
             "client": client,
@@ -271,6 +275,8 @@ class AuditLog:
             line["exptime"] = exptime
             line["bytes"] = nbytes
         line["outcome"] = outcome
+        if rest and rest[0]:
+            line["tier"] = rest[0]
         line["latency_us"] = latency_us
         # ASCII only (json ensure_ascii), so len() is the size in bytes.
         return self._formatter.serialize_log_record(line) + "\n"

@@ -78,6 +78,11 @@ MAX_WORKERS = 1024
 #: ``[proxy] backlog``'s default: the queue of each listening socket (memcached's ``-b``).
 DEFAULT_BACKLOG = 1024
 
+#: Least memory tier per worker (``memory_cache_bytes`` / workers), when there is one.
+MIN_TIER_BYTES = 65536
+#: Least disk tier per worker (``disk_cache_bytes`` / workers), when there is one.
+MIN_DISK_TIER_BYTES = 1048576
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used.
@@ -609,21 +614,50 @@ class CacheConfig:
     memory_cache_bytes: int = _option(
         0,
         _INT,
-        "With `backend = \"momento\"`: bytes of a local in-memory tier in front of "
-        "Momento, 0 = none (accepted from momento-proxy files; the tier is not built yet, "
-        "so a non-zero value only draws a warning). With `backend = \"memory\"`: the "
-        "store's byte budget, "
+        "With `backend = \"momento\"`: bytes of the local memory tier in front of Momento "
+        "(keys, values and per-item overhead counted), 0 = none (momento-proxy's key). With "
+        "several workers each gets an equal share (at least 65536 bytes each). See docs/tiers.md. "
+        "With `backend = \"memory\"`: the store's byte budget, "
         f"0 = {DEFAULT_MAX_BYTES // (1024 * 1024)} MiB (memcached's `-m` default).",
         min=0,
     )
     memory_cache_ttl_seconds: int = _option(
         0,
         _INT,
-        "Accepted from momento-proxy files (the TTL of its local in-memory tier) and without "
-        "effect: mproxy has no such tier. With `backend = \"momento\"` a non-zero value draws "
-        "a warning.",
+        "With `backend = \"momento\"` and a memory tier: longest life of a local copy, in "
+        "seconds from when its value was read or written; 0 = no limit but the item's own TTL "
+        "(momento-proxy's meaning). Writes through other proxies or other Momento clients are "
+        "seen after at most this long: see docs/tiers.md. No effect with `backend = \"memory\"`.",
         min=0,
     )
+    disk_cache_path: str = _option(
+        "",
+        _STRING,
+        "With `backend = \"momento\"`: a directory for the disk tier (an SQLite file per worker, "
+        "created if missing), behind the memory tier (which it needs); empty = no disk tier. "
+        "It survives restarts; see docs/tiers.md.",
+    )
+    disk_cache_bytes: int = _option(
+        1073741824,
+        _INT,
+        "Bytes of the disk tier (keys, values and per-row overhead counted), shared equally by "
+        "the workers; at least 1048576 each.",
+        min=0,
+    )
+    disk_cache_ttl_seconds: int = _option(
+        0,
+        _INT,
+        "Longest life of a copy in the disk tier, in seconds from when its value was read or "
+        "written; 0 = no limit but the item's own TTL.",
+        min=0,
+    )
+
+    def disk_cache_file(self, worker: int) -> str:
+        """The disk tier's file of worker ``worker`` (0: the one process) in
+        ``disk_cache_path``: ``mproxy-<name>-w<worker>.sqlite3``, the name's characters
+        other than letters, digits, ``.``, ``_`` and ``-`` replaced by ``_``."""
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", self.name)
+        return os.path.join(self.disk_cache_path, f"mproxy-{stem}-w{worker}.sqlite3")
     tls: bool = _tls("tls")
     tls_cert: str = _tls("tls_cert")
     tls_key: str = _tls("tls_key")
@@ -997,7 +1031,7 @@ class _Loader:
         parts["proxy"] = self.resolve_workers(parts["proxy"], parts["caches"])
         config = Config(**parts, source=self.source)
         self.check_listeners(config)
-        self.check_caches(config.caches)
+        self.check_caches(config.caches, config.proxy.workers)
         self.check_tls_off(config)
         return dataclasses.replace(config, warnings=tuple(self.warnings))
 
@@ -1086,7 +1120,7 @@ class _Loader:
                     )
             seen.append((path, host, port))
 
-    def check_caches(self, caches: tuple[CacheConfig, ...]) -> None:
+    def check_caches(self, caches: tuple[CacheConfig, ...], workers: int) -> None:
         names: dict[str, int] = {}
         for i, cache in enumerate(caches):
             if cache.default_ttl > cache.max_ttl:
@@ -1101,12 +1135,56 @@ class _Loader:
                     "(set name)"
                 )
             names.setdefault(cache.name, i)
-            if cache.backend == "momento" and (cache.memory_cache_bytes or cache.memory_cache_ttl_seconds):
-                self.warn(
-                    f"cache[{i}].memory_cache_bytes / memory_cache_ttl_seconds: the local "
-                    "memory tier in front of Momento is not built yet; every request goes to "
-                    "Momento (ignored)"
+            self.check_tiers(i, cache, workers)
+        disks: dict[tuple[str, str], int] = {}
+        for i, cache in enumerate(caches):
+            if cache.disk_cache_path:
+                place = (os.path.normpath(cache.disk_cache_path), cache.disk_cache_file(1))
+                if place in disks:
+                    raise ConfigError(
+                        self.source,
+                        f"cache[{i}].disk_cache_path = {_toml_value(cache.disk_cache_path)}: expected a directory "
+                        f"cache[{disks[place]}] does not use under the same name (set name or another directory)",
+                        f"cache[{i}].disk_cache_path",
+                    )
+                disks[place] = i
+
+    def check_tiers(self, i: int, cache: CacheConfig, workers: int) -> None:
+        """The local tiers' keys: only in front of Momento, a disk tier behind a memory
+        tier, and shares that are worth having."""
+        where = f"cache[{i}]"
+        if cache.backend == "memory":
+            if cache.disk_cache_path:
+                raise ConfigError(
+                    self.source,
+                    f"{where}.disk_cache_path = {_toml_value(cache.disk_cache_path)}: expected \"\" with "
+                    "backend = \"memory\" (the local tiers are in front of Momento; a memory cache is local already)",
+                    f"{where}.disk_cache_path",
                 )
+            return
+        if cache.memory_cache_bytes and cache.memory_cache_bytes // workers < MIN_TIER_BYTES:
+            raise ConfigError(
+                self.source,
+                f"{where}.memory_cache_bytes = {cache.memory_cache_bytes}: expected 0 (no memory tier) or at least "
+                f"{MIN_TIER_BYTES * workers} ({MIN_TIER_BYTES} per worker, {workers} workers)",
+                f"{where}.memory_cache_bytes",
+            )
+        if not cache.disk_cache_path:
+            return
+        if not cache.memory_cache_bytes:
+            raise ConfigError(
+                self.source,
+                f"{where}.disk_cache_path = {_toml_value(cache.disk_cache_path)}: expected \"\" when "
+                "memory_cache_bytes = 0 (the disk tier is behind the memory tier, which its hits are promoted to)",
+                f"{where}.disk_cache_path",
+            )
+        if cache.disk_cache_bytes // workers < MIN_DISK_TIER_BYTES:
+            raise ConfigError(
+                self.source,
+                f"{where}.disk_cache_bytes = {cache.disk_cache_bytes}: expected at least "
+                f"{MIN_DISK_TIER_BYTES * workers} ({MIN_DISK_TIER_BYTES} per worker, {workers} workers)",
+                f"{where}.disk_cache_bytes",
+            )
 
 
 def listener_tables(config: Config) -> list[tuple[str, AdminConfig | CacheConfig]]:

@@ -6,9 +6,9 @@ observation per backend call (:meth:`CacheStats.observe`).
 
 A backend may keep figures of its own (``Backend.stats()``: a memory cache
 counts its items, bytes, evictions and the expired or flushed items it
-found, :data:`FIGURES`; a remote backend its calls, :data:`CALL_FIGURES`);
-:meth:`CacheStats.attach_backend` makes them part of its cache's stats. A
-cache whose backend keeps none does not show them.
+found, :data:`FIGURES`; the local tiers in front of a Momento cache, :data:`TIER_FIGURES`;
+a remote backend its calls, :data:`CALL_FIGURES`); :meth:`CacheStats.attach_backend`
+makes them part of its cache's stats. A cache whose backend keeps none does not show them.
 
 Three views of the same numbers:
 
@@ -118,6 +118,34 @@ FIGURES: dict[str, tuple[str, str]] = {
     "evictions": ("counter", "Live items removed to make room for new ones."),
 }
 
+#: Figures of the local tiers in front of a Momento cache (``docs/tiers.md``), kept by
+#: its :class:`~mproxy.backends.tiered.TieredBackend`, shown after :data:`FIGURES`,
+#: treated alike.
+TIER_FIGURES: dict[str, tuple[str, str]] = {
+    "memory_cache_hits": ("counter", "Keys the memory tier answered."),
+    "memory_cache_misses": ("counter", "Keys looked up in the memory tier and not found there."),
+    "memory_cache_evictions": ("counter", "Live copies the memory tier removed to make room."),
+    "memory_cache_fills": ("counter", "Copies the memory tier kept of items read from the backend."),
+    "memory_cache_ttl_lookups": ("counter", "Remaining-TTL calls made to keep copies of items read from the backend."),
+    "memory_cache_items": ("gauge", "Copies held by the memory tier."),
+    "memory_cache_bytes": ("gauge", "Bytes the memory tier takes: keys, values and per-item overhead."),
+    "memory_cache_limit_bytes": ("gauge", "Byte budget of the memory tier."),
+    "disk_cache_hits": ("counter", "Keys the disk tier answered."),
+    "disk_cache_misses": ("counter", "Keys looked up in the disk tier and not found there (or not read in time)."),
+    "disk_cache_evictions": ("counter", "Live copies the disk tier removed to make room."),
+    "disk_cache_corrupt": ("counter", "Disk tier rows whose checksum did not match: ignored and deleted."),
+    "disk_cache_timeouts": ("counter", "Disk tier reads abandoned as too slow (answered as misses)."),
+    "disk_cache_dropped_writes": ("counter", "Copies not written to the disk tier because its queue was full."),
+    "disk_cache_errors": ("counter", "Disk tier reads or writes that failed."),
+    "disk_cache_items": ("gauge", "Copies held by the disk tier."),
+    "disk_cache_bytes": ("gauge", "Bytes the disk tier counts: keys, values and per-row overhead."),
+    "disk_cache_limit_bytes": ("gauge", "Byte budget of the disk tier."),
+}
+
+#: Every named figure a backend may report, in ``stats`` order (the per-RPC ones,
+#: :data:`RPC_FIGURE`, follow :data:`CALL_FIGURES`).
+BACKEND_FIGURES: dict[str, tuple[str, str]] = {**FIGURES, **TIER_FIGURES}
+
 #: Figures of a remote backend's calls (``Backend.stats()`` of the Momento backend), shown
 #: after :data:`FIGURES`: these, and per RPC ``backend_rpc_<rpc>_calls`` (RPCs sent) and
 #: ``backend_rpc_<rpc>_keys`` (keys they carried), counters (:data:`RPC_FIGURE`).
@@ -132,7 +160,7 @@ RPC_FIGURE = re.compile(r"backend_rpc_([a-z0-9_]+)_(calls|keys)")
 
 def figure_kind(name: str) -> str | None:
     """``counter`` or ``gauge`` for a backend figure mproxy shows; None for any other name."""
-    known = FIGURES.get(name) or CALL_FIGURES.get(name)
+    known = BACKEND_FIGURES.get(name) or CALL_FIGURES.get(name)
     if known is not None:
         return known[0]
     return "counter" if RPC_FIGURE.fullmatch(name) else None
@@ -142,7 +170,7 @@ def figure_order(names: Iterable[str]) -> list[str]:
     """The backend figures mproxy shows among ``names``, in the order it shows them."""
     present = set(names)
     rpc = sorted(name for name in present if RPC_FIGURE.fullmatch(name))
-    return [n for n in FIGURES if n in present] + [n for n in CALL_FIGURES if n in present] + rpc
+    return [n for n in BACKEND_FIGURES if n in present] + [n for n in CALL_FIGURES if n in present] + rpc
 
 
 #: Figures of the supervisor, shown (after the audit lines) only when several workers
@@ -621,7 +649,7 @@ def prometheus_text(stats: Stats) -> str:
             name, kind = f"mproxy_{counter}_total", "counter"
         _family(lines, name, kind, HELP[counter], (f'{name}{{cache="{_label(c)}"}} {getattr(st, counter)}' for c, st in caches))
     figures = [(c, st.figures()) for c, st in caches]
-    for figure, (kind, help_text) in FIGURES.items():
+    for figure, (kind, help_text) in BACKEND_FIGURES.items():
         name = f"mproxy_{figure}_total" if kind == "counter" else f"mproxy_{figure}"
         samples = (f'{name}{{cache="{_label(c)}"}} {values[figure]}' for c, values in figures if figure in values)
         _family(lines, name, kind, help_text, samples)

@@ -14,7 +14,10 @@ inherited and a :class:`WorkerSpec` in the environment variable
   ask the supervisor, so they show and reset the sum over all workers;
 * connection cap is its share of ``[proxy] max_connections``;
 * embedded Momento server, if any, is the supervisor's (``[momento] local``
-  replaced by its address).
+  replaced by its address);
+* local tiers (``memory_cache_bytes``, ``disk_cache_path``) are its own: a write
+  through it returns only after the other workers have dropped their copies
+  (:class:`TierPeers`, relayed by the supervisor), and it drops its own when told.
 
 It tells the supervisor ``ready`` once its listeners serve, and stops
 gracefully when the link closes (the supervisor is gone).
@@ -30,12 +33,13 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import gevent
+from gevent.event import AsyncResult
 from gevent.server import StreamServer
 
-from mproxy.app import App, Listener
+from mproxy.app import App, Listener, StartupError
 from mproxy.audit import AuditLog, NullAudit
 from mproxy.audit_relay import AuditRelay
-from mproxy.config import Config
+from mproxy.config import CacheConfig, Config
 from mproxy.link import Link, LinkError
 from mproxy.server import ConnectionLimit
 from mproxy.stats import Stats
@@ -48,6 +52,54 @@ ENV = "MPROXY_WORKER"
 SUM_TIMEOUT = 5.0
 #: Connections a worker accepts per wake-up of its listening socket (gevent's default is 100).
 ACCEPT_AT_ONCE = 1
+#: Seconds a write waits for the other workers to confirm they dropped their copies
+#: (the supervisor gives each worker 2 s less).
+TIER_TIMEOUT = 4.0
+
+
+class TierPeers:
+    """A worker's messages to the other workers' local tiers (``TieredBackend.set_peers``).
+
+    :meth:`send` returns once the supervisor says every other worker applied the
+    message, and raises :class:`LinkError` when it cannot say so. The messages of
+    concurrent writes travel together: while one request is out, the next ones wait
+    and leave as one request when it returns (no timer: nothing is added when idle).
+    """
+
+    def __init__(self, link: Link, timeout: float = TIER_TIMEOUT) -> None:
+        self._link = link
+        self._timeout = timeout
+        self._waiting: list[tuple[int, Any]] = []
+        self._result: AsyncResult | None = None
+        self._sender: gevent.Greenlet | None = None
+
+    def for_cache(self, index: int) -> Any:
+        """The ``peers`` function of the ``[[cache]]`` at ``index``."""
+        return lambda message: self.send(index, message)
+
+    def send(self, index: int, message: Any) -> None:
+        self._waiting.append((index, message))
+        if self._result is None:
+            self._result = AsyncResult()
+        result = self._result
+        if self._sender is None:
+            self._sender = gevent.spawn(self._run)
+        result.get()
+
+    def _run(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                result, self._result = self._result, None
+                assert result is not None
+                try:
+                    self._link.request("tier", batch, timeout=self._timeout)
+                except LinkError as err:
+                    result.set_exception(err)
+                else:
+                    result.set(None)
+        finally:
+            self._sender = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +181,11 @@ class Worker(App):
         self.stats: WorkerStats = WorkerStats()
         self._limit = ConnectionLimit(spec.max_connections)
         self.link = Link(socket.socket(fileno=spec.control), self._on_message, f"worker {spec.number}")
+        self.peers = TierPeers(self.link)
+        #: the local tiers' backends by [[cache]] index (what other workers' messages name)
+        self.tiered: dict[int, Any] = {}
+        #: messages for tiers not made yet (applied when they are)
+        self._early: dict[int, list[Any]] = {}
 
     def _open_audit(self) -> AuditLog | NullAudit:
         if self.spec.audit is None:
@@ -157,6 +214,24 @@ class Worker(App):
         StreamServer.max_accept = ACCEPT_AT_ONCE
         super()._start_caches(listeners)
 
+    def _backend(self, cache: CacheConfig) -> Any:
+        """The cache's backend; with local tiers, wired to the other workers: the messages
+        that came before it existed applied, then ``tier-sync`` (see
+        :meth:`mproxy.workers.Supervisor._relay_tier`), before its listener serves."""
+        backend = super()._backend(cache)
+        if callable(getattr(backend, "set_peers", None)):
+            index = self.cfg.caches.index(cache)
+            backend.set_peers(self.peers.for_cache(index))
+            self.tiered[index] = backend
+            for message in self._early.pop(index, []):
+                backend.apply_remote(tuple(message))
+            try:
+                self.link.request("tier-sync", timeout=TIER_TIMEOUT)
+            except LinkError as err:
+                backend.close()
+                raise StartupError(f"worker {self.spec.number}: the supervisor did not answer tier-sync: {err}") from err
+        return backend
+
     def _announce(self, message: str) -> None:
         log.debug("%s", message)
 
@@ -175,6 +250,14 @@ class Worker(App):
             return self.stats.export()
         if kind == "reset":
             self.stats.reset_own()
+            return None
+        if kind == "tier":  # another worker's write: drop the copies it names
+            for index, message in payload:
+                backend = self.tiered.get(index)
+                if backend is not None:
+                    backend.apply_remote(tuple(message))
+                elif index < len(self.cfg.caches):
+                    self._early.setdefault(index, []).append(message)
             return None
         raise ValueError(f"unknown request {kind!r}")
 

@@ -28,6 +28,8 @@ While running, the supervisor
 * serves the admin port: ``stats`` and ``/metrics`` show the exact sum over the
   workers (:class:`FleetStats`), ``stats workers`` each one;
 * writes the audit log, the one writer of the file, from every worker's relay;
+* relays the local tiers' messages (a write's keys to drop) from a worker to all
+  the others and answers once each has applied them (:meth:`Supervisor._relay_tier`);
 * on SIGHUP reloads its own parts and passes the signal to every worker; on
   SIGUSR1 reopens the audit log; on SIGTERM (or SIGINT) stops the workers
   gracefully (each finishes the commands in hand within ``graceful_timeout``)
@@ -75,6 +77,8 @@ STABLE_SECONDS = 30.0
 STOP_MARGIN = 10.0
 #: Seconds the summed stats wait for each worker's export.
 EXPORT_TIMEOUT = 2.0
+#: Seconds a tier message waits for each other worker to apply it.
+TIER_TIMEOUT = 2.0
 
 
 def backoff(failures: int) -> float:
@@ -119,6 +123,8 @@ class Slot:
     relay: gevent.Greenlet | None = None
     #: a restart waiting for its backoff delay
     pending: gevent.Greenlet | None = None
+    #: its local tiers exist (it said ``tier-sync``): tier messages to it are waited for
+    tiers_synced: bool = False
 
     @property
     def pid(self) -> int:
@@ -255,6 +261,7 @@ class Supervisor(App):
             for sock in (*listening, control_theirs, *((audit_theirs,) if channel is not None else ())):
                 sock.close()
         slot.ready.clear()
+        slot.tiers_synced = False
         slot.export = None
         slot.config = spec.config
         slot.link = Link(control, lambda kind, payload: self._on_message(slot, kind, payload), f"worker {slot.number}")
@@ -283,7 +290,45 @@ class Supervisor(App):
         if kind == "reset":
             self.fleet.reset()
             return None
+        if kind == "tier":
+            self._relay_tier(slot, payload)
+            return None
+        if kind == "tier-sync":
+            slot.tiers_synced = True
+            return None
         raise ValueError(f"unknown request {kind!r}")
+
+    def _relay_tier(self, origin: Slot, payload: Any) -> None:
+        """A worker's local-tier messages (keys its write changed, a flush, a resize) to
+        every other worker; returns once each whose tiers exist has applied them.
+
+        A worker still starting gets them as notices, not waited for: it keeps them
+        until its tiers exist, then says ``tier-sync``, whose answer comes after every
+        notice sent before it (one stream), and from then on is waited for. So a write
+        is not held up by a worker that is (re)starting, and that worker still drops
+        the copies before it serves. A worker whose link closes meanwhile is gone, its
+        tiers with it; one that does not answer in time fails the relay (the writing
+        worker answers its client SERVER_ERROR)."""
+        others = [s for s in self.slots if s is not origin and s.link is not None and not s.link.closed.is_set()]
+
+        def tell(slot: Slot) -> str:
+            link = slot.link
+            assert link is not None
+            try:
+                if not slot.tiers_synced:
+                    link.notify("tier", payload)
+                else:
+                    link.request("tier", payload, timeout=TIER_TIMEOUT)
+            except LinkError as err:
+                if not link.closed.is_set():
+                    return str(err)
+            return ""
+
+        jobs = [gevent.spawn(tell, slot) for slot in others]
+        gevent.joinall(jobs)
+        failed = [job.value for job in jobs if job.value]
+        if failed:
+            raise RuntimeError(f"a worker did not confirm dropping its copies: {failed[0]}")
 
     def _watch(self, slot: Slot, process: Any, link: Link) -> None:
         """Wait for the worker to exit; restart it unless mproxy is stopping."""

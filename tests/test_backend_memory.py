@@ -161,6 +161,17 @@ def test_default_ttl_applies_to_exptime_zero_only(clock: FakeClock) -> None:
     assert value_of(mem, b"own") is None
 
 
+def test_remaining_ttl_changes_nothing(mem: MemoryBackend, clock: FakeClock) -> None:
+    mem.store(StoreMode.SET, b"a", b"v", 0, 100)
+    mem.store(StoreMode.SET, b"forever", b"v", 0, 0)
+    mem.store(StoreMode.SET, b"gone", b"v", 0, 10)
+    clock.now += 10
+    assert mem.remaining_ttl([b"a", b"forever", b"gone", b"missing"]) == {b"a": 90.0, b"forever": None}
+    assert mem.stats()["get_expired"] == 0 and mem.curr_items == 3  # not a lookup: nothing reclaimed
+    mem.flush_all()
+    assert mem.remaining_ttl([b"a"]) == {}
+
+
 def test_exptime_above_30_days_is_absolute(mem: MemoryBackend, clock: FakeClock) -> None:
     mem.store(SET, b"abs", b"v", 0, int(T0) + 50)
     mem.store(SET, b"rel", b"v", 0, REALTIME_MAXDELTA)  # exactly 30 days: still relative

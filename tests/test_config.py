@@ -561,11 +561,44 @@ def test_docs_up_to_date() -> None:
     )
 
 
-def test_local_tier_keys_on_momento_warn_that_the_tier_is_not_built() -> None:
-    cfg = loads('[[cache]]\ncache_name = "c"\nmemory_cache_bytes = 1048576\n', source="t.toml")
-    assert any("memory_cache_bytes" in w and "not built yet" in w and w.startswith("t.toml") for w in cfg.warnings)
-    quiet = loads('[[cache]]\ncache_name = "c"\nbackend = "memory"\nmemory_cache_bytes = 1048576\n')
-    assert quiet.warnings == ()
+def test_local_tier_keys_load_and_are_checked() -> None:
+    cfg = loads(
+        '[proxy]\nworkers = 2\n[[cache]]\ncache_name = "c d"\nmemory_cache_bytes = 1048576\nmemory_cache_ttl_seconds = 30\n'
+        'disk_cache_path = "/var/cache/mproxy"\ndisk_cache_bytes = 4194304\ndisk_cache_ttl_seconds = 600\n',
+        source="t.toml",
+    )
+    cache = cfg.caches[0]
+    assert cfg.warnings == ()  # the tiers exist now: no "not built yet"
+    assert (cache.memory_cache_bytes, cache.memory_cache_ttl_seconds) == (1048576, 30)
+    assert (cache.disk_cache_path, cache.disk_cache_bytes, cache.disk_cache_ttl_seconds) == ("/var/cache/mproxy", 4194304, 600)
+    assert cache.disk_cache_file(2) == "/var/cache/mproxy/mproxy-c_d-w2.sqlite3"
+
+
+@pytest.mark.parametrize(
+    "keys, key, expected",
+    [
+        ("memory_cache_bytes = 100000\n", "cache[0].memory_cache_bytes", "at least 131072 (65536 per worker, 2 workers)"),
+        ('disk_cache_path = "d"\n', "cache[0].disk_cache_path", "when memory_cache_bytes = 0"),
+        ('memory_cache_bytes = 1048576\ndisk_cache_path = "d"\ndisk_cache_bytes = 1048576\n', "cache[0].disk_cache_bytes",
+         "at least 2097152"),
+        ('backend = "memory"\ndisk_cache_path = "d"\n', "cache[0].disk_cache_path", "a memory cache is local already"),
+    ],
+)
+def test_local_tier_keys_refuse_what_cannot_work(keys: str, key: str, expected: str) -> None:
+    workers = "[proxy]\nworkers = 1\n" if "memory\"" in keys else "[proxy]\nworkers = 2\n"
+    with pytest.raises(ConfigError) as err:
+        loads(workers + '[[cache]]\ncache_name = "c"\n' + keys, source="t.toml")
+    assert err.value.key == key and expected in str(err.value), str(err.value)
+
+
+def test_two_caches_may_not_share_a_disk_tier_file() -> None:
+    text = (
+        '[[cache]]\ncache_name = "a"\nport = 1\nmemory_cache_bytes = 4194304\ndisk_cache_path = "d"\n'
+        '[[cache]]\ncache_name = "a"\nport = 2\nmemory_cache_bytes = 4194304\ndisk_cache_path = "d/"\n'
+    )
+    with pytest.raises(ConfigError, match="cache\\[1\\].disk_cache_path"):
+        loads(text)
+    loads(text.replace('port = 2\n', 'port = 2\nname = "b"\n'))  # another name: another file
 
 
 # -- reload (SIGHUP): what applies and what waits, from the declarations ----------------

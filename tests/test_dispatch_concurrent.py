@@ -360,3 +360,26 @@ def test_a_backend_that_does_not_say_is_taken_as_blocking() -> None:
 
     d, _ = make(Quiet())
     assert d.concurrent is True
+
+
+def test_a_read_of_one_command_on_a_blocking_backend_runs_in_the_callers_greenlet() -> None:
+    class Where(MemoryBackend):
+        blocking = True
+        max_batch_keys = 10
+        greenlets: set[Any] = set()
+        reads: list[int] = []
+
+        def get_many(self, keys: Any, with_cas: bool = False) -> Any:
+            self.greenlets.add(gevent.getcurrent())
+            self.reads.append(len(keys))
+            return super().get_many(keys, with_cas)
+
+    backend = Where()
+    d, _ = make(backend)
+    assert d.concurrent is True
+    assert list(d.run(commands(b"get a\r\n"))) == [b"END\r\n"]  # a local tier's hit: no greenlet, no generator
+    assert backend.greenlets == {gevent.getcurrent()}
+    keys = b" ".join(b"k%d" % i for i in range(25))
+    replies = list(d.run(commands(b"get " + keys + b"\r\n")))  # more keys than one read: still in batches
+    assert b"".join(b"".join(r) if not isinstance(r, bytes) else r for r in replies if r is not None) == b"END\r\n"
+    assert backend.reads == [1, 10, 10, 5]

@@ -1,5 +1,10 @@
 """Backends, chosen by name from a closed table and imported lazily
-(so that the memory backend never imports grpc or momento)."""
+(so that the memory backend never imports grpc or momento).
+
+:func:`create` also puts the local tiers a ``[[cache]]`` asks for
+(``memory_cache_bytes``, ``disk_cache_path``: :mod:`mproxy.backends.tiered`) in
+front of the backend it made.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +19,36 @@ BACKENDS: dict[str, str] = {
     "momento": "mproxy.backends.momento:from_config",
 }
 
+#: name -> "module:function" giving the remaining-TTL function of a backend that has
+#: no ``remaining_ttl`` method yet (``function(backend) -> callable | None``).
+TTL_LOOKUPS: dict[str, str] = {
+    "momento": "mproxy.backends.momento_ttl:lookup",
+}
 
-def create(name: str, *args: Any, **kwargs: Any) -> Backend:
+
+def _load(target: str) -> Any:
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def create(name: str, *args: Any, worker: int = 0, **kwargs: Any) -> Backend:
+    """The backend ``name`` from ``(cache_config, config)``, behind the local tiers the
+    cache asks for; ``worker``: this process's worker number (0: the only process)."""
     try:
         target = BACKENDS[name]
     except KeyError:
         raise ValueError(f"unknown backend {name!r}; expected one of {sorted(BACKENDS)}") from None
-    module_name, _, attr = target.partition(":")
-    factory = getattr(importlib.import_module(module_name), attr)
-    return factory(*args, **kwargs)
+    backend: Backend = _load(target)(*args, **kwargs)
+    if len(args) < 2:
+        return backend
+    cache, config = args[0], args[1]
+    from mproxy.backends import tiered
+
+    if not tiered.wants_tiers(cache):
+        return backend
+    try:
+        lookup = _load(TTL_LOOKUPS[name])(backend) if name in TTL_LOOKUPS else None
+        return tiered.wrap(backend, cache, config, worker=worker, ttl_lookup=lookup)
+    except BaseException:
+        backend.close()
+        raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -20,6 +21,13 @@ REALTIME_MAXDELTA = 60 * 60 * 24 * 30
 
 #: Largest value of an incr/decr counter (memcached counters are u64).
 COUNTER_MAX = 2**64 - 1
+
+#: Which tier answered the last backend call of the calling greenlet (``"memory"``,
+#: ``"disk"`` or ``"backend"``), set by a backend with local tiers
+#: (:mod:`mproxy.backends.tiered`) and read by dispatch for the audit log; ``""``
+#: when nothing set it. Each greenlet has its own value (greenlet >= 1.0 gives every
+#: greenlet its own context).
+ANSWERED_BY: ContextVar[str] = ContextVar("mproxy_answered_by", default="")
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +290,14 @@ class Backend(Protocol):
     def resize(self, max_bytes: int) -> bool:
         """Set the byte budget (``cache_memlimit``), evicting down to it; False
         when the backend has no budget of its own to set."""
+
+    def remaining_ttl(self, keys: Sequence[bytes]) -> dict[bytes, float | None]:
+        """Seconds each present key has left before it expires (None: it never does),
+        without changing anything; absent keys are left out. What a local tier needs to
+        keep a copy of an item it did not write no longer than the item lives
+        (:mod:`mproxy.backends.tiered`). On Momento this is ItemGetTtl per key (one call
+        each: the Momento backend does not have the method yet, and
+        :mod:`mproxy.backends.momento_ttl` provides it meanwhile)."""
 
     def stats(self) -> dict[str, int]:
         """Figures the store keeps itself, under memcached's stat names (``curr_items``,

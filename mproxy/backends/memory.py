@@ -277,6 +277,18 @@ class MemoryBackend:
         """Drop every item. Idempotent."""
         self._clear()
 
+    def remaining_ttl(self, keys: Sequence[bytes]) -> dict[bytes, float | None]:
+        """Seconds left for each live key (None: no expiry), changing nothing: no LRU
+        bump, no reclaim (a lookup a client did not make is not counted)."""
+        now = self._clock()
+        out: dict[bytes, float | None] = {}
+        for key in keys:
+            entry = self._data.get(key)
+            if entry is None or now >= self._flush_at or self._state(entry, now) != _LIVE:
+                continue
+            out[key] = None if entry[_EXP] == _NEVER else entry[_EXP] - now
+        return out
+
     def resize(self, max_bytes: int) -> bool:
         """``cache_memlimit``: the new byte budget, least recently used items evicted
         down to it at once. False (nothing changed) below ``max_item_size``."""

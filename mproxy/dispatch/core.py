@@ -50,6 +50,7 @@ import gevent
 from mproxy import __version__
 from mproxy.audit import AuditLog, NullAudit
 from mproxy.backends.base import (
+    ANSWERED_BY,
     Backend,
     BackendError,
     FlushDisabled,
@@ -167,10 +168,16 @@ class Dispatcher:
 
         A generator, so that the caller can send what is ready before the rest
         runs (the server flushes early past its buffer size)."""
+        if isinstance(commands, list) and len(commands) == 1:
+            cmd = commands[0]
+            # a read of one command: no generator (nothing to run concurrently with it),
+            # unless it is a get too large for one backend read (streamed)
+            if not isinstance(cmd, ProtocolError) and not (
+                self.concurrent and type(cmd) is c.Get and len(cmd.keys) > self.max_batch_keys
+            ):
+                return iter(self._execute(commands, client))
         if self.concurrent:
             return self._run_concurrent(commands, client)
-        if isinstance(commands, list) and len(commands) == 1 and not isinstance(commands[0], ProtocolError):
-            return iter(self._execute(commands, client))  # a read of one command: no generator
         return self._run_inline(commands, client)
 
     def _run_inline(self, commands: Iterable[AnyCommand | ProtocolError], client: str) -> Iterator[Reply]:
@@ -306,7 +313,10 @@ class Dispatcher:
         command. Returns one reply per command (``b""`` under ``noreply``). Counters
         and audit lines stay per command; a failure answers every command of the group."""
         audit = self.audit
-        start = time.perf_counter() if audit.enabled else 0.0
+        start = 0.0
+        if audit.enabled:
+            start = time.perf_counter()
+            ANSWERED_BY.set("")  # a backend with local tiers says which answered
         first = group[0]
         kind = type(first)
         replies: list[Reply]
@@ -331,8 +341,9 @@ class Dispatcher:
             outcomes = ("internal",) * len(group)
         if audit.enabled:
             seconds = time.perf_counter() - start
+            tier = ANSWERED_BY.get()
             for cmd, outcome in zip(group, outcomes):  # type: ignore[arg-type]  # computed when audited
-                self._audit(cmd, client, outcome, seconds)
+                self._audit(cmd, client, outcome, seconds, tier)
         return replies
 
     # -- backend calls, timed and counted ----------------------------------
@@ -659,7 +670,7 @@ class Dispatcher:
 
     # -- audit ----------------------------------------------------------------
 
-    def _audit(self, cmd: AnyCommand, client: str, outcome: str, seconds: float) -> None:
+    def _audit(self, cmd: AnyCommand, client: str, outcome: str, seconds: float, tier: str = "") -> None:
         flags = exptime = nbytes = None
         if isinstance(cmd, (c.Store, b.BinStore)):
             flags, exptime, nbytes = cmd.flags, cmd.exptime, len(cmd.value)
@@ -677,6 +688,7 @@ class Dispatcher:
             flags=flags,
             exptime=exptime,
             nbytes=nbytes,
+            tier=tier,
         )
 
 
