@@ -462,7 +462,8 @@ class MigratingBackend:
         for key in keys:
             writing[key] = writing.get(key, 0) + 1
             self._written[key] = self._seq
-            self._pending.pop(key, None)
+            if self._pending.pop(key, None) is not None:
+                self.backfill_races += 1
         try:
             for key in keys:
                 event = self._filling.get(key)
