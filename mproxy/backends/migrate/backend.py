@@ -86,6 +86,8 @@ LEGACY = "legacy"
 MAX_PENDING_BACKFILLS = 8192
 #: Keys one backfill batch handles (one legacy read to verify them).
 BACKFILL_BATCH = 64
+#: Shadow reads of Momento under way past which reads are not sampled.
+MAX_SHADOW_READS = 64
 #: Width in seconds of a bucket of the read window (``stats migration``).
 WINDOW_SECONDS = 10
 #: Buckets kept: 15 minutes.
@@ -201,6 +203,7 @@ class MigratingBackend:
         self._filling: dict[bytes, Event] = {}
         self._pending: dict[bytes, tuple[LegacyItem, int]] = {}
         self._filler: Any = None
+        self._comparing = 0
         self._closed = False
         # counters (stats)
         self.reads_momento = 0
@@ -267,7 +270,13 @@ class MigratingBackend:
         ANSWERED_BY.set(LEGACY)
         unique = len(dict.fromkeys(keys))
         self._count(0, len(got), unique - len(got))
-        if self.mode == SHADOW and self._shadow_rate > 0 and self._sample() < self._shadow_rate:
+        if (
+            self.mode == SHADOW
+            and self._shadow_rate > 0
+            and self._comparing < MAX_SHADOW_READS
+            and self._sample() < self._shadow_rate
+        ):
+            self._comparing += 1
             self._spawn(self._compare, list(dict.fromkeys(keys)), got)
         return {key: Item(item.value, item.flags, item.cas) for key, item in got.items()}
 
@@ -278,6 +287,8 @@ class MigratingBackend:
         except Exception as err:  # BackendError and the like: nothing compared
             log.debug("shadow read of %d keys: %s", len(keys), err)
             return
+        finally:
+            self._comparing -= 1
         for key in keys:
             self.shadow_reads += 1
             ours, theirs = momento.get(key), legacy.get(key)
