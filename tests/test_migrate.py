@@ -146,12 +146,9 @@ class MemoryLegacy:
         self._check(mode.value)
         return self.store_.store(mode, key, value, flags, exptime, cas_unique)
 
-    def incr_decr(self, key: bytes, delta: int, incr: bool) -> int | None | bytes:
+    def incr_decr(self, key: bytes, delta: int, incr: bool) -> int | None:
         self._check("incr")
-        try:
-            return self.store_.incr_decr(key, delta, incr)
-        except NonNumericValue:
-            return b"CLIENT_ERROR cannot increment or decrement non-numeric value"
+        return self.store_.incr_decr(key, delta, incr)
 
     def touch(self, key: bytes, exptime: int) -> bool:
         self._check("touch")
@@ -349,6 +346,21 @@ def test_a_write_that_depends_on_the_item_takes_it_from_legacy_first(call: Any, 
     held = rig.momento(b"n")
     assert held is not None and held.value == momento_value and held.flags == 7
     assert rig.legacy.store_.get_many([b"n"]) == {}
+
+
+def test_keys_known_gone_from_legacy_cost_no_more_legacy_requests() -> None:
+    rig = Rig()
+    rig.old(b"k", b"old")
+    b = rig.backend
+    b.store(StoreMode.SET, b"k", b"1", 0, 0)  # deletes the legacy copy
+    rig.legacy.calls.clear()
+    b.store(StoreMode.SET, b"k", b"2", 0, 0)
+    b.incr_decr(b"k", 1, True)
+    rig.inner.delete(b"k")  # Momento loses it
+    assert b.get_many([b"k"]) == {}
+    assert b.get_many([b"never"]) == {} and b.get_many([b"never"]) == {}
+    assert rig.legacy.calls == ["get"]  # only the first read of "never"
+    assert b.read_misses == 3
 
 
 def test_legacy_failures_are_misses_on_reads_and_errors_on_writes() -> None:

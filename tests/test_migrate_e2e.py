@@ -15,8 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from mproxy.backends.migrate.hashing import Ring, Server as LegacyServer
+from mproxy.backends.base import NonNumericValue, StoreResult
+from mproxy.backends.migrate.hashing import Ring
+from mproxy.backends.migrate.hashing import Server as LegacyServer
 from mproxy.backends.migrate.legacy import LegacyClient
+from mproxy.protocol.commands import StoreMode
 from tests.servers import HOST, LocalMomento, RawSession, Server, start_local_momento, start_memcached, start_mproxy, talk
 from tests.test_ops_e2e import admin_stats, wait_for
 
@@ -163,10 +166,10 @@ def test_warmup_serves_every_key_while_momento_warms_then_momento_serves_them(
 def test_a_backfilled_item_lives_no_longer_than_the_legacy_one(
     momento: LocalMomento, legacy: list[Server], tmp_path: Path
 ) -> None:
-    preload(legacy, {b"short": (b"v", 5, 3), b"long": (b"w", 6, 600)})
     server = start_mproxy(config(momento, legacy), tmp_path)
     port, plain, admin = server.ports["migrating"], server.ports["plain"], server.admin_port
     try:
+        preload(legacy, {b"short": (b"v", 5, 4), b"long": (b"w", 6, 600)})  # "short": copied with 2-3 s
         assert get_many(port, [b"short", b"long"]) == {b"short": (5, b"v"), b"long": (6, b"w")}
         settled(admin)
         assert get_many(plain, [b"short", b"long"]) == {b"short": (5, b"v"), b"long": (6, b"w")}
@@ -248,6 +251,11 @@ def test_the_legacy_client_reads_ttl_with_meta_and_without(legacy: list[Server])
         classic = client.get_many([b"a", b"b"])
         assert classic[b"a"].ttl is None and classic[b"a"].cas == got[b"a"].cas
         assert client.delete(b"a") is True and client.delete(b"a") is False
+        assert client.store(StoreMode.SET, b"n", b"41", 3, 0) is StoreResult.STORED
+        assert client.incr_decr(b"n", 1, True) == 42 and client.incr_decr(b"zz", 1, True) is None
+        with pytest.raises(NonNumericValue):
+            client.incr_decr(b"b", 1, True)
+        assert client.touch(b"n", 100) is True
     finally:
         client.close()
     stopped = legacy[0].port

@@ -66,7 +66,6 @@ from mproxy.backends.base import (
     MetaStatus,
     MetaStore,
     MetaUnsupported,
-    NonNumericValue,
     StoreResult,
     ValueTooLarge,
 )
@@ -86,6 +85,8 @@ LEGACY = "legacy"
 MAX_PENDING_BACKFILLS = 8192
 #: Keys one backfill batch handles (one legacy read to verify them).
 BACKFILL_BATCH = 64
+#: Keys remembered as gone from the legacy servers (warmup asks no more about them).
+MAX_GONE_KEYS = 65536
 #: Shadow reads of Momento under way past which reads are not sampled.
 MAX_SHADOW_READS = 64
 #: Width in seconds of a bucket of the read window (``stats migration``).
@@ -108,7 +109,7 @@ class Legacy(Protocol):
 
     def store(self, mode: StoreMode, key: bytes, value: bytes, flags: int, exptime: int, cas_unique: int = 0) -> StoreResult: ...
 
-    def incr_decr(self, key: bytes, delta: int, incr: bool) -> int | None | bytes: ...
+    def incr_decr(self, key: bytes, delta: int, incr: bool) -> int | None: ...
 
     def touch(self, key: bytes, exptime: int) -> bool: ...
 
@@ -204,6 +205,8 @@ class MigratingBackend:
         self._pending: dict[bytes, tuple[LegacyItem, int]] = {}
         self._filler: Any = None
         self._comparing = 0
+        #: keys known absent from the legacy servers, oldest first (warmup)
+        self._gone: dict[bytes, None] = {}
         self._closed = False
         # counters (stats)
         self.reads_momento = 0
@@ -251,14 +254,30 @@ class MigratingBackend:
         return found
 
     def _legacy_get(self, keys: list[bytes], start: int) -> dict[bytes, tuple[LegacyItem, int]]:
-        """Warmup's read of the keys Momento missed: legacy failures are misses (counted)."""
+        """Warmup's read of the keys Momento missed, but those known gone from the legacy
+        servers: legacy failures are misses (counted)."""
+        gone = self._gone
+        ask = [key for key in keys if key not in gone]
+        if not ask:
+            return {}
         try:
-            got = self.legacy.get_many(keys)
+            got = self.legacy.get_many(ask)
         except BackendError as err:
             self.legacy_errors += 1
-            log.debug("legacy read of %d keys: %s", len(keys), err)
+            log.debug("legacy read of %d keys: %s", len(ask), err)
             return {}
+        for key in ask:
+            if key not in got:
+                self._mark_gone(key)
         return {key: (item, start) for key, item in got.items()}
+
+    def _mark_gone(self, key: bytes) -> None:
+        """The legacy servers do not hold ``key`` and, in warmup, will not again (only
+        mproxy writes, and it writes Momento): no more legacy requests for it."""
+        gone = self._gone
+        gone[key] = None
+        if len(gone) > MAX_GONE_KEYS:
+            del gone[next(iter(gone))]
 
     def _legacy_read(self, keys: Sequence[bytes]) -> dict[bytes, Item]:
         """dual_write and shadow: the legacy servers answer (their failure is the read's)."""
@@ -501,6 +520,8 @@ class MigratingBackend:
     def _take_over(self, key: bytes) -> bool:
         """Before a write that depends on the item: the legacy item into Momento (unless
         Momento has one), then out of the legacy server."""
+        if key in self._gone:
+            return False
         try:
             got = self.legacy.get_many([key])
         except BackendError:
@@ -508,6 +529,7 @@ class MigratingBackend:
             raise
         item = got.get(key)
         if item is None:
+            self._mark_gone(key)
             return False
         exptime = backfill_exptime(item.ttl)
         if exptime is not None:
@@ -519,6 +541,9 @@ class MigratingBackend:
         return self._invalidate(key)
 
     def _invalidate(self, key: bytes) -> bool:
+        """Delete the legacy copy (unless known gone); whether there was one."""
+        if key in self._gone:
+            return False
         try:
             deleted = self.legacy.delete(key)
         except BackendError:
@@ -526,6 +551,7 @@ class MigratingBackend:
             raise
         if deleted:
             self.invalidations += 1
+        self._mark_gone(key)
         return deleted
 
     def _legacy_call(self, call: Callable[[], Any]) -> Any:
@@ -585,12 +611,10 @@ class MigratingBackend:
         if self.mode == WARMUP:
             result: int | None = self._write((key,), lambda: self.inner.incr_decr(key, delta, incr), True)
             return result
-        number = self._legacy_call(lambda: self.legacy.incr_decr(key, delta, incr))
-        if isinstance(number, bytes):
-            raise NonNumericValue("cannot increment or decrement non-numeric value")
+        number: int | None = self._legacy_call(lambda: self.legacy.incr_decr(key, delta, incr))
         if number is not None:
             self._mirror((key,), lambda: self.inner.delete(key))
-        return number  # type: ignore[no-any-return]
+        return number
 
     def touch(self, key: bytes, exptime: int) -> bool:
         if self.mode == WARMUP:

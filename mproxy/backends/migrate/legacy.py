@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import gevent
 from gevent.lock import BoundedSemaphore
 
-from mproxy.backends.base import BackendError, StoreResult
+from mproxy.backends.base import BackendError, NonNumericValue, StoreResult
 from mproxy.backends.migrate.hashing import Ring, Server
 from mproxy.protocol.commands import StoreMode
 
@@ -296,8 +296,9 @@ class LegacyClient:
         except ValueError:
             raise BackendError("legacy_protocol", f"legacy {self.ring.server(key).address}: {mode.value} answered {answer[:40]!r}") from None
 
-    def incr_decr(self, key: bytes, delta: int, incr: bool) -> int | None | bytes:
-        """The new number, None on a miss, or the server's error line (non-numeric value)."""
+    def incr_decr(self, key: bytes, delta: int, incr: bool) -> int | None:
+        """The new number, or None on a miss. Raises NonNumericValue when the server
+        refuses the value (``CLIENT_ERROR``)."""
         self._text_only(key, "incr")
         verb = b"incr" if incr else b"decr"
         answer = self._line(key, verb.decode(), b"%s %s %d\r\n" % (verb, key, delta))
@@ -305,7 +306,9 @@ class LegacyClient:
             return None
         if answer.isdigit():
             return int(answer)
-        return answer
+        if answer.startswith(b"CLIENT_ERROR"):
+            raise NonNumericValue("cannot increment or decrement non-numeric value")
+        raise BackendError("legacy_protocol", f"legacy {self.ring.server(key).address}: {verb.decode()} answered {answer[:40]!r}")
 
     def touch(self, key: bytes, exptime: int) -> bool:
         self._text_only(key, "touch")
