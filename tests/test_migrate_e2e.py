@@ -217,6 +217,9 @@ def test_writes_and_deletes_through_mproxy_are_never_followed_by_an_older_legacy
             want = {key: (2, b"new")} if i % 2 else {}
             assert get_many(port, [key]) == want, key
             assert get_many(plain, [key]) == want, key
+        window = admin_stats(admin, b"stats migration")  # summed over the workers
+        read = sum(int(window[f"migrating:{what}_15m"]) for what in ("reads_momento", "reads_legacy", "read_misses"))
+        assert read == 2 * n
     finally:
         server.stop()
 
