@@ -8,15 +8,21 @@ The key placement is checked against libmemcached's own test vectors.
 
 from __future__ import annotations
 
+import dataclasses
+import socket
+import time
 from typing import Any, Callable, Sequence
 
 import pytest
 
+from mproxy import backends
 from mproxy.backends.base import BackendError, Item, MetaDelete, MetaGet, NonNumericValue, StoreResult
 from mproxy.backends.memory import MemoryBackend
 from mproxy.backends.migrate import hashing
 from mproxy.backends.migrate.backend import DUAL_WRITE, SHADOW, WARMUP, MigratingBackend, backfill_exptime
-from mproxy.backends.migrate.legacy import LegacyItem
+from mproxy.backends.migrate.legacy import LegacyClient, LegacyItem
+from mproxy.backends.tiered import TieredBackend
+from mproxy.backends.tiered.memory import MemoryTier
 from mproxy.config import ConfigError, loads
 from mproxy.protocol.commands import StoreMode
 from mproxy.stats import Stats, sum_exports
@@ -492,3 +498,53 @@ def test_config_keys_and_checks() -> None:
     ):
         with pytest.raises(ConfigError, match=what):
             loads(base + bad + "\n")
+
+
+# -- wiring -----------------------------------------------------------------------------------
+
+
+def test_the_registry_puts_the_migration_in_front_of_the_backend() -> None:
+    config = loads('[[cache]]\ncache_name = "c"\nbackend = "memory"\n')
+    cache = dataclasses.replace(config.caches[0], migrate_from=("127.0.0.1:1", "127.0.0.1:2:3"), migration_mode="shadow")
+    backend = backends.create("memory", cache, config)
+    try:
+        assert isinstance(backend, MigratingBackend) and isinstance(backend.inner, MemoryBackend)
+        assert backend.mode == SHADOW and isinstance(backend.legacy, LegacyClient)
+        assert [s.weight for s in backend.legacy.ring.servers] == [1, 3]
+        assert getattr(backend, "set_peers", None) is None  # no tiers: nothing for the other workers
+    finally:
+        backend.close()
+    assert not isinstance(backends.create("memory", config.caches[0], config), MigratingBackend)
+
+
+def test_in_front_of_local_tiers_a_backfill_goes_through_them_and_the_workers_hooks_pass() -> None:
+    clock = FakeClock(1_000_000.0)
+    tiered = TieredBackend(MemoryBackend(clock=clock), MemoryTier(1 << 20), second_miss=False, clock=clock, wall=clock)
+    legacy = MemoryLegacy(clock)
+    legacy.store_.store(StoreMode.SET, b"k", b"v", 4, 100)
+    backend = MigratingBackend(tiered, legacy)
+    assert backend.set_peers == tiered.set_peers and backend.apply_remote == tiered.apply_remote
+    found = backend.get_many([b"k"], with_cas=True)  # backfilled before the answer
+    assert (found[b"k"].value, found[b"k"].flags) == (b"v", 4)
+    assert backend.get_many([b"k"])[b"k"].value == b"v"
+    assert tiered.memory.hits == 2  # the add kept a copy: the read after the backfill, then this one
+    backend.store(StoreMode.SET, b"k", b"w", 0, 0)
+    assert backend.get_many([b"k"])[b"k"].value == b"w"
+    assert legacy.store_.get_many([b"k"]) == {}
+
+
+def test_a_legacy_server_that_does_not_answer_times_out() -> None:
+    with socket.socket() as silent:  # accepts (the backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        client = LegacyClient(hashing.Ring([hashing.Server("127.0.0.1", port)]), timeout=0.2)
+        try:
+            start = time.monotonic()
+            with pytest.raises(BackendError) as caught:
+                client.get_many([b"k"])
+            assert caught.value.code == "legacy_timeout" and f"127.0.0.1:{port}" in str(caught.value)
+            assert time.monotonic() - start < 5.0
+            assert client.errors == 1
+        finally:
+            client.close()
