@@ -133,7 +133,7 @@ class MemoryLegacy:
         if self.fail:
             raise BackendError("legacy_unavailable", "legacy 127.0.0.1:1: refused")
 
-    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, LegacyItem]:
+    def get_many(self, keys: Sequence[bytes], failed: list[bytes] | None = None) -> dict[bytes, LegacyItem]:
         self._check("get")
         if self.before_get is not None:
             self.before_get(keys)
@@ -376,6 +376,7 @@ def test_legacy_failures_are_misses_on_reads_and_errors_on_writes() -> None:
     b = rig.backend
     assert b.get_many([b"k"]) == {}
     assert b.legacy_errors == 1 and b.read_misses == 1
+    assert not b._gone  # not known gone: it was not answered
     with pytest.raises(BackendError):
         b.store(StoreMode.SET, b"k", b"new", 0, 0)
     assert rig.momento(b"k") is None  # nothing written: the legacy copy could not be dropped
@@ -546,5 +547,9 @@ def test_a_legacy_server_that_does_not_answer_times_out() -> None:
             assert caught.value.code == "legacy_timeout" and f"127.0.0.1:{port}" in str(caught.value)
             assert time.monotonic() - start < 5.0
             assert client.errors == 1
+            with pytest.raises(BackendError, match="after a failure"):  # failing fast for a while
+                client.delete(b"k")
+            failed: list[bytes] = []
+            assert client.get_many([b"k", b"j"], failed) == {} and sorted(failed) == [b"j", b"k"]
         finally:
             client.close()

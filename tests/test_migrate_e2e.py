@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mproxy.backends.base import NonNumericValue, StoreResult
+from mproxy.backends.base import BackendError, NonNumericValue, StoreResult
 from mproxy.backends.migrate.hashing import Ring
 from mproxy.backends.migrate.hashing import Server as LegacyServer
 from mproxy.backends.migrate.legacy import LegacyClient
@@ -261,11 +261,14 @@ def test_the_legacy_client_reads_ttl_with_meta_and_without(legacy: list[Server])
         assert client.touch(b"n", 100) is True
     finally:
         client.close()
-    stopped = legacy[0].port
+    keys = {n: next(k for k in (b"k%d" % i for i in range(100)) if ring(legacy).index(k) == n) for n in (0, 1)}
+    preload(legacy, {key: (b"v", 0, 0) for key in keys.values()})
     legacy[0].stop()
-    client = LegacyClient(Ring([LegacyServer(HOST, stopped)]), timeout=0.5)
+    client = LegacyClient(ring(legacy), timeout=0.5)
     try:
-        with pytest.raises(Exception, match="legacy"):
-            client.get_many([b"a"])
+        with pytest.raises(BackendError, match=f"legacy {HOST}:{legacy[0].port}"):
+            client.get_many(list(keys.values()))
+        failed: list[bytes] = []  # warmup's way: the other server's items, the failed keys apart
+        assert set(client.get_many(list(keys.values()), failed)) == {keys[1]} and failed == [keys[0]]
     finally:
         client.close()

@@ -103,7 +103,7 @@ class Legacy(Protocol):
 
     timeout: float
 
-    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, LegacyItem]: ...
+    def get_many(self, keys: Sequence[bytes], failed: list[bytes] | None = None) -> dict[bytes, LegacyItem]: ...
 
     def delete(self, key: bytes) -> bool: ...
 
@@ -260,14 +260,18 @@ class MigratingBackend:
         ask = [key for key in keys if key not in gone]
         if not ask:
             return {}
+        failed: list[bytes] = []
         try:
-            got = self.legacy.get_many(ask)
+            got = self.legacy.get_many(ask, failed)
         except BackendError as err:
             self.legacy_errors += 1
             log.debug("legacy read of %d keys: %s", len(ask), err)
             return {}
+        if failed:
+            self.legacy_errors += 1
+        unanswered = set(failed)
         for key in ask:
-            if key not in got:
+            if key not in got and key not in unanswered:
                 self._mark_gone(key)
         return {key: (item, start) for key, item in got.items()}
 

@@ -41,6 +41,9 @@ KEY_MAX_LENGTH = 250
 RECV_SIZE = 65536
 #: Keys per ``gets`` line or per pipelined batch of ``mg`` to one server.
 BATCH_KEYS = 100
+#: Seconds a server that could not be reached (or did not answer in time) is not asked
+#: again: its requests fail at once meanwhile (libmemcached's ``retry_timeout``).
+DOWN_SECONDS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +126,8 @@ class _Pool:
         #: whether the server answers meta commands (None: not asked yet)
         self.meta: bool | None = None
         self.closed = False
+        #: monotonic time before which the server is not asked (it failed)
+        self.down_until = 0.0
 
     def take(self) -> _Connection:
         conn = self.idle.pop() if self.idle else _Connection(self.server, self.timeout)
@@ -171,7 +176,13 @@ class LegacyClient:
         """Run ``request(conn, meta)`` on a connection of server ``index`` within the deadline."""
         pool = self._pools[index]
         address = pool.server.address
-        deadline = time.monotonic() + self.timeout
+        now = time.monotonic()
+        if pool.down_until > now:
+            self.errors += 1
+            raise BackendError(
+                "legacy_unavailable", f"legacy {address}: not asked for {pool.down_until - now:.1f} s more after a failure ({what})"
+            )
+        deadline = now + self.timeout
         if not pool.slots.acquire(timeout=self.timeout):
             self.errors += 1
             raise BackendError("legacy_timeout", f"legacy {address}: no connection free within {self.timeout:g} s ({what})")
@@ -185,6 +196,8 @@ class LegacyClient:
             return result
         except (OSError, _ProtocolError, ValueError, _Deadline) as err:
             self.errors += 1
+            if isinstance(err, (OSError, _Deadline)):  # unreachable or silent: fail fast for a while
+                pool.down_until = time.monotonic() + DOWN_SECONDS
             if isinstance(err, (socket.timeout, _Deadline)):
                 raise BackendError("legacy_timeout", f"legacy {address}: no answer within {self.timeout:g} s ({what})") from err
             code = "legacy_protocol" if isinstance(err, (_ProtocolError, ValueError)) else "legacy_unavailable"
@@ -194,20 +207,29 @@ class LegacyClient:
                 conn.close()
             pool.slots.release()
 
-    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, LegacyItem]:
-        """The items present among ``keys``; servers asked concurrently. Raises BackendError
-        when a server fails (the items of the others are then not returned either)."""
+    def get_many(self, keys: Sequence[bytes], failed: list[bytes] | None = None) -> dict[bytes, LegacyItem]:
+        """The items present among ``keys``; servers asked concurrently. When a server
+        fails: raises BackendError, or, given a ``failed`` list, puts its keys there and
+        returns the others' items (counted in ``errors`` all the same)."""
         by_server: dict[int, list[bytes]] = {}
         for key in dict.fromkeys(keys):
             by_server.setdefault(self.ring.index(key), []).append(key)
         found: dict[bytes, LegacyItem] = {}
         if len(by_server) == 1:
             ((index, group),) = by_server.items()
-            found.update(self._get_server(index, group))
+            try:
+                found.update(self._get_server(index, group))
+            except BackendError:
+                if failed is None:
+                    raise
+                failed.extend(group)
             return found
         jobs = [gevent.spawn(self._get_server, index, group) for index, group in by_server.items()]
         gevent.joinall(jobs)
-        for job in jobs:
+        for job, group in zip(jobs, by_server.values()):
+            if failed is not None and not job.successful() and isinstance(job.exception, BackendError):
+                failed.extend(group)
+                continue
             _raise_failure(job)
             found.update(job.value or {})
         return found
