@@ -286,6 +286,24 @@ def test_a_backfill_read_before_a_delete_is_dropped() -> None:
     assert b.backfill_races == 1 and b.backfills == 0  # dequeued by the write
 
 
+def test_many_writes_of_other_keys_do_not_drop_a_waiting_backfill() -> None:
+    rig = Rig()
+    rig.old(b"k", b"v")
+    b = rig.backend
+    b.get_many([b"k"])  # backfill waiting
+    for i in range(10000):
+        b.store(StoreMode.SET, b"other%d" % i, b"x", 0, 0)
+    assert len(b._written) < 10000  # pruned
+    b.delete(b"k2")
+    assert b._fill_ok(b"k", 0)
+    rig.run_spawned()
+    assert b.backfills == 1 and b.backfill_races == 0
+    b.store(StoreMode.SET, b"k", b"new", 0, 0)
+    for i in range(10000):
+        b.store(StoreMode.SET, b"more%d" % i, b"x", 0, 0)
+    assert len(b._written) < 20000
+
+
 def test_a_backfill_read_before_a_set_never_overwrites_it() -> None:
     rig = Rig()
     rig.old(b"k", b"old")

@@ -44,6 +44,7 @@ through warmup misses.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -199,7 +200,11 @@ class MigratingBackend:
         # warmup: per-key state (module doc)
         self._seq = 0
         self._written: dict[bytes, int] = {}
+        self._prune_at = 4096
         self._cleared = 0
+        #: legacy reads under way: the keys they ask
+        self._reads: dict[int, list[bytes]] = {}
+        self._read_ids = itertools.count()
         self._writing: dict[bytes, int] = {}
         self._filling: dict[bytes, Event] = {}
         self._pending: dict[bytes, tuple[LegacyItem, int]] = {}
@@ -261,12 +266,16 @@ class MigratingBackend:
         if not ask:
             return {}
         failed: list[bytes] = []
+        read = next(self._read_ids)
+        self._reads[read] = ask
         try:
             got = self.legacy.get_many(ask, failed)
         except BackendError as err:
             self.legacy_errors += 1
             log.debug("legacy read of %d keys: %s", len(ask), err)
             return {}
+        finally:
+            del self._reads[read]
         if failed:
             self.legacy_errors += 1
         unanswered = set(failed)
@@ -517,9 +526,17 @@ class MigratingBackend:
                     writing[key] = n
                 else:
                     del writing[key]
-            if len(self._written) > 4096:
-                self._written = {k: s for k, s in self._written.items() if k in writing}
-                self._cleared = self._seq
+            if len(self._written) > self._prune_at:
+                self._prune()
+
+    def _prune(self) -> None:
+        """Forget the writes of keys that no legacy read under way asks and no backfill
+        waits for: a later read of such a key starts after them, they reject nothing."""
+        wanted = set(self._pending)
+        for keys in self._reads.values():
+            wanted.update(keys)
+        self._written = {k: s for k, s in self._written.items() if k in wanted}
+        self._prune_at = max(4096, 2 * len(self._written))
 
     def _take_over(self, key: bytes) -> bool:
         """Before a write that depends on the item: the legacy item into Momento (unless
