@@ -240,6 +240,29 @@ def test_dual_write_reads_legacy_and_writes_both(momento: LocalMomento, legacy: 
         server.stop()
 
 
+def test_shadow_counts_what_momento_lacks_and_what_differs(momento: LocalMomento, legacy: list[Server], tmp_path: Path) -> None:
+    preload(legacy, {b"cold": (b"v", 1, 600)})
+    text = config(momento, legacy, mode="shadow").replace('migration_mode = "shadow"', 'migration_mode = "shadow"\nmigration_shadow_rate = 1.0')
+    server = start_mproxy(text, tmp_path)
+    port, plain, admin = server.ports["migrating"], server.ports["plain"], server.admin_port
+
+    def figures() -> tuple[int, ...]:
+        st = admin_stats(admin)
+        return tuple(int(st[f"migration_shadow_{n}"]) for n in ("reads", "momento_misses", "mismatches"))
+
+    try:
+        assert get_many(port, [b"cold"]) == {b"cold": (1, b"v")}
+        wait_for(lambda: figures() == (1, 1, 0), "the shadow read of cold")
+        assert talk(port, b"set same 2 0 1\r\nx\r\n", b"\r\n") == b"STORED\r\n"  # both sides
+        assert get_many(port, [b"same"]) == {b"same": (2, b"x")}
+        wait_for(lambda: figures() == (2, 1, 0), "the shadow read of same")
+        assert talk(plain, b"set same 2 0 1\r\ny\r\n", b"\r\n") == b"STORED\r\n"  # Momento only
+        assert get_many(port, [b"same"]) == {b"same": (2, b"x")}  # the legacy servers answer
+        wait_for(lambda: figures() == (3, 1, 1), "the shadow read that differs")
+    finally:
+        server.stop()
+
+
 def test_the_legacy_client_reads_ttl_with_meta_and_without(legacy: list[Server]) -> None:
     preload(legacy, {b"a": (b"x", 9, 100), b"b": (b"y", 8, 0)})
     client = LegacyClient(ring(legacy), timeout=2.0)
