@@ -10,6 +10,7 @@ the migration (``plain``) shows what Momento itself holds.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -282,6 +283,10 @@ def test_the_legacy_client_reads_ttl_with_meta_and_without(legacy: list[Server])
         with pytest.raises(NonNumericValue):
             client.incr_decr(b"b", 1, True)
         assert client.touch(b"n", 100) is True
+        for pool in client._pools:  # idle connections that went dead (closed by a firewall, say)
+            for conn in pool.idle:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+        assert client.incr_decr(b"n", 1, True) == 43 and client.errors == 0  # on a new connection
     finally:
         client.close()
     keys = {n: next(k for k in (b"k%d" % i for i in range(100)) if ring(legacy).index(k) == n) for n in (0, 1)}

@@ -129,16 +129,23 @@ class _Pool:
         #: monotonic time before which the server is not asked (it failed)
         self.down_until = 0.0
 
-    def take(self) -> _Connection:
-        conn = self.idle.pop() if self.idle else _Connection(self.server, self.timeout)
+    def take(self, fresh: bool = False) -> tuple[_Connection, bool]:
+        """A connection (an idle one unless ``fresh``), and whether it was idle."""
+        if self.idle and not fresh:
+            return self.idle.pop(), True
+        conn = _Connection(self.server, self.timeout)
         if self.meta is None:
-            conn.send(b"mn\r\n")
-            answer = conn.line()
-            self.meta = answer == b"MN"
-            if not self.meta and answer != b"ERROR":
+            try:
+                conn.send(b"mn\r\n")
+                answer = conn.line()
+            except BaseException:
+                conn.close()
+                raise
+            if answer not in (b"MN", b"ERROR"):
                 conn.close()
                 raise _ProtocolError(f"unexpected answer to mn: {answer[:40]!r}")
-        return conn
+            self.meta = answer == b"MN"
+        return conn, False
 
     def give_back(self, conn: _Connection) -> None:
         if self.closed:
@@ -188,12 +195,21 @@ class LegacyClient:
             raise BackendError("legacy_timeout", f"legacy {address}: no connection free within {self.timeout:g} s ({what})")
         conn: _Connection | None = None
         try:
-            with gevent.Timeout(max(0.001, deadline - time.monotonic()), _Deadline):
-                conn = pool.take()
-                result = request(conn, bool(pool.meta))
-            pool.give_back(conn)
-            conn = None
-            return result
+            for attempt in (1, 2):
+                try:
+                    with gevent.Timeout(max(0.001, deadline - time.monotonic()), _Deadline):
+                        conn, reused = pool.take(fresh=attempt == 2)
+                        result = request(conn, bool(pool.meta))
+                    pool.give_back(conn)
+                    conn = None
+                    return result
+                except ConnectionError:
+                    # an idle connection the server (or a firewall) closed: once more on a new one
+                    if attempt == 2 or conn is None or not reused:
+                        raise
+                    conn.close()
+                    conn = None
+            raise AssertionError("unreachable")
         except (OSError, _ProtocolError, ValueError, _Deadline) as err:
             self.errors += 1
             if isinstance(err, (OSError, _Deadline)):  # unreachable or silent: fail fast for a while
