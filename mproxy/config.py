@@ -132,15 +132,15 @@ def _coerce_int(value: object, option: Option) -> int:
     return value
 
 
-def _coerce_seconds(value: object, option: Option) -> float:
+def _coerce_number(value: object, option: Option) -> float:
     if not (_is_int(value) or isinstance(value, float)):
         raise _Invalid
     assert isinstance(value, (int, float))
-    seconds = float(value)
-    if not math.isfinite(seconds):
+    number = float(value)
+    if not math.isfinite(number):
         raise _Invalid
-    _check_range(seconds, option)
-    return seconds
+    _check_range(number, option)
+    return number
 
 
 def _coerce_bool(value: object, option: Option) -> bool:
@@ -216,17 +216,6 @@ def _coerce_local(value: object, option: Option) -> str:
     raise _Invalid
 
 
-def _coerce_number(value: object, option: Option) -> float:
-    if not (_is_int(value) or isinstance(value, float)):
-        raise _Invalid
-    assert isinstance(value, (int, float))
-    number = float(value)
-    if not math.isfinite(number):
-        raise _Invalid
-    _check_range(number, option)
-    return number
-
-
 def _split_server(text: str) -> tuple[str, int, int] | None:
     """``"HOST:PORT"`` or ``"HOST:PORT:WEIGHT"`` (a memcached client's server entry) ->
     (host, port, weight), or None."""
@@ -279,7 +268,7 @@ _STRING = _Kind(
 )
 _INT = _Kind(_coerce_int, lambda o: "an integer" + _bounds(o), lambda o: "integer" + _bounds(o))
 _SECONDS = _Kind(
-    _coerce_seconds,
+    _coerce_number,
     lambda o: "a number of seconds" + _bounds(o),
     lambda o: "seconds (number)" + _bounds(o),
 )
