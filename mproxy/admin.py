@@ -6,6 +6,9 @@ Text protocol (lines end with ``\\n`` or ``\\r\\n``)::
     stats cache    STAT <cache>:<name> <value> lines, END (Stats.cache_snapshot)
     stats workers  STAT <worker>:<name> <value> lines, END: each worker process's own
                    stats, workers numbered from 1 (one process is worker 1)
+    stats migration STAT <cache>:<name> <value> lines, END: the caches migrating from
+                   legacy memcached servers, reads by who answered them over the last
+                   1, 5 and 15 minutes (Stats.migration_snapshot, docs/migration.md)
     stats reset    RESET; with ``[admin] allow_reset = false``
                    CLIENT_ERROR stats reset not allowed
     version        VERSION <version>
@@ -56,6 +59,8 @@ class StatsSource(Protocol):
     def cache_snapshot(self) -> dict[str, int]: ...
 
     def workers_snapshot(self) -> dict[str, int | str | float]: ...
+
+    def migration_snapshot(self) -> dict[str, int | str]: ...
 
     def reset(self) -> None: ...
 
@@ -213,6 +218,8 @@ class AdminServer:
             return replies.stats(self.stats.cache_snapshot())
         if tokens == [b"stats", b"workers"]:
             return replies.stats(self.stats.workers_snapshot())
+        if tokens == [b"stats", b"migration"]:
+            return replies.stats(self.stats.migration_snapshot())
         if tokens == [b"version"]:
             return replies.version(self.version)
         if tokens == [b"quit"]:

@@ -197,6 +197,8 @@ class App:
             self.backends.append(backend)
             cache_stats = self.stats.cache(name)
             cache_stats.attach_backend(backend.stats)
+            if callable(getattr(backend, "migration_window", None)):
+                cache_stats.attach_migration(backend.migration_window)
             dispatcher = Dispatcher(backend, cache_stats, self.stats, self.audit, name)
             tls = self._listener_tls(f"cache[{i}]", cache)
             server = CacheServer(

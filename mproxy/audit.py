@@ -21,7 +21,8 @@ A line (never a value)::
      "outcome": "stored", "latency_us": 840}
 
 ``flags``, ``exptime`` and ``bytes`` appear for storage commands only; ``tier``
-(``memory``, ``disk`` or ``backend``: which answered) for caches with local tiers only.
+(``memory``, ``disk`` or ``backend``: which answered) for caches with local tiers only, and
+``legacy`` for a read the legacy servers of a migrating cache answered (docs/migration.md).
 
 Only one thread may call :meth:`AuditLog.record` (the gevent hub's, where
 every connection greenlet runs): the queue bound is kept with plain counters.

@@ -143,15 +143,15 @@ def _coerce_int(value: object, option: Option) -> int:
     return value
 
 
-def _coerce_seconds(value: object, option: Option) -> float:
+def _coerce_number(value: object, option: Option) -> float:
     if not (_is_int(value) or isinstance(value, float)):
         raise _Invalid
     assert isinstance(value, (int, float))
-    seconds = float(value)
-    if not math.isfinite(seconds):
+    number = float(value)
+    if not math.isfinite(number):
         raise _Invalid
-    _check_range(seconds, option)
-    return seconds
+    _check_range(number, option)
+    return number
 
 
 def _coerce_bool(value: object, option: Option) -> bool:
@@ -227,6 +227,25 @@ def _coerce_local(value: object, option: Option) -> str:
     raise _Invalid
 
 
+def _split_server(text: str) -> tuple[str, int, int] | None:
+    """``"HOST:PORT"`` or ``"HOST:PORT:WEIGHT"`` (a memcached client's server entry) ->
+    (host, port, weight), or None."""
+    place = _split_host_port(text)
+    if place is not None:
+        return place[0], place[1], 1
+    head, sep, weight = text.rpartition(":")
+    place = _split_host_port(head) if sep and weight.isascii() and weight.isdigit() else None
+    if place is None or int(weight) < 1:
+        return None
+    return place[0], place[1], int(weight)
+
+
+def _coerce_servers(value: object, option: Option) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and _split_server(v) for v in value):
+        raise _Invalid
+    return tuple(value)
+
+
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -239,7 +258,7 @@ def _coerce_env_name(value: object, option: Option) -> str:
 def _bounds(option: Option) -> str:
     """`` 1-10``, `` >= 1``, `` <= 10`` or ``""``: the option's range."""
     lo, hi = option.min, option.max
-    fmt = (lambda n: f"{n:g}") if option.kind is _SECONDS else (lambda n: f"{int(n)}")
+    fmt = (lambda n: f"{n:g}") if option.kind in (_SECONDS, _NUMBER) else (lambda n: f"{int(n)}")
     if lo is not None and hi is not None:
         return f" {fmt(lo)}-{fmt(hi)}"
     if lo is not None:
@@ -260,11 +279,17 @@ _STRING = _Kind(
 )
 _INT = _Kind(_coerce_int, lambda o: "an integer" + _bounds(o), lambda o: "integer" + _bounds(o))
 _SECONDS = _Kind(
-    _coerce_seconds,
+    _coerce_number,
     lambda o: "a number of seconds" + _bounds(o),
     lambda o: "seconds (number)" + _bounds(o),
 )
+_NUMBER = _Kind(_coerce_number, lambda o: "a number" + _bounds(o), lambda o: "number" + _bounds(o))
 _BOOL = _Kind(_coerce_bool, _fixed("true or false"), _fixed("boolean"))
+_SERVERS = _Kind(
+    _coerce_servers,
+    _fixed('a list of "HOST:PORT" or "HOST:PORT:WEIGHT" strings'),
+    _fixed('list of `"HOST:PORT"` or `"HOST:PORT:WEIGHT"`'),
+)
 _PORT = _Kind(
     _coerce_port, _fixed("an integer port 0-65535"), _fixed("port 0-65535 (integer or string)")
 )
@@ -652,6 +677,62 @@ class CacheConfig:
         min=0,
     )
 
+    migrate_from: tuple[str, ...] = _option(
+        (),
+        _SERVERS,
+        "Legacy memcached servers this cache migrates from (`\"host:port\"`, or "
+        "`\"host:port:weight\"`), listed as the application's client lists them: keys are "
+        "placed on them by `migration_hash`. Empty = no migration. Needs `backend = "
+        "\"momento\"`. See docs/migration.md.",
+    )
+    migration_mode: str = _option(
+        "warmup",
+        _CHOICE,
+        "With `migrate_from`: `dual_write`: the legacy servers answer reads, writes go to "
+        "them and then to Momento (Momento failures counted, not answered); `shadow`: as "
+        "`dual_write`, and `migration_shadow_rate` of the reads are also read from Momento "
+        "and compared; `warmup`: Momento answers, its misses are read from the legacy "
+        "servers and copied into Momento with their flags and remaining TTL, writes delete "
+        "the legacy copy before they write Momento.",
+        choices=("warmup", "dual_write", "shadow"),
+    )
+    migration_hash: str = _option(
+        "ketama",
+        _CHOICE,
+        "How the application's client places keys on the `migrate_from` servers: `ketama` "
+        "(libmemcached's weighted ketama, MD5: PHP memcached `OPT_LIBKETAMA_COMPATIBLE`, "
+        "pylibmc `ketama_weighted`, twemproxy `distribution: ketama` with `hash: md5`); "
+        "`ketama_fnv1a_64` (twemproxy's ketama with its default `hash: fnv1a_64`); `modula` "
+        "(libmemcached's default: one-at-a-time hash modulo the servers); `modula_crc32` "
+        "(python-memcached).",
+        choices=("ketama", "ketama_fnv1a_64", "modula", "modula_crc32"),
+    )
+    migration_timeout: float = _option(
+        1.0,
+        _SECONDS,
+        "Deadline of one request to a legacy server (connecting included). A warmup read "
+        "past it is answered as a miss; a write past it answers `SERVER_ERROR`.",
+        min=0.001,
+        max=60,
+    )
+    migration_connections: int = _option(
+        4, _INT, "Connections to each legacy server at most, per worker.", min=1, max=256
+    )
+    migration_shadow_rate: float = _option(
+        0.01,
+        _NUMBER,
+        "With `migration_mode = \"shadow\"`: the share of reads also read from Momento and "
+        "compared (0 = none, 1 = all).",
+        min=0,
+        max=1,
+    )
+    migration_flush_legacy: bool = _option(
+        False,
+        _BOOL,
+        "`flush_all` through mproxy flushes the legacy servers too. `false`: Momento only "
+        "(the legacy items then stay readable through warmup misses).",
+    )
+
     def disk_cache_file(self, worker: int) -> str:
         """The disk tier's file of worker ``worker`` (0: the one process) in
         ``disk_cache_path``: ``mproxy-<name>-w<worker>.sqlite3``, the name's characters
@@ -871,6 +952,8 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, str):
         out = ['"']
         for ch in value:
@@ -1136,6 +1219,7 @@ class _Loader:
                 )
             names.setdefault(cache.name, i)
             self.check_tiers(i, cache, workers)
+            self.check_migration(i, cache)
         disks: dict[tuple[str, str], int] = {}
         for i, cache in enumerate(caches):
             if cache.disk_cache_path:
@@ -1148,6 +1232,30 @@ class _Loader:
                         f"cache[{i}].disk_cache_path",
                     )
                 disks[place] = i
+
+    def check_migration(self, i: int, cache: CacheConfig) -> None:
+        """``migrate_from``: in front of Momento, each server once."""
+        where = f"cache[{i}]"
+        if not cache.migrate_from:
+            return
+        if cache.backend != "momento":
+            raise ConfigError(
+                self.source,
+                f"{where}.migrate_from = {_show(list(cache.migrate_from))}: expected [] with "
+                f"backend = {_toml_value(cache.backend)} (a migration warms a Momento cache)",
+                f"{where}.migrate_from",
+            )
+        seen: set[tuple[str, int]] = set()
+        for text in cache.migrate_from:
+            server = _split_server(text)
+            assert server is not None  # checked by its kind
+            if server[:2] in seen:
+                raise ConfigError(
+                    self.source,
+                    f"{where}.migrate_from: {_toml_value(text)} is listed twice: expected each server once",
+                    f"{where}.migrate_from",
+                )
+            seen.add(server[:2])
 
     def check_tiers(self, i: int, cache: CacheConfig, workers: int) -> None:
         """The local tiers' keys: only in front of Momento, a disk tier behind a memory

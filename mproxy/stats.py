@@ -142,9 +142,32 @@ TIER_FIGURES: dict[str, tuple[str, str]] = {
     "disk_cache_limit_bytes": ("gauge", "Byte budget of the disk tier."),
 }
 
+#: Figures of a cache migrating from legacy memcached servers (``docs/migration.md``),
+#: kept by its :class:`~mproxy.backends.migrate.MigratingBackend`, shown after
+#: :data:`TIER_FIGURES`, treated alike.
+MIGRATION_FIGURES: dict[str, tuple[str, str]] = {
+    "migration_reads_momento": ("counter", "Keys read that Momento answered (warmup)."),
+    "migration_reads_legacy": ("counter", "Keys read that the legacy servers answered (a warmup miss of Momento, or every read in dual_write and shadow)."),
+    "migration_read_misses": ("counter", "Keys read that no side had."),
+    "migration_backfills": ("counter", "Legacy items copied into Momento (and still there after the check against writes)."),
+    "migration_backfill_races": ("counter", "Backfills not made or undone because a write of the key came first or meanwhile."),
+    "migration_backfill_undone": ("counter", "Backfills deleted again after a write elsewhere changed the legacy item during the copy."),
+    "migration_backfill_errors": ("counter", "Backfills that failed (Momento errors)."),
+    "migration_backfills_dropped": ("counter", "Backfills not made because too many were waiting."),
+    "migration_invalidations": ("counter", "Legacy copies deleted by writes through mproxy (warmup)."),
+    "migration_shadow_reads": ("counter", "Keys read from Momento to compare with the legacy answer (shadow)."),
+    "migration_shadow_mismatches": ("counter", "Compared keys whose Momento item differed from the legacy one (value, flags, or present on one side only, Momento misses apart)."),
+    "migration_shadow_momento_misses": ("counter", "Compared keys the legacy servers had and Momento did not."),
+    "migration_momento_write_errors": ("counter", "Momento writes of dual_write and shadow that failed (not answered: the legacy answer was)."),
+    "migration_legacy_errors": ("counter", "Requests to the legacy servers that failed or timed out."),
+}
+
 #: Every named figure a backend may report, in ``stats`` order (the per-RPC ones,
 #: :data:`RPC_FIGURE`, follow :data:`CALL_FIGURES`).
-BACKEND_FIGURES: dict[str, tuple[str, str]] = {**FIGURES, **TIER_FIGURES}
+BACKEND_FIGURES: dict[str, tuple[str, str]] = {**FIGURES, **TIER_FIGURES, **MIGRATION_FIGURES}
+
+#: The windows of ``stats migration``, in minutes.
+MIGRATION_WINDOWS = (1, 5, 15)
 
 #: Figures of a remote backend's calls (``Backend.stats()`` of the Momento backend), shown
 #: after :data:`FIGURES`: these, and per RPC ``backend_rpc_<rpc>_calls`` (RPCs sent) and
@@ -267,7 +290,7 @@ class Histogram:
 class CacheStats:
     """The counters of one ``[[cache]]`` listener."""
 
-    __slots__ = COUNTERS + ("name", "latency", "backend_error_codes", "_figures", "_figures_base")
+    __slots__ = COUNTERS + ("name", "latency", "backend_error_codes", "_figures", "_figures_base", "_migration")
 
     # the counters, set in __init__ from COUNTERS (declared for type checkers)
     curr_connections: int
@@ -304,6 +327,8 @@ class CacheStats:
         self._figures: Callable[[], Mapping[str, int]] | None = None
         #: Counter figures at the last ``stats reset`` (the backend owns the numbers).
         self._figures_base: dict[str, int] = {}
+        #: The migration's read window (``MigratingBackend.migration_window``), once attached.
+        self._migration: Callable[[], Mapping[str, Any]] | None = None
 
     def _zero(self) -> None:
         for counter in COUNTERS:
@@ -317,6 +342,18 @@ class CacheStats:
         """Report what ``figures()`` (a backend's ``stats``) returns of :data:`FIGURES` from now on."""
         self._figures = figures
         self._figures_base = {}
+
+    def attach_migration(self, window: Callable[[], Mapping[str, Any]]) -> None:
+        """Report what ``window()`` returns (``{"mode": ..., "seconds": bucket width,
+        "buckets": [[start, momento, legacy, misses], ...]}``) in ``stats migration`` from now on."""
+        self._migration = window
+
+    def migration(self) -> dict[str, Any] | None:
+        """The migration's mode and read buckets, or None for a cache without one."""
+        if self._migration is None:
+            return None
+        window = self._migration()
+        return {"mode": window["mode"], "seconds": window["seconds"], "buckets": [list(b) for b in window["buckets"]]}
 
     def figures(self) -> dict[str, int]:
         """The backend's figures in :func:`figure_order`; counters since the last reset."""
@@ -355,6 +392,7 @@ class CacheStats:
             "figures": self.figures(),
             "latency": {op: (list(h.counts), h.count, h.sum) for op, h in self.latency.items()},
             "errors": dict(self.backend_error_codes),
+            "migration": self.migration(),
         }
 
     @classmethod
@@ -371,6 +409,9 @@ class CacheStats:
         figures = dict(data["figures"])
         if figures:
             st.attach_backend(lambda: figures)
+        migration = data.get("migration")
+        if migration is not None:
+            st.attach_migration(lambda: migration)
         return st
 
     def snapshot(self) -> dict[str, int]:
@@ -542,6 +583,31 @@ class Stats:
                 out[f"{name}:{k}"] = v
         return out
 
+    def migration_snapshot(self, now: float | None = None) -> dict[str, int | str]:
+        """``stats migration``: per migrating cache, its mode and, over the last 1, 5 and 15
+        minutes, the keys read that Momento answered, that the legacy servers answered,
+        that neither had, and ``momento_share_<n>m``: Momento's share of the hits (what
+        tells that Momento is warm enough to go without the legacy servers)."""
+        now = time.time() if now is None else now
+        out: dict[str, int | str] = {}
+        for name, st in sorted(self.caches.items()):
+            window = st.migration()
+            if window is None:
+                continue
+            out[f"{name}:mode"] = window["mode"]
+            for minutes in MIGRATION_WINDOWS:
+                since = now - minutes * 60
+                momento = legacy = misses = 0
+                for start, m, l, x in window["buckets"]:
+                    if start + window["seconds"] > since:  # overlaps: may reach a bucket further back
+                        momento, legacy, misses = momento + m, legacy + l, misses + x
+                hits = momento + legacy
+                out[f"{name}:reads_momento_{minutes}m"] = momento
+                out[f"{name}:reads_legacy_{minutes}m"] = legacy
+                out[f"{name}:read_misses_{minutes}m"] = misses
+                out[f"{name}:momento_share_{minutes}m"] = f"{momento / hits:.4f}" if hits else "0.0000"
+        return out
+
     def workers_snapshot(self) -> dict[str, int | str | float]:
         """``stats workers``: one process is worker 1, ``1:<stat>`` for each of :meth:`snapshot`."""
         return {f"1:{k}": v for k, v in self.snapshot().items()}
@@ -576,9 +642,10 @@ def sum_exports(parts: Iterable[Export], pid: int, started: float) -> Export:
         written += part_written
         dropped += part_dropped
         for name, cache in part["caches"].items():
-            into = caches.setdefault(name, {"counters": {}, "figures": {}, "latency": {}, "errors": {}})
+            into = caches.setdefault(name, {"counters": {}, "figures": {}, "latency": {}, "errors": {}, "migration": None})
             for key in ("counters", "figures", "errors"):
                 _add(into[key], cache[key])
+            into["migration"] = _add_migration(into["migration"], cache.get("migration"))
             for op, (counts, count, total) in cache["latency"].items():
                 have = into["latency"].get(op)
                 if have is None:
@@ -593,6 +660,20 @@ def sum_exports(parts: Iterable[Export], pid: int, started: float) -> Export:
         "audit": (written, dropped),
         "caches": caches,
     }
+
+
+def _add_migration(into: Export | None, part: Export | None) -> Export | None:
+    """Two migration windows added bucket by bucket (the buckets are of Unix time)."""
+    if part is None:
+        return into
+    if into is None:
+        return {"mode": part["mode"], "seconds": part["seconds"], "buckets": [list(b) for b in part["buckets"]]}
+    buckets = {b[0]: list(b) for b in into["buckets"]}
+    for start, *counts in part["buckets"]:
+        have = buckets.setdefault(start, [start, 0, 0, 0])
+        for i, n in enumerate(counts, 1):
+            have[i] += n
+    return {"mode": into["mode"], "seconds": into["seconds"], "buckets": [buckets[s] for s in sorted(buckets)]}
 
 
 def _add(into: dict[str, int], values: Mapping[str, int]) -> None:

@@ -483,6 +483,9 @@ class FleetStats:
     def prometheus(self) -> str:
         return self.total().prometheus()
 
+    def migration_snapshot(self) -> dict[str, int | str]:
+        return self.total().migration_snapshot()
+
     def workers_snapshot(self) -> dict[str, int | str | float]:
         """``<worker>:<stat>`` for every worker (``<worker>:pid 0`` while one restarts)."""
         self._collect()

@@ -7,6 +7,7 @@ greenlet, so no monkey-patching of the pytest process is needed.
 from __future__ import annotations
 
 import os
+import time
 from typing import Iterator
 
 import gevent.socket
@@ -114,6 +115,17 @@ def test_stats_workers_one_process_is_worker_1(client: Client) -> None:
     snap = client.stats(b"stats workers")
     assert snap["1:cmd_get"] == "5" and snap["1:pid"] == str(os.getpid())
     assert not [name for name in snap if not name.startswith("1:")]
+
+
+def test_stats_migration_lists_the_migrating_caches_only(client: Client, stats: Stats) -> None:
+    assert client.stats(b"stats migration") == {}
+    window = {"mode": "warmup", "seconds": 10, "buckets": [[int(time.time()) // 10 * 10, 3, 1, 2]]}
+    stats.cache("sessions").attach_migration(lambda: window)
+    snap = client.stats(b"stats migration")
+    assert snap["sessions:mode"] == "warmup"
+    assert (snap["sessions:reads_momento_1m"], snap["sessions:reads_legacy_1m"], snap["sessions:read_misses_1m"]) == ("3", "1", "2")
+    assert snap["sessions:momento_share_15m"] == "0.7500"
+    assert not [name for name in snap if not name.startswith("sessions:")]
 
 
 def test_stats_reset(client: Client, stats: Stats) -> None:

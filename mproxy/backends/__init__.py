@@ -3,7 +3,8 @@
 
 :func:`create` also puts the local tiers a ``[[cache]]`` asks for
 (``memory_cache_bytes``, ``disk_cache_path``: :mod:`mproxy.backends.tiered`) in
-front of the backend it made.
+front of the backend it made, and the migration from legacy memcached servers
+(``migrate_from``: :mod:`mproxy.backends.migrate`) in front of those.
 """
 
 from __future__ import annotations
@@ -44,11 +45,15 @@ def create(name: str, *args: Any, worker: int = 0, **kwargs: Any) -> Backend:
     cache, config = args[0], args[1]
     from mproxy.backends import tiered
 
-    if not tiered.wants_tiers(cache):
-        return backend
     try:
-        lookup = _load(TTL_LOOKUPS[name])(backend) if name in TTL_LOOKUPS else None
-        return tiered.wrap(backend, cache, config, worker=worker, ttl_lookup=lookup)
+        if tiered.wants_tiers(cache):
+            lookup = _load(TTL_LOOKUPS[name])(backend) if name in TTL_LOOKUPS else None
+            backend = tiered.wrap(backend, cache, config, worker=worker, ttl_lookup=lookup)
+        if getattr(cache, "migrate_from", ()):
+            from mproxy.backends import migrate
+
+            backend = migrate.wrap(backend, cache)
     except BaseException:
         backend.close()
         raise
+    return backend
