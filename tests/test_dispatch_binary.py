@@ -386,3 +386,27 @@ def test_a_write_already_expired_answers_cas_0() -> None:
         ok(Opcode.SET),
         ok(Opcode.INCREMENT, value=struct.pack(">Q", 5)),
     ]
+
+
+def _tiered() -> Any:
+    from mproxy.backends.tiered import TieredBackend
+    from mproxy.backends.tiered.memory import MemoryTier
+
+    return TieredBackend(MemoryBackend(), MemoryTier(1 << 20), default_ttl=900.0, max_ttl=86400.0, second_miss=False)
+
+
+def _migrating() -> Any:
+    from tests.test_migrate import Rig
+
+    return Rig().backend
+
+
+@pytest.mark.parametrize("backend", [_tiered, _migrating], ids=["tiered", "migrating"])
+def test_a_binary_write_through_a_wrapping_backend_answers_the_items_cas(backend: Any) -> None:
+    """The local tiers and the migration wrap another backend: a binary set's CAS is
+    the one the next get shows, as on the backend inside (a bug: they lacked stored_cas)."""
+    d, _ = make(backend())
+    (stored,) = run(d, store_req(Opcode.SET, b"a", b"hello", 5))
+    (got,) = run(d, req(Opcode.GET, b"a"))
+    assert stored.status == 0 and got.status == 0
+    assert stored.cas == got.cas != 0

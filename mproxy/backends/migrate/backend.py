@@ -619,6 +619,11 @@ class MigratingBackend:
                 self._mirror((key,), lambda: self.inner.store(StoreMode.SET, key, value, flags, exptime))
         return stored
 
+    def stored_cas(self, value: bytes, flags: int) -> int:
+        """Momento's unique in warmup (it answers the reads); 0 otherwise: the
+        legacy server's unique is read back."""
+        return self.inner.stored_cas(value, flags) if self.mode == WARMUP else 0
+
     def delete(self, key: bytes) -> bool:
         if self.mode == WARMUP:
             had: dict[bytes, bool] = {}

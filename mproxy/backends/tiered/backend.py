@@ -650,6 +650,10 @@ class TieredBackend:
 
     # -- the rest ----------------------------------------------------------------------
 
+    def stored_cas(self, value: bytes, flags: int) -> int:
+        """The backend's: a copy shows the unique the backend answered."""
+        return self.inner.stored_cas(value, flags)
+
     def remaining_ttl(self, keys: Sequence[bytes]) -> dict[bytes, float | None]:
         lookup = self._ttl_lookup
         return dict(lookup(keys)) if lookup is not None else {}
