@@ -2,7 +2,7 @@
 
 What only the Momento backend can show: the copies it keeps are exactly what a
 Momento read gives (flags encoding, content CAS uniques, ``flags = false``),
-the remaining TTL comes from ItemGetTtl (mproxy.backends.momento_ttl), and the
+the remaining TTL comes from ItemGetTtl (MomentoBackend.remaining_ttl), and the
 gets/cas cycle with a stale copy ends in one retry. Concurrency through
 mproxy itself (single-flight, two workers, faults) is in test_tiers_e2e.py.
 """
@@ -16,7 +16,6 @@ from collections.abc import Iterator
 import pytest
 
 from mproxy.backends import momento as mb
-from mproxy.backends import momento_ttl
 from mproxy.backends.tiered import TieredBackend
 from mproxy.backends.tiered.memory import MemoryTier
 from mproxy.momento_local.server import LocalServer, serve
@@ -53,35 +52,10 @@ def tiered(inner: mb.MomentoBackend, **kwargs: object) -> TieredBackend:
         MemoryTier(1 << 20),
         default_ttl=900.0,
         max_ttl=86400.0,
-        ttl_lookup=momento_ttl.lookup(inner),
+        ttl_lookup=inner.remaining_ttl,
         second_miss=False,
         **kwargs,  # type: ignore[arg-type]
     )
-
-
-def test_remaining_ttl_is_item_get_ttl(server: LocalServer, cache: str) -> None:
-    inner = backend(server, cache)
-    try:
-        lookup = momento_ttl.lookup(inner)
-        assert lookup is not None
-        inner.store(S.SET, b"a", b"v", 0, 100)
-        inner.store(S.SET, b"b", b"v", 0, 0)  # default_ttl: 900 s
-        server.stats.reset()
-        ttls = lookup([b"a", b"b", b"missing", b"a"])
-        assert set(ttls) == {b"a", b"b"}
-        assert 99 < ttls[b"a"] <= 100 and 899 < ttls[b"b"] <= 900  # type: ignore[operator]
-        assert server.stats.snapshot()["calls"] == {"ItemGetTtl": 3}
-    finally:
-        inner.close()
-
-
-def test_a_backend_with_the_method_is_used_as_is() -> None:
-    class WithIt:
-        def remaining_ttl(self, keys: object) -> dict[bytes, float | None]:
-            return {b"k": 1.0}
-
-    assert momento_ttl.lookup(WithIt())([b"k"]) == {b"k": 1.0}  # type: ignore[misc]
-    assert momento_ttl.lookup(object()) is None
 
 
 @pytest.mark.parametrize("flags", [True, False], ids=["flags", "no-flags"])

@@ -20,13 +20,6 @@ BACKENDS: dict[str, str] = {
     "momento": "mproxy.backends.momento:from_config",
 }
 
-#: name -> "module:function" giving the remaining-TTL function of a backend that has
-#: no ``remaining_ttl`` method yet (``function(backend) -> callable | None``).
-TTL_LOOKUPS: dict[str, str] = {
-    "momento": "mproxy.backends.momento_ttl:lookup",
-}
-
-
 def _load(target: str) -> Any:
     module_name, _, attr = target.partition(":")
     return getattr(importlib.import_module(module_name), attr)
@@ -47,8 +40,7 @@ def create(name: str, *args: Any, worker: int = 0, **kwargs: Any) -> Backend:
 
     try:
         if tiered.wants_tiers(cache):
-            lookup = _load(TTL_LOOKUPS[name])(backend) if name in TTL_LOOKUPS else None
-            backend = tiered.wrap(backend, cache, config, worker=worker, ttl_lookup=lookup)
+            backend = tiered.wrap(backend, cache, config, worker=worker, ttl_lookup=backend.remaining_ttl)
         if getattr(cache, "migrate_from", ()):
             from mproxy.backends import migrate
 

@@ -296,8 +296,7 @@ class Backend(Protocol):
         without changing anything; absent keys are left out. What a local tier needs to
         keep a copy of an item it did not write no longer than the item lives
         (:mod:`mproxy.backends.tiered`). On Momento this is ItemGetTtl per key (one call
-        each: the Momento backend does not have the method yet, and
-        :mod:`mproxy.backends.momento_ttl` provides it meanwhile)."""
+        each, made concurrently)."""
 
     def stats(self) -> dict[str, int]:
         """Figures the store keeps itself, under memcached's stat names (``curr_items``,
