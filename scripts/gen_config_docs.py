@@ -1,4 +1,4 @@
-"""Write docs/configuration.md from mproxy/config.py (run from anywhere)."""
+"""Write docs/configuration.md from mproxy/config/ (run from anywhere)."""
 
 from __future__ import annotations
 

@@ -508,7 +508,7 @@ MEMORY_CACHE = '[[cache]]\ncache_name = "m"\nbackend = "memory"\n'
 
 
 def test_workers_default_to_the_cpu_count_and_to_1_with_a_memory_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cfg, "cpu_count", lambda: 6)
+    monkeypatch.setattr(cfg.loader, "cpu_count", lambda: 6)  # where the loader looks it up
     assert loads(MINIMAL).proxy.workers == 6
     assert loads("[proxy]\nworkers = 0\n" + MINIMAL).proxy.workers == 6  # 0 = automatic
     assert loads(MEMORY_CACHE).proxy.workers == 1
@@ -556,7 +556,7 @@ def test_docs_up_to_date() -> None:
     docs = ROOT / "docs" / "configuration.md"
     current = docs.read_text(encoding="utf-8") if docs.exists() else ""
     assert current == docs_markdown(), (
-        "docs/configuration.md is out of date with mproxy/config.py: "
+        "docs/configuration.md is out of date with mproxy/config/: "
         "run `python scripts/gen_config_docs.py`"
     )
 

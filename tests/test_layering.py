@@ -68,13 +68,13 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         ("mproxy.config",),
-        "config.py imports only the standard library (and the limits of protocol/commands.py, "
+        "config/ imports only the standard library (and the limits of protocol/commands.py, "
         "and tls.py, which checks the TLS files at load)",
-        only=(STDLIB, "mproxy.protocol.commands", "mproxy.tls"),
+        only=(STDLIB, "mproxy.config", "mproxy.protocol.commands", "mproxy.tls"),
     ),
     Rule(
         ("mproxy.tls",),
-        "tls.py (the TLS settings as a context) imports only the standard library: config.py uses it",
+        "tls.py (the TLS settings as a context) imports only the standard library: config/ uses it",
         only=(STDLIB,),
     ),
     Rule(
