@@ -38,7 +38,7 @@ def docs_markdown() -> str:
     out = [
         "# Configuration reference",
         "",
-        "<!-- Generated from mproxy/config.py by `python scripts/gen_config_docs.py`; "
+        "<!-- Generated from mproxy/config/ by `python scripts/gen_config_docs.py`; "
         "do not edit. -->",
         "",
         "mproxy reads one TOML file. Its format is a superset of "
