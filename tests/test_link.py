@@ -6,6 +6,7 @@ import socket
 from typing import Any, Iterator
 
 import gevent
+import gevent.event
 import gevent.socket
 import pytest
 
@@ -18,6 +19,7 @@ TIMEOUT = 30.0
 def pair() -> Iterator[tuple[Link, Link, list[tuple[str, str, Any]]]]:
     """(supervisor end, worker end, [(end, kind, payload) of every message handled])."""
     seen: list[tuple[str, str, Any]] = []
+    released = gevent.event.Event()  # ends the "slow" handlers at teardown (no greenlet outlives the test)
     a_sock, b_sock = gevent.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     links: dict[str, Link] = {}
 
@@ -31,7 +33,7 @@ def pair() -> Iterator[tuple[Link, Link, list[tuple[str, str, Any]]]]:
             if kind == "ask-back":  # a handler that asks the asker: needs a greenlet per request
                 return links[end].request("echo", payload, timeout=TIMEOUT)
             if kind == "slow":
-                gevent.sleep(60)
+                released.wait(60)
             return None
 
         return handle
@@ -41,6 +43,7 @@ def pair() -> Iterator[tuple[Link, Link, list[tuple[str, str, Any]]]]:
     a.start()
     b.start()
     yield a, b, seen
+    released.set()
     a.close()
     b.close()
 
