@@ -370,6 +370,9 @@ class CacheServer:
         parser: Parser | BinaryParser | None = None
         run = self.dispatcher.run
         raw = conn.raw
+        recv = raw.recv if raw is not None else sock.recv
+        commands_of = conn.commands
+        flush = conn.flush
         readable = conn.readable
         ready = 0  # reads in a row that did not wait
         # idle_timeout is the time without a completed command, not without a byte (as
@@ -389,7 +392,7 @@ class CacheServer:
                     ready = 0
                     wait(readable, timeout)  # type: ignore[arg-type]  # set with raw
                 try:
-                    data = raw.recv(READ_SIZE)
+                    data = recv(READ_SIZE)
                 except BlockingIOError:
                     ready = 0
                     data = sock.recv(READ_SIZE)  # waits, with the idle timeout
@@ -402,7 +405,7 @@ class CacheServer:
             if parser is None:  # the first byte says which protocol the connection speaks
                 parser = (BinaryParser if data[0] == REQUEST_MAGIC else Parser)(self.max_item_size)
             parser.feed(data)
-            commands = conn.commands(parser)
+            commands = commands_of(parser)
             if idle is not None:
                 if commands or conn.ending is not None:
                     last = monotonic()
@@ -424,7 +427,7 @@ class CacheServer:
                 conn.flush()
                 log.debug("closing connection from %s: %s", client, conn.ending)
                 return
-            conn.flush()
+            flush()
             conn.busy = False
             if conn.ending is not None:  # quit, once the replies before it are sent
                 return

@@ -388,7 +388,10 @@ class Dispatcher:
         st.cmd_get += total
         st.get_hits += hits
         st.get_misses += total - hits
-        replies = [_values(cmd.keys, found, cmd.cas) for cmd in cmds]
+        if len(cmds) == 1:  # the usual read: one get (no list comprehension's frame)
+            replies = [_values(keys, found, with_cas)]  # type: ignore[arg-type]  # its keys: a tuple
+        else:
+            replies = [_values(cmd.keys, found, cmd.cas) for cmd in cmds]
         if not outcomes:
             return replies, None
         return replies, [_hit_outcome(sum(map(found.__contains__, cmd.keys)), len(cmd.keys)) for cmd in cmds]

@@ -100,6 +100,8 @@ class Parser:
             return self._resume()
         buf = self._buf
         pos = self._pos
+        if pos >= len(buf):  # all consumed (the call after the last command of a read)
+            return NEED_DATA
         scan = self._scan
         nl = buf.find(b"\n", scan if scan > pos else pos)
         if nl < 0:
