@@ -327,7 +327,7 @@ class Dispatcher:
             elif kind is _BinGet:
                 results = self._bin_gets(group)  # type: ignore[arg-type]  # only binary gets
                 replies = [frame for frame, _ in results]
-                outcomes = [outcome for _, outcome in results]
+                outcomes = [outcome for _, outcome in results] if audit.enabled else None
             else:
                 reply, outcome = self._handlers[kind](first)
                 replies = [b"" if first.noreply else reply]
