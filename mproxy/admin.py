@@ -157,8 +157,6 @@ class AdminServer:
         self.settings = settings
         self.max_connections = settings.max_connections
         self.active = 0
-        #: connections refused at the cap
-        self.rejected = 0
         handle = self._handle if tls is None else tls.serve(self._handle)
         # unbounded: the cap is max_connections, answered as memcached answers its -c
         self._server = listening_server(listener, handle, Pool(), backlog, ExhaustedLog("admin", None))
@@ -178,7 +176,6 @@ class AdminServer:
 
     def _handle(self, sock: socket.socket, address: object) -> None:
         if self.active >= self.max_connections:
-            self.rejected += 1
             refuse(sock)
             return
         self.active += 1

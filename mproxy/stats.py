@@ -730,11 +730,7 @@ def prometheus_text(stats: Stats) -> str:
             name, kind = f"mproxy_{counter}_total", "counter"
         _family(lines, name, kind, HELP[counter], (f'{name}{{cache="{_label(c)}"}} {getattr(st, counter)}' for c, st in caches))
     figures = [(c, st.figures()) for c, st in caches]
-    for figure, (kind, help_text) in BACKEND_FIGURES.items():
-        name = f"mproxy_{figure}_total" if kind == "counter" else f"mproxy_{figure}"
-        samples = (f'{name}{{cache="{_label(c)}"}} {values[figure]}' for c, values in figures if figure in values)
-        _family(lines, name, kind, help_text, samples)
-    for figure, (kind, help_text) in CALL_FIGURES.items():
+    for figure, (kind, help_text) in (*BACKEND_FIGURES.items(), *CALL_FIGURES.items()):
         name = f"mproxy_{figure}_total" if kind == "counter" else f"mproxy_{figure}"
         samples = (f'{name}{{cache="{_label(c)}"}} {values[figure]}' for c, values in figures if figure in values)
         _family(lines, name, kind, help_text, samples)

@@ -22,16 +22,15 @@ Beyond the text commands:
   when it knows it without a call (Momento's content uniques), else read back
   from the backend (:meth:`_Handlers._written_cas`), as ``store`` does not return it;
 * backend failures answer ``Out of memory`` (status 0x82) with the reason as
-  the body: memcached's binary form of its ``SERVER_ERROR`` lines.
+  the body: memcached's binary form of its ``SERVER_ERROR`` lines (the
+  dispatcher's one net for failures, ``Dispatcher._execute``, forms them).
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 from typing import TYPE_CHECKING, Any, Callable
 
-from mproxy.backends.base import BackendError, Item, NonNumericValue, StoreResult
+from mproxy.backends.base import Item, NonNumericValue, StoreResult
 from mproxy.protocol import binary as b
 from mproxy.protocol.binary import NO_CREATE, Opcode, Status
 from mproxy.protocol.commands import StoreMode
@@ -39,8 +38,6 @@ from mproxy.protocol.replies import stat_text
 
 if TYPE_CHECKING:
     from mproxy.dispatch.core import Dispatcher
-
-log = logging.getLogger(__name__)
 
 Handler = Callable[[Any], tuple[bytes, str]]
 
@@ -64,7 +61,7 @@ _ARITH_STATUS = {"exists": Status.KEY_EEXISTS, "not_found": Status.KEY_ENOENT, "
 def binary_handlers(d: Dispatcher, version_text: str) -> dict[type, Handler]:
     """The handlers of the binary records, for ``Dispatcher._handlers``."""
     handlers = _Handlers(d, version_text)
-    table: dict[type, Handler] = {
+    return {
         b.BinTouch: handlers.touch,
         b.BinStore: handlers.store,
         b.BinTooLarge: handlers.too_large,
@@ -74,43 +71,19 @@ def binary_handlers(d: Dispatcher, version_text: str) -> dict[type, Handler]:
         b.BinSimple: handlers.simple,
         b.BinStat: handlers.stat,
     }
-    return {kind: _guarded(fn, d) for kind, fn in table.items()}
 
 
 def binary_get_group(d: Dispatcher) -> Callable[[list[b.BinGet]], list[tuple[bytes, str]]]:
     """The handler of a run of binary gets (``getkq ... getk``, or one get): one backend
-    read for all their keys, one frame each; a failure answers each its error frame."""
+    read for all their keys, one frame each (a failure: the dispatcher answers each its
+    error frame)."""
     handlers = _Handlers(d, "")
 
     def get_group(cmds: list[b.BinGet]) -> list[tuple[bytes, str]]:
-        try:
-            found = d.read_items(tuple(cmd.key for cmd in cmds))
-        except BackendError as err:
-            text = str(err).encode("utf-8", "replace")
-            return [(b.error(cmd.opcode, cmd.opaque, Status.ENOMEM, text), err.code) for cmd in cmds]
-        except Exception:  # a bug must cost replies, not the connection
-            log.exception("internal error executing %s on cache %s", cmds[0].name, d.cache_name)
-            return [(b.error(cmd.opcode, cmd.opaque, Status.ENOMEM, b"internal error"), "internal") for cmd in cmds]
+        found = d.read_items(tuple(cmd.key for cmd in cmds))
         return [handlers.get(cmd, found) for cmd in cmds]
 
     return get_group
-
-
-def _guarded(fn: Handler, d: Dispatcher) -> Handler:
-    """Backend failures (and bugs) answer a binary error frame: the dispatcher's own
-    net answers text, which a binary client cannot read."""
-
-    @functools.wraps(fn)
-    def handler(cmd: Any) -> tuple[bytes, str]:
-        try:
-            return fn(cmd)
-        except BackendError as err:
-            return b.error(cmd.opcode, cmd.opaque, Status.ENOMEM, str(err).encode("utf-8", "replace")), err.code
-        except Exception:  # a bug must cost replies, not the connection
-            log.exception("internal error executing %s on cache %s", cmd.name, d.cache_name)
-            return b.error(cmd.opcode, cmd.opaque, Status.ENOMEM, b"internal error"), "internal"
-
-    return handler
 
 
 class _Handlers:

@@ -327,17 +327,17 @@ class Dispatcher:
             elif kind is _BinGet:
                 results = self._bin_gets(group)  # type: ignore[arg-type]  # only binary gets
                 replies = [frame for frame, _ in results]
-                outcomes = [outcome for _, outcome in results]
+                outcomes = [outcome for _, outcome in results] if audit.enabled else None
             else:
                 reply, outcome = self._handlers[kind](first)
                 replies = [b"" if first.noreply else reply]
                 outcomes = (outcome,)
         except BackendError as err:
-            replies = [b"" if first.noreply else r.server_error(str(err))] * len(group)
+            replies = _failed(group, str(err))
             outcomes = (err.code,) * len(group)
         except Exception:  # a bug must cost replies, not the connection
             log.exception("internal error executing %s on cache %s", first.name, self.cache_name)
-            replies = [b"" if first.noreply else r.server_error("internal error")] * len(group)
+            replies = _failed(group, "internal error")
             outcomes = ("internal",) * len(group)
         if audit.enabled:
             seconds = time.perf_counter() - start
@@ -703,6 +703,17 @@ def count_cas(st: CacheStats, result: StoreResult) -> None:
         st.cas_badval += 1
     elif result is StoreResult.NOT_FOUND:
         st.cas_misses += 1
+
+
+def _failed(group: Sequence[AnyCommand], reason: str) -> list[Reply]:
+    """The replies of a group that failed: ``SERVER_ERROR <reason>`` (``b""`` under
+    noreply); for binary requests, quiet or not, memcached's binary form of it:
+    ``Out of memory`` (status 0x82) with the reason as the body."""
+    first = group[0]
+    if isinstance(first, b.BinCommand):
+        text = reason.encode("utf-8", "replace")
+        return [b.error(cmd.opcode, cmd.opaque, b.Status.ENOMEM, text) for cmd in group]  # type: ignore[union-attr]
+    return [b"" if first.noreply else r.server_error(reason)] * len(group)
 
 
 def _hit_outcome(hits: int, total: int) -> str:

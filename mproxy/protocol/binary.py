@@ -161,16 +161,11 @@ class _Request:
         return OPCODE_NAMES[self.opcode]
 
 
-class _Keyed(_Request):
+class _Keyed(_Request, c.OneKey):
     """A request on one key: ``keys`` is ``(key,)``, as the text records name theirs
     (:class:`~.commands.OneKey`); flush, noop, version, quit and stat have ``keys = None``."""
 
     __slots__ = ()
-    key: bytes
-
-    @property
-    def keys(self) -> tuple[bytes, ...]:
-        return (self.key,)
 
 
 @dataclass(frozen=True, slots=True)
