@@ -77,7 +77,6 @@ class AuditRelay(AuditLog):
         self._dropped = 0
         self._closed = False
         self._tick = 0
-        self.queue_size = settings.queue_size  # unused: the channel is the bound
         self.sample = 1
         self.enabled = False
         self.reconfigure(settings)  # started paused if a reload paused the audit log

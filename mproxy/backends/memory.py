@@ -391,12 +391,9 @@ class MemoryBackend:
             self._cas += 1
             entry = [Item(value, 0, self._cas), _NEVER, item_size(key, len(value), 0), now, 0]
             self._link(key, entry, None, now)
-            ttl = -1
-            entry[1] = self._expires_at(request.vivify, now)
-            if request.touch is not None:
-                entry[1] = self._expires_at(request.touch, now)
+            entry[1] = self._expires_at(request.vivify if request.touch is None else request.touch, now)
             return MetaArithResult(
-                MetaStatus.DONE, request.initial, entry[0].cas, ttl, self._remaining(entry, now), created=True
+                MetaStatus.DONE, request.initial, entry[0].cas, -1, self._remaining(entry, now), created=True
             )
         item = entry[0]
         if not item.value:

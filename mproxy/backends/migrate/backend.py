@@ -300,8 +300,8 @@ class MigratingBackend:
             self.legacy_errors += 1
             raise
         ANSWERED_BY.set(LEGACY)
-        unique = len(dict.fromkeys(keys))
-        self._count(0, len(got), unique - len(got))
+        unique = list(dict.fromkeys(keys))
+        self._count(0, len(got), len(unique) - len(got))
         if (
             self.mode == SHADOW
             and self._shadow_rate > 0
@@ -309,7 +309,7 @@ class MigratingBackend:
             and self._sample() < self._shadow_rate
         ):
             self._comparing += 1
-            self._spawn(self._compare, list(dict.fromkeys(keys)), got)
+            self._spawn(self._compare, unique, got)
         return {key: Item(item.value, item.flags, item.cas) for key, item in got.items()}
 
     def _compare(self, keys: list[bytes], legacy: Mapping[bytes, LegacyItem]) -> None:
